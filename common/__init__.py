@@ -1,0 +1,1 @@
+"""Shared layer of the job functions: models, lifecycle, storage, cache, queue, handlers."""

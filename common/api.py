@@ -1,0 +1,134 @@
+"""The public HTTP API's operations, independent of how requests arrive."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from common import clients, deadletters, jobs
+from common.errors import ApiError, ServiceUnavailable
+from common.handlers import validate_payload
+from common.models import JobStatus, JobSubmission
+from common.queue import job_event
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000
+IDEMPOTENCY_KEY_MAX = 200
+
+
+class BatchSubmission(BaseModel):
+    """Body of `POST /jobs/batch`: several jobs in one request and one transaction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[JobSubmission] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+def parse_job_id(raw: str) -> str:
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError as exc:
+        raise ApiError(400, "Bad job id", f"{raw!r} is not a UUID") from exc
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not key.strip() or len(key) > IDEMPOTENCY_KEY_MAX or not key.isprintable():
+        raise ApiError(400, "Bad Idempotency-Key",
+                       f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} printable characters")
+    return key
+
+
+def submit(submissions: list[JobSubmission], idempotency_keys: list[str | None]
+           ) -> tuple[list[dict[str, Any]], bool]:
+    """Persist jobs as QUEUED, enqueue them, cache their status.
+
+    Returns the documents and whether every new job's message was confirmed by
+    the broker. When the broker is unreachable the jobs are still accepted: they
+    are durable in PostgreSQL and the sweeper publishes them once it is back.
+    """
+    clients.handlers()
+    settings = clients.settings()
+    items = [(sub, validate_payload(sub.job_type, sub.payload), key)
+             for sub, key in zip(submissions, idempotency_keys, strict=True)]
+    db = clients.database()
+    created = jobs.create_jobs(db, items, settings.max_retries)
+    new_rows = [row for row, is_new in created if is_new]
+    enqueued = True
+    if new_rows:
+        events = [job_event(settings.queue_topic, row["job_id"], row["job_type"])
+                  for row in new_rows]
+        try:
+            clients.publisher().publish(events)
+        except ServiceUnavailable as exc:
+            enqueued = False
+            log.warning("accepted %d job(s) but could not enqueue them now (%s);"
+                        " the sweeper will publish them", len(new_rows), exc.detail)
+        else:
+            try:
+                jobs.mark_published(db, [str(row["job_id"]) for row in new_rows])
+            except ServiceUnavailable:
+                pass  # at worst the sweeper publishes a duplicate, which process ignores
+    docs = [jobs.document(row) for row, _ in created]
+    clients.cache().put(docs)
+    return docs, enqueued
+
+
+def get_job(job_id: str) -> dict[str, Any]:
+    """Cache first, PostgreSQL on a miss (then fill the cache)."""
+    job_id = parse_job_id(job_id)
+    cache = clients.cache()
+    doc = cache.get(job_id)
+    if doc is not None:
+        return doc
+    with clients.database().connection() as conn:
+        row = jobs.get_job(conn, job_id)
+    if row is None:
+        raise ApiError(404, "Job not found", f"no job {job_id}")
+    doc = jobs.document(row)
+    cache.put([doc])
+    return doc
+
+
+def list_jobs(status: list[str] | None, job_type: list[str] | None, cursor: str | None,
+              limit: int) -> dict[str, Any]:
+    valid = {s.value for s in JobStatus}
+    bad = [s for s in status or [] if s not in valid]
+    if bad:
+        raise ApiError(400, "Bad status filter",
+                       f"unknown status {bad[0]!r}; one of {', '.join(sorted(valid))}")
+    with clients.database().connection() as conn:
+        rows, next_cursor = jobs.list_jobs(conn, status=status, job_type=job_type,
+                                           cursor=cursor, limit=limit)
+    return {"items": [jobs.document(r) for r in rows], "next_cursor": next_cursor}
+
+
+def list_dead_letters(cursor: str | None, limit: int) -> dict[str, Any]:
+    with clients.database().connection() as conn:
+        rows, next_cursor = deadletters.list_dead_letters(conn, cursor, limit)
+    return {"items": [deadletters.dead_letter_document(r) for r in rows],
+            "next_cursor": next_cursor}
+
+
+def replay(job_id: str) -> dict[str, Any]:
+    """Send a dead-lettered job back to QUEUED with a fresh retry budget, and enqueue it."""
+    job_id = parse_job_id(job_id)
+    settings = clients.settings()
+    db = clients.database()
+    with db.transaction() as conn:
+        row = deadletters.replay(conn, job_id)
+    event = job_event(settings.queue_topic, job_id, row["job_type"],
+                      ce_id=f"{job_id}:replay-{row['attempts']}", source="/jobs/retry")
+    try:
+        clients.publisher().publish([event])
+        jobs.mark_published(db, [job_id])
+    except ServiceUnavailable as exc:
+        log.warning("replayed job %s not enqueued now (%s); the sweeper will", job_id, exc)
+    doc = jobs.document(row)
+    clients.cache().put([doc])
+    return doc

@@ -1,0 +1,128 @@
+"""Redis status cache: versioned entries, short timeouts, and a breaker for a sick Redis."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "jobs:status:"
+
+# Write only if the cached version is older: a late writer can never overwrite a newer
+# state, whatever order the functions' writes arrive in.
+_PUT_IF_NEWER = """
+local current = redis.call('HGET', KEYS[1], 'v')
+if current and tonumber(current) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'doc', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+def cache_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}{job_id}"
+
+
+class StatusCache:
+    """Job documents by id. Every failure is swallowed: PostgreSQL stays the answer.
+
+    After an error the cache is skipped for `cooldown` seconds, so a hanging Redis
+    costs one timeout per cooldown instead of one per request.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 0.25, ttl: int = 7 * 24 * 3600,
+                 cooldown: float = 2.0) -> None:
+        self.ttl = ttl
+        self.cooldown = cooldown
+        self._client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=0,
+            retry_on_timeout=False,
+        )
+        self._put = self._client.register_script(_PUT_IF_NEWER)
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.errors = 0
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _trip(self, exc: Exception) -> None:
+        with self._lock:
+            self.errors += 1
+            if self.available:
+                log.warning("redis unavailable, serving from PostgreSQL: %s", exc)
+            self._down_until = time.monotonic() + self.cooldown
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """The cached document, or None on a miss or any Redis trouble."""
+        if not self.available:
+            return None
+        try:
+            raw = self._client.hget(cache_key(job_id), "doc")
+        except redis.RedisError as exc:
+            self._trip(exc)
+            return None
+        if raw is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return json.loads(raw)  # type: ignore[no-any-return]
+
+    def put(self, documents: Iterable[dict[str, Any]]) -> bool:
+        """Store documents whose version is newer than the cached one; False if Redis failed."""
+        docs = list(documents)
+        if not docs or not self.available:
+            return False
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for doc in docs:
+                self._put(
+                    keys=[cache_key(str(doc["job_id"]))],
+                    args=[int(doc["version"]), json.dumps(doc, default=str), self.ttl],
+                    client=pipe,
+                )
+            pipe.execute()
+            return True
+        except redis.RedisError as exc:
+            self._trip(exc)
+            return False
+
+    def forget(self, job_id: str) -> None:
+        try:
+            self._client.delete(cache_key(job_id))
+        except redis.RedisError as exc:
+            self._trip(exc)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._client.ping())
+        except redis.RedisError:
+            return False
+
+
+_caches: dict[str, StatusCache] = {}
+_caches_lock = threading.Lock()
+
+
+def get_cache(url: str, timeout: float = 0.25, ttl: int = 7 * 24 * 3600) -> StatusCache:
+    """The process-wide cache client for `url`, created on first use (no I/O here)."""
+    with _caches_lock:
+        cache = _caches.get(url)
+        if cache is None:
+            cache = _caches[url] = StatusCache(url, timeout=timeout, ttl=ttl)
+        return cache

@@ -1,0 +1,63 @@
+"""Process-wide clients built lazily from settings: no I/O happens at import time."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from common.cache import StatusCache, get_cache
+from common.db import Database, get_database, migrate
+from common.handlers import load_handlers
+from common.queue import Publisher, get_publisher
+from common.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+_ready: set[str] = set()
+_lock = threading.Lock()
+
+
+def settings() -> Settings:
+    return get_settings()
+
+
+def database() -> Database:
+    """The PostgreSQL pool; the schema is migrated on this process's first use."""
+    s = get_settings()
+    db = get_database(s.database_url)
+    if s.database_url not in _ready:
+        with _lock:
+            if s.database_url not in _ready:
+                migrate(db)
+                _ready.add(s.database_url)
+    return db
+
+
+def cache() -> StatusCache:
+    s = get_settings()
+    return get_cache(s.redis_url, timeout=s.redis_timeout_seconds, ttl=s.cache_ttl_seconds)
+
+
+def publisher() -> Publisher:
+    s = get_settings()
+    return get_publisher(s.kafka_bootstrap_servers, timeout=s.publish_timeout_seconds)
+
+
+def handlers() -> None:
+    """Import built-in and user handler modules (JOBS_HANDLER_MODULES) once."""
+    load_handlers(get_settings().handler_modules)
+
+
+_processor = None
+
+
+def processor():  # type: ignore[no-untyped-def]
+    """The process-wide job processor (handlers loaded, clients shared)."""
+    from common.processing import Processor
+
+    global _processor
+    if _processor is None:
+        with _lock:
+            if _processor is None:
+                handlers()
+                _processor = Processor(get_settings(), database(), cache(), publisher())
+    return _processor

@@ -1,0 +1,197 @@
+"""PostgreSQL access through pg8000: a small connection pool, transactions, migrations."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import pg8000.native
+from pg8000.exceptions import DatabaseError, InterfaceError
+
+from common.errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+# Any constant works; it only has to be the same in every process that migrates.
+MIGRATION_LOCK_KEY = 0x6A6F6273  # "jobs"
+
+Connection = pg8000.native.Connection
+
+
+def connect_kwargs(dsn: str) -> dict[str, Any]:
+    """pg8000 keyword arguments for a `postgresql://user:pass@host:port/db` URL."""
+    url = urlparse(dsn)
+    if url.scheme not in ("postgres", "postgresql"):
+        raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got {dsn!r}")
+    query = parse_qs(url.query)
+    kwargs: dict[str, Any] = {
+        "user": unquote(url.username or "postgres"),
+        "host": url.hostname or "127.0.0.1",
+        "port": url.port or 5432,
+        "database": unquote(url.path.lstrip("/")) or "postgres",
+        "timeout": float(query.get("connect_timeout", ["5"])[0]),
+        "application_name": query.get("application_name", ["jobs"])[0],
+    }
+    if url.password:
+        kwargs["password"] = unquote(url.password)
+    return kwargs
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when `exc` means the server is unreachable rather than the SQL being wrong."""
+    if isinstance(exc, InterfaceError | OSError | ServiceUnavailable):
+        return True
+    if isinstance(exc, DatabaseError) and exc.args and isinstance(exc.args[0], dict):
+        # 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now, 08xxx connection
+        code = str(exc.args[0].get("C", ""))
+        return code.startswith(("57P", "08"))
+    return False
+
+
+class Database:
+    """A thread-safe pool of pg8000 connections to one DSN."""
+
+    def __init__(self, dsn: str, size: int = 8) -> None:
+        self.dsn = dsn
+        self._kwargs = connect_kwargs(dsn)
+        self._idle: queue.LifoQueue[Connection] = queue.LifoQueue()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def _connect(self) -> Connection:
+        try:
+            return pg8000.native.Connection(**self._kwargs)
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise ServiceUnavailable("postgresql", str(exc)) from exc
+            raise
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """Borrow a connection; a broken one is discarded, never returned to the pool."""
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        healthy = True
+        try:
+            yield conn
+        except Exception as exc:
+            if is_connection_error(exc):
+                healthy = False
+                self._close_quietly(conn)
+                raise ServiceUnavailable("postgresql", str(exc)) from exc
+            raise
+        except BaseException:
+            healthy = False
+            self._close_quietly(conn)
+            raise
+        finally:
+            if healthy:
+                if self._idle.qsize() < self._size:
+                    self._idle.put(conn)
+                else:
+                    self._close_quietly(conn)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A connection inside BEGIN ... COMMIT, rolled back on any exception."""
+        with self.connection() as conn:
+            conn.run("BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                try:
+                    conn.run("ROLLBACK")
+                except Exception:  # the connection is gone; the pool drops it
+                    pass
+                raise
+            conn.run("COMMIT")
+
+    def run(self, sql: str, **params: Any) -> list[list[Any]]:
+        """One statement in autocommit mode."""
+        with self.connection() as conn:
+            return conn.run(sql, **params) or []
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._close_quietly(self._idle.get_nowait())
+            except queue.Empty:
+                return
+
+    @staticmethod
+    def _close_quietly(conn: Connection) -> None:
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+
+def rows_as_dicts(conn: Connection, rows: list[list[Any]] | None) -> list[dict[str, Any]]:
+    """Turn the rows of the last statement into dicts keyed by column name."""
+    names = [c["name"] for c in (conn.columns or [])]
+    return [dict(zip(names, row, strict=True)) for row in rows or []]
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every packaged migration, in order."""
+    found = []
+    for entry in resources.files("common.migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append((version, entry.name, entry.read_text()))
+    return sorted(found)
+
+
+def migrate(db: Database) -> list[str]:
+    """Apply pending migrations; safe to run twice and from several processes at once."""
+    applied: list[str] = []
+    with db.connection() as conn:
+        conn.run("SELECT pg_advisory_lock(:k)", k=MIGRATION_LOCK_KEY)
+        try:
+            conn.run(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {row[0] for row in conn.run("SELECT version FROM schema_migrations")}
+            for version, name, sql in migration_files():
+                if version in done:
+                    continue
+                conn.run("BEGIN")
+                try:
+                    conn.execute_simple(sql)
+                    conn.run(
+                        "INSERT INTO schema_migrations (version, name) VALUES (:v, :n)",
+                        v=version,
+                        n=name,
+                    )
+                    conn.run("COMMIT")
+                except BaseException:
+                    conn.run("ROLLBACK")
+                    raise
+                log.info("applied migration %s", name)
+                applied.append(name)
+        finally:
+            conn.run("SELECT pg_advisory_unlock(:k)", k=MIGRATION_LOCK_KEY)
+    return applied
+
+
+_databases: dict[str, Database] = {}
+_databases_lock = threading.Lock()
+
+
+def get_database(dsn: str) -> Database:
+    """The process-wide pool for `dsn`, created on first use."""
+    with _databases_lock:
+        db = _databases.get(dsn)
+        if db is None:
+            db = _databases[dsn] = Database(dsn)
+        return db

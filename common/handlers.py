@@ -1,0 +1,185 @@
+"""Job-type registry: `@job_handler("TYPE")`, payload models, and user handler modules."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ValidationError
+
+from common.errors import ApiError, PermanentError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODULES = ("common.builtin",)
+
+
+@dataclass
+class JobContext:
+    """What a handler knows about the attempt it runs in."""
+
+    job_id: UUID
+    job_type: str
+    attempt: int
+    retries: int
+    artifact_dir: Path
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def should_stop(self) -> bool:
+        """True once the attempt's time is up or the process is shutting down."""
+        return self.cancelled.is_set()
+
+
+@dataclass(frozen=True)
+class JobType:
+    """A registered job type and its policy (None = the global default)."""
+
+    name: str
+    func: Callable[..., Any]
+    payload_model: type[BaseModel] | None = None
+    max_retries: int | None = None
+    timeout_seconds: float | None = None
+    backoff_base_seconds: float | None = None
+    backoff_max_seconds: float | None = None
+    description: str = ""
+
+    def run(self, payload: Any, ctx: JobContext) -> Any:
+        """Call the handler with the payload, and the context if it takes one."""
+        params = inspect.signature(self.func).parameters
+        if len(params) >= 2:
+            return self.func(payload, ctx)
+        return self.func(payload)
+
+    def parse_payload(self, payload: dict[str, Any]) -> Any:
+        """The payload as the handler receives it (a model instance when there is a model)."""
+        if self.payload_model is None:
+            return payload
+        return self.payload_model.model_validate(payload)
+
+
+_registry: dict[str, JobType] = {}
+_loaded: set[str] = set()
+_lock = threading.RLock()
+
+
+def job_handler(
+    name: str,
+    *,
+    payload_model: type[BaseModel] | None = None,
+    max_retries: int | None = None,
+    timeout_seconds: float | None = None,
+    backoff_base_seconds: float | None = None,
+    backoff_max_seconds: float | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register the decorated function as the handler of job type `name`.
+
+    The function takes `(payload)` or `(payload, ctx)` and returns a JSON-able
+    result. Raise `RetryableError` / any exception for a retryable failure,
+    `PermanentError` to dead-letter at once.
+    """
+    if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise ValueError(f"job type names are letters, digits, '_', '-' and '.', got {name!r}")
+
+    def register(func: Callable[..., Any]) -> Callable[..., Any]:
+        with _lock:
+            existing = _registry.get(name)
+            if existing is not None and existing.func.__qualname__ != func.__qualname__:
+                raise ValueError(f"job type {name!r} is already registered by {existing.func!r}")
+            _registry[name] = JobType(
+                name=name,
+                func=func,
+                payload_model=payload_model,
+                max_retries=max_retries,
+                timeout_seconds=timeout_seconds,
+                backoff_base_seconds=backoff_base_seconds,
+                backoff_max_seconds=backoff_max_seconds,
+                description=(inspect.getdoc(func) or "").split("\n\n")[0],
+            )
+        return func
+
+    return register
+
+
+def import_handler_module(spec: str) -> None:
+    """Import a dotted module path or a path to a .py file, once."""
+    spec = spec.strip()
+    if not spec or spec in _loaded:
+        return
+    if spec.endswith(".py") or "/" in spec:
+        path = Path(spec).expanduser().resolve()
+        if not path.is_file():
+            raise ImportError(f"JOBS_HANDLER_MODULES: no such file {path}")
+        name = f"jobs_user_handlers_{abs(hash(str(path)))}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ImportError(f"JOBS_HANDLER_MODULES: cannot import {path}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        importlib.import_module(spec)
+    _loaded.add(spec)
+
+
+def load_handlers(handler_modules: str = "") -> dict[str, JobType]:
+    """Import the built-in types and every module named in `handler_modules` (comma-separated)."""
+    with _lock:
+        for spec in (*BUILTIN_MODULES, *handler_modules.split(",")):
+            import_handler_module(spec)
+        return dict(_registry)
+
+
+def registered() -> dict[str, JobType]:
+    """The job types registered so far."""
+    with _lock:
+        return dict(_registry)
+
+
+def get_job_type(name: str) -> JobType | None:
+    return _registry.get(name)
+
+
+def validate_payload(job_type: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Check a submission against the registry; raise ApiError(422) with the reason."""
+    jt = _registry.get(job_type)
+    if jt is None:
+        known = ", ".join(sorted(_registry)) or "none"
+        raise ApiError(422, "Unknown job type",
+                       f"job_type {job_type!r} is not registered; registered types: {known}")
+    if jt.payload_model is None:
+        return payload
+    try:
+        model = jt.payload_model.model_validate(payload)
+    except ValidationError as exc:
+        raise ApiError(
+            422,
+            "Invalid payload",
+            f"payload does not match the {job_type} payload model: {exc.error_count()} error(s)",
+            errors=_json_errors(exc),
+        ) from exc
+    return model.model_dump(mode="json", exclude_unset=True)
+
+
+def parse_or_permanent(jt: JobType, payload: dict[str, Any]) -> Any:
+    """The handler's payload; a payload that no longer validates is a permanent error."""
+    try:
+        return jt.parse_payload(payload)
+    except ValidationError as exc:
+        raise PermanentError(f"payload does not validate: {exc}") from exc
+
+
+def _json_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
+        for err in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]

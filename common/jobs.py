@@ -1,0 +1,184 @@
+"""Jobs in PostgreSQL: create, read, list, claim, and record outcomes."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+from common.db import Connection, Database, rows_as_dicts
+from common.errors import ApiError
+from common.lifecycle import transition
+from common.models import JobStatus, JobSubmission
+
+S = JobStatus
+PAGE_MAX = 200
+
+
+def request_fingerprint(submission: JobSubmission) -> str:
+    """A stable hash of what was asked, to tell a retried request from a different one."""
+    canonical = json.dumps(submission.model_dump(mode="json"), sort_keys=True,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def document(row: dict[str, Any]) -> dict[str, Any]:
+    """The API's job document (JSON-ready) from a `jobs` row."""
+    return {
+        "job_id": str(row["job_id"]),
+        "job_type": row["job_type"],
+        "status": row["status"],
+        "retries": row["retries"],
+        "max_retries": row["max_retries"],
+        "attempts": row["attempts"],
+        "payload": _json(row["payload_json"]),
+        "result": _json(row["result_json"]),
+        "error_message": row["error_message"],
+        "next_attempt_at": _iso(row["next_attempt_at"]),
+        "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row["updated_at"]),
+        "version": row["version"],
+    }
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def create_jobs(
+    db: Database,
+    submissions: list[tuple[JobSubmission, dict[str, Any], str | None]],
+    default_max_retries: int,
+) -> list[tuple[dict[str, Any], bool]]:
+    """Insert jobs as QUEUED in one transaction; return (row, created) for each.
+
+    Each item is (submission, validated payload, idempotency key). A key seen
+    before with the same request returns the existing job (created=False); with
+    another request it is a 409.
+    """
+    out: list[tuple[dict[str, Any], bool]] = []
+    with db.transaction() as conn:
+        for submission, payload, key in submissions:
+            fingerprint = request_fingerprint(submission)
+            rows = rows_as_dicts(conn, conn.run(
+                "INSERT INTO jobs (job_id, job_type, payload_json, max_retries,"
+                " idempotency_key, request_hash)"
+                " VALUES (CAST(:id AS uuid), :type, CAST(:payload AS jsonb), :max, :key, :hash)"
+                " ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
+                id=str(uuid.uuid4()), type=submission.job_type, payload=json.dumps(payload),
+                max=submission.max_retries if submission.max_retries is not None
+                else default_max_retries,
+                key=key, hash=fingerprint,
+            ))
+            if rows:
+                out.append((rows[0], True))
+                continue
+            existing = rows_as_dicts(conn, conn.run(
+                "SELECT * FROM jobs WHERE idempotency_key = :key", key=key))[0]
+            if existing["request_hash"] != fingerprint:
+                raise ApiError(409, "Idempotency key reused",
+                               f"Idempotency-Key {key!r} was already used for a different request"
+                               f" (job {existing['job_id']})")
+            out.append((existing, False))
+    return out
+
+
+def mark_published(db: Database, job_ids: list[str]) -> None:
+    """Record that a job's message reached the broker (the sweeper re-sends unmarked ones)."""
+    if job_ids:
+        db.run("UPDATE jobs SET published_at = now() WHERE job_id = ANY(CAST(:ids AS uuid[]))",
+               ids=job_ids)
+
+
+def get_job(conn: Connection, job_id: str) -> dict[str, Any] | None:
+    rows = rows_as_dicts(conn, conn.run(
+        "SELECT * FROM jobs WHERE job_id = CAST(:id AS uuid)", id=job_id))
+    return rows[0] if rows else None
+
+
+def encode_cursor(*parts: Any) -> str:
+    raw = json.dumps([p.isoformat() if isinstance(p, datetime) else str(p) for p in parts])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, size: int) -> list[str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        parts = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if not isinstance(parts, list) or len(parts) != size:
+            raise ValueError
+        return [str(p) for p in parts]
+    except ValueError as exc:
+        raise ApiError(400, "Bad cursor", "cursor is not one this API handed out") from exc
+
+
+def list_jobs(conn: Connection, *, status: list[str] | None, job_type: list[str] | None,
+              cursor: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+    """Newest first, keyset-paginated on (created_at, job_id)."""
+    conditions, params = [], {"limit": limit + 1}
+    if status:
+        conditions.append("status = ANY(CAST(:status AS job_status[]))")
+        params["status"] = status
+    if job_type:
+        conditions.append("job_type = ANY(CAST(:types AS text[]))")
+        params["types"] = job_type
+    if cursor:
+        created, job_id = decode_cursor(cursor, 2)
+        try:
+            uuid.UUID(job_id)
+            datetime.fromisoformat(created)
+        except ValueError as exc:
+            raise ApiError(400, "Bad cursor", "cursor is not one this API handed out") from exc
+        conditions.append(
+            "(created_at, job_id) < (CAST(:c_created AS timestamptz), CAST(:c_id AS uuid))")
+        params.update(c_created=created, c_id=job_id)
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    rows = rows_as_dicts(conn, conn.run(
+        f"SELECT * FROM jobs {where} ORDER BY created_at DESC, job_id DESC LIMIT :limit",
+        **params))
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["job_id"])
+    return rows, next_cursor
+
+
+def claim(conn: Connection, job_id: str, lease_seconds: float) -> dict[str, Any] | None:
+    """QUEUED/RETRYING -> IN_PROGRESS, counting the attempt before the handler runs."""
+    row = transition(
+        conn, job_id, S.IN_PROGRESS,
+        expressions={
+            "attempts": "attempts + 1",
+            "retries": "retries + CASE WHEN status = 'RETRYING' THEN 1 ELSE 0 END",
+            "lease_expires_at": "now() + make_interval(secs => :lease)",
+            "next_attempt_at": "NULL",
+        },
+        where="(next_attempt_at IS NULL OR next_attempt_at <= now())",
+        params={"lease": float(lease_seconds)},
+    )
+    if row is not None:
+        conn.run("INSERT INTO job_attempts (job_id, attempt) VALUES (CAST(:id AS uuid), :n)"
+                 " ON CONFLICT DO NOTHING", id=job_id, n=row["attempts"])
+    return row
+
+
+def finish_attempt(conn: Connection, job_id: str, attempt: int, outcome: str,
+                   error: str | None) -> None:
+    conn.run("UPDATE job_attempts SET finished_at = now(), outcome = :o, error = :e"
+             " WHERE job_id = CAST(:id AS uuid) AND attempt = :n",
+             id=job_id, n=attempt, o=outcome, e=error)
+
+
+def attempt_history(conn: Connection, job_id: str) -> list[dict[str, Any]]:
+    rows = rows_as_dicts(conn, conn.run(
+        "SELECT attempt, started_at, finished_at, outcome, error FROM job_attempts"
+        " WHERE job_id = CAST(:id AS uuid) ORDER BY attempt", id=job_id))
+    return [{**r, "started_at": _iso(r["started_at"]), "finished_at": _iso(r["finished_at"])}
+            for r in rows]

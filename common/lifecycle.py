@@ -1,0 +1,115 @@
+"""The job state graph, checked in one place, written with conditional updates."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+from uuid import UUID
+
+from common.db import Connection, rows_as_dicts
+from common.models import JobStatus
+
+S = JobStatus
+
+#: Every move a job may make. A late or duplicate message can never move a job
+#: backwards, because each write names the states it may leave.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    S.QUEUED: frozenset({S.IN_PROGRESS}),
+    S.IN_PROGRESS: frozenset({S.COMPLETED, S.FAILED}),
+    S.FAILED: frozenset({S.RETRYING, S.DEAD_LETTER}),
+    S.RETRYING: frozenset({S.IN_PROGRESS}),
+    S.COMPLETED: frozenset(),
+    S.DEAD_LETTER: frozenset({S.QUEUED}),  # replay by an operator
+}
+
+#: Columns `transition` may set besides status; guards against SQL built from names.
+SETTABLE = frozenset(
+    {
+        "retries",
+        "max_retries",
+        "attempts",
+        "result_json",
+        "error_message",
+        "next_attempt_at",
+        "lease_expires_at",
+        "published_at",
+    }
+)
+
+
+JSON_COLUMNS = frozenset({"result_json"})
+
+
+class IllegalTransition(ValueError):
+    """A move the graph does not allow was asked for (a bug, not a race)."""
+
+
+def sources_of(target: JobStatus) -> frozenset[JobStatus]:
+    """The states a job may be in to move to `target`."""
+    return frozenset(src for src, targets in TRANSITIONS.items() if target in targets)
+
+
+def check(source: JobStatus, target: JobStatus) -> None:
+    """Raise IllegalTransition unless the graph has source -> target."""
+    if target not in TRANSITIONS[source]:
+        raise IllegalTransition(f"{source.value} -> {target.value} is not a job transition")
+
+
+def transition(
+    conn: Connection,
+    job_id: UUID | str,
+    target: JobStatus,
+    *,
+    sources: Iterable[JobStatus] | None = None,
+    attempt: int | None = None,
+    values: Mapping[str, Any] | None = None,
+    expressions: Mapping[str, str] | None = None,
+    where: str | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Move a job to `target` if it is in one of `sources`; return the new row, or None if lost.
+
+    `attempt` fences the write to one attempt: a worker whose lease was taken
+    over can no longer record its outcome. `values` are bound parameters,
+    `expressions` and `where` are SQL (fixed strings of this package, never input) whose
+    own parameters come in `params`.
+    """
+    allowed = sources_of(target)
+    chosen = frozenset(sources) if sources is not None else allowed
+    if not chosen <= allowed or not chosen:
+        raise IllegalTransition(
+            f"{sorted(s.value for s in chosen)} -> {target.value} is not a job transition"
+        )
+    values = dict(values or {})
+    expressions = dict(expressions or {})
+    unknown = (set(values) | set(expressions)) - SETTABLE
+    if unknown:
+        raise ValueError(f"transition cannot set {sorted(unknown)}")
+
+    assignments = ["status = CAST(:target AS job_status)", "version = version + 1",
+                   "updated_at = now()"]
+    bound: dict[str, Any] = dict(params or {})
+    bound.update(job_id=str(job_id), target=target.value, sources=[s.value for s in chosen])
+    for column, value in values.items():
+        if column in JSON_COLUMNS:
+            assignments.append(f"{column} = CAST(:v_{column} AS jsonb)")
+            bound[f"v_{column}"] = None if value is None else json.dumps(value)
+        else:
+            assignments.append(f"{column} = :v_{column}")
+            bound[f"v_{column}"] = value
+    for column, expression in expressions.items():
+        assignments.append(f"{column} = {expression}")
+    conditions = ["job_id = CAST(:job_id AS uuid)",
+                  "status = ANY(CAST(:sources AS job_status[]))"]
+    if attempt is not None:
+        conditions.append("attempts = :attempt")
+        bound["attempt"] = attempt
+    if where:
+        conditions.append(where)
+    sql = (
+        f"UPDATE jobs SET {', '.join(assignments)} WHERE {' AND '.join(conditions)} "
+        "RETURNING *"
+    )
+    rows = rows_as_dicts(conn, conn.run(sql, **bound))
+    return rows[0] if rows else None

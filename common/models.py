@@ -1,0 +1,132 @@
+"""Public data shapes: what the API accepts and answers, and what travels on Kafka."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobStatus(str, Enum):
+    """Where a job is in its life. The allowed moves are in `common.lifecycle.TRANSITIONS`."""
+
+    QUEUED = "QUEUED"
+    """Set by submit (and by replay of a dead letter); left when `process` claims the job."""
+
+    IN_PROGRESS = "IN_PROGRESS"
+    """Set by `process` when it claims the job and counts the attempt; left when the
+    handler returns (COMPLETED), raises (FAILED), or the lease expires (the sweeper
+    marks the attempt FAILED)."""
+
+    COMPLETED = "COMPLETED"
+    """Set by `process` after the handler returned; terminal."""
+
+    FAILED = "FAILED"
+    """Set by `process` when an attempt failed; left at once for RETRYING (retries left)
+    or DEAD_LETTER (budget spent or permanent error)."""
+
+    RETRYING = "RETRYING"
+    """Set by `process` after a failed attempt with retries left; `next_attempt_at` says
+    when the sweeper (or `process` itself, for no delay) re-enqueues it. Left when
+    `process` claims it again."""
+
+    DEAD_LETTER = "DEAD_LETTER"
+    """Set by `process` when retries are exhausted or the error is permanent; the job is
+    then on the `job-dlq` topic and in `GET /dead-letters`. Left only by replay (QUEUED)."""
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.DEAD_LETTER)
+
+
+class JobSubmission(BaseModel):
+    """Body of `POST /jobs`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_type: str = Field(
+        min_length=1, max_length=100, description="A registered job type", examples=["ECHO"]
+    )
+    payload: dict[str, Any] = Field(
+        default_factory=dict, description="Input of the job, validated by the type's model"
+    )
+    max_retries: int | None = Field(
+        default=None, ge=0, le=100, description="Retries after the first attempt (default 3)"
+    )
+
+
+class AttemptRecord(BaseModel):
+    """One run of a job's handler."""
+
+    attempt: int
+    started_at: datetime
+    finished_at: datetime | None = None
+    outcome: str | None = Field(None, description="COMPLETED, FAILED or null while running")
+    error: str | None = None
+
+
+class JobDocument(BaseModel):
+    """A job as the API shows it."""
+
+    job_id: UUID
+    job_type: str
+    status: JobStatus
+    retries: int = Field(description="Retry attempts made so far")
+    max_retries: int
+    attempts: int = Field(description="Attempts started so far, first one included")
+    payload: dict[str, Any]
+    result: Any | None = None
+    error_message: str | None = None
+    next_attempt_at: datetime | None = None
+    created_at: datetime
+    updated_at: datetime
+    version: int = Field(description="Increases on every change; orders cache writes")
+
+
+class JobPage(BaseModel):
+    """A page of `GET /jobs`."""
+
+    items: list[JobDocument]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page")
+
+
+class DeadLetter(BaseModel):
+    """A job (or an undeliverable record) parked on the dead-letter queue."""
+
+    dead_letter_id: str
+    job_id: UUID | None
+    job_type: str | None
+    reason: str
+    last_error: str | None
+    attempts: int
+    history: list[AttemptRecord] = Field(default_factory=list)
+    dead_lettered_at: datetime
+    replayed_at: datetime | None = None
+
+
+class DeadLetterPage(BaseModel):
+    """A page of `GET /dead-letters`."""
+
+    items: list[DeadLetter]
+    next_cursor: str | None = None
+
+
+class Problem(BaseModel):
+    """An error answer (RFC 9457, `application/problem+json`)."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+class JobMessage(BaseModel):
+    """Data of the CloudEvent on `job-queue`: enough to find the job in PostgreSQL."""
+
+    job_id: UUID
+    job_type: str

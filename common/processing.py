@@ -1,0 +1,232 @@
+"""Running one job message: claim, run the handler under its time limit, record the outcome."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from common import jobs
+from common.cache import StatusCache
+from common.db import Connection, Database
+from common.deadletters import record_dead_letter
+from common.errors import HandlerTimeout, PermanentError, RetryableError
+from common.handlers import JobContext, JobType, get_job_type, parse_or_permanent
+from common.lifecycle import transition
+from common.models import JobMessage, JobStatus
+from common.queue import DEAD_LETTER_EVENT_TYPE, Event, Publisher, job_event
+from common.retry import RetryPolicy
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+S = JobStatus
+MAX_ERROR_CHARS = 4000
+
+
+class PoisonMessage(ValueError):
+    """A record no attempt can ever process (not JSON, no job id, unknown job)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one delivery, as `process` reports it."""
+
+    job_id: str
+    outcome: str  # completed | retrying | dead_lettered | ignored
+    status: str | None
+    detail: str = ""
+
+
+def parse_message(data: Any) -> JobMessage:
+    """The job message in a CloudEvent's data, or PoisonMessage saying what is wrong."""
+    if isinstance(data, bytes | str):
+        raise PoisonMessage("event data is not a JSON object")
+    try:
+        return JobMessage.model_validate(data)
+    except ValidationError as exc:
+        fields = ", ".join(".".join(map(str, e["loc"])) or "data" for e in exc.errors())
+        raise PoisonMessage(f"event data is not a job message (bad or missing: {fields})") from exc
+
+
+def policy_for(settings: Settings, jt: JobType | None) -> RetryPolicy:
+    """The retry policy of a job type: its own settings where given, else the global ones."""
+    return RetryPolicy(
+        max_retries=settings.max_retries,
+        base_seconds=_pick(jt and jt.backoff_base_seconds, settings.backoff_base_seconds),
+        max_seconds=_pick(jt and jt.backoff_max_seconds, settings.backoff_max_seconds),
+        jitter=settings.backoff_jitter,
+    )
+
+
+def _pick(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+class Processor:
+    """Executes job messages; one per process, shared by the request threads."""
+
+    def __init__(self, settings: Settings, db: Database, cache: StatusCache,
+                 publisher: Publisher, max_workers: int = 64) -> None:
+        self.settings = settings
+        self.db = db
+        self.cache = cache
+        self.publisher = publisher
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="handler")
+
+    def handle(self, message: JobMessage) -> Outcome:
+        """Process one delivery of `message`; safe to call twice for the same message."""
+        job_id = str(message.job_id)
+        jt = get_job_type(message.job_type)
+        timeout = _pick(jt and jt.timeout_seconds, self.settings.handler_timeout_seconds)
+        lease = max(self.settings.lease_seconds, timeout + 30)
+        with self.db.transaction() as conn:
+            row = jobs.claim(conn, job_id, lease)
+            current = row or jobs.get_job(conn, job_id)
+        if current is None:
+            raise PoisonMessage(f"no job {job_id} in PostgreSQL")
+        if row is None:
+            # A duplicate or late delivery: the job is already further along.
+            log.info("job %s is %s; delivery ignored", job_id, current["status"])
+            return Outcome(job_id, "ignored", current["status"], "job is not waiting to run")
+        self.cache.put([jobs.document(row)])
+        attempt = row["attempts"]
+        log.info("job %s attempt %d started (%s)", job_id, attempt, row["job_type"])
+
+        error: BaseException | None = None
+        result: Any = None
+        try:
+            if jt is None:
+                raise PermanentError(f"no handler for job type {row['job_type']!r} in this worker")
+            result = self._run(jt, row, timeout)
+        except Exception as exc:  # every handler failure is an attempt outcome
+            error = exc
+        if error is None:
+            return self._complete(job_id, attempt, result)
+        return self._fail(row, jt, attempt, error)
+
+    def _run(self, jt: JobType, row: dict[str, Any], timeout: float) -> Any:
+        ctx = JobContext(
+            job_id=row["job_id"], job_type=row["job_type"], attempt=row["attempts"],
+            retries=row["retries"], artifact_dir=self.settings.artifact_dir,
+        )
+        payload = parse_or_permanent(jt, jobs._json(row["payload_json"]))
+        future = self._executor.submit(jt.run, payload, ctx)
+        try:
+            return future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            # Threads cannot be killed: tell the handler to stop, and fence its late result
+            # out by the attempt number.
+            ctx.cancelled.set()
+            raise HandlerTimeout(f"handler ran past its time limit of {timeout:g}s") from None
+
+    def _complete(self, job_id: str, attempt: int, result: Any) -> Outcome:
+        with self.db.transaction() as conn:
+            row = transition(conn, job_id, S.COMPLETED, sources=[S.IN_PROGRESS], attempt=attempt,
+                             values={"result_json": result, "lease_expires_at": None,
+                                     "error_message": None})
+            if row is not None:
+                jobs.finish_attempt(conn, job_id, attempt, S.COMPLETED.value, None)
+        if row is None:
+            return self._fenced(job_id, attempt)
+        self.cache.put([jobs.document(row)])
+        log.info("job %s attempt %d completed", job_id, attempt)
+        return Outcome(job_id, "completed", row["status"])
+
+    def _fail(self, claimed: dict[str, Any], jt: JobType | None, attempt: int,
+              error: BaseException) -> Outcome:
+        job_id = str(claimed["job_id"])
+        message = describe(error)
+        policy = policy_for(self.settings, jt)
+        delay_floor = error.delay if isinstance(error, RetryableError) else None
+        with self.db.transaction() as conn:
+            row, dead_letter = record_failure(
+                conn, job_id, attempt, message, policy,
+                permanent=isinstance(error, PermanentError), delay_floor=delay_floor)
+        if row is None:
+            return self._fenced(job_id, attempt)
+        self.cache.put([jobs.document(row)])
+        log.warning("job %s attempt %d failed: %s -> %s", job_id, attempt, message, row["status"])
+        if dead_letter is not None:
+            publish_dead_letter(self.publisher, self.settings, dead_letter)
+            return Outcome(job_id, "dead_lettered", row["status"], message)
+        if policy.base_seconds == 0 and not delay_floor:
+            # No backoff: hand the retry to the queue now rather than at the sweeper's next tick.
+            self._requeue(row)
+        return Outcome(job_id, "retrying", row["status"], message)
+
+    def _requeue(self, row: dict[str, Any]) -> None:
+        job_id = str(row["job_id"])
+        event = job_event(self.settings.queue_topic, job_id, row["job_type"],
+                          ce_id=f"{job_id}:retry-{row['retries'] + 1}", source="/jobs/process")
+        try:
+            self.publisher.publish([event])
+            jobs.mark_published(self.db, [job_id])
+        except Exception as exc:  # the sweeper publishes it later from PostgreSQL
+            log.warning("could not requeue job %s now (%s); the sweeper will", job_id, exc)
+
+    def _fenced(self, job_id: str, attempt: int) -> Outcome:
+        log.warning("job %s attempt %d lost its lease; its outcome was not recorded",
+                    job_id, attempt)
+        return Outcome(job_id, "ignored", None, "attempt no longer owns the job")
+
+
+def describe(error: BaseException) -> str:
+    """`Type: message` of an exception, bounded in size."""
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    if not isinstance(error, HandlerTimeout | PermanentError | RetryableError):
+        frames = traceback.extract_tb(error.__traceback__)
+        if frames:
+            last = frames[-1]
+            text += f" (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno})"
+    return text[:MAX_ERROR_CHARS]
+
+
+def record_failure(
+    conn: Connection, job_id: str, attempt: int, message: str, policy: RetryPolicy, *,
+    permanent: bool = False, delay_floor: float | None = None,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """IN_PROGRESS -> FAILED for `attempt`, then RETRYING or DEAD_LETTER.
+
+    Returns (new row, dead letter or None); (None, None) if the attempt no longer
+    owns the job. Runs inside the caller's transaction.
+    """
+    failed = transition(conn, job_id, S.FAILED, sources=[S.IN_PROGRESS], attempt=attempt,
+                        values={"error_message": message, "lease_expires_at": None})
+    if failed is None:
+        return None, None
+    jobs.finish_attempt(conn, job_id, attempt, S.FAILED.value, message)
+    if permanent or policy.exhausted(failed["retries"], failed["max_retries"]):
+        row = transition(conn, job_id, S.DEAD_LETTER, sources=[S.FAILED])
+        reason = "permanent error" if permanent else "retries exhausted"
+        return row, record_dead_letter(conn, row, reason, message)
+    delay = policy.delay(failed["retries"], delay_floor)
+    row = transition(
+        conn, job_id, S.RETRYING, sources=[S.FAILED],
+        expressions={"next_attempt_at": "now() + make_interval(secs => :delay)",
+                     "published_at": "NULL"},
+        params={"delay": delay},
+    )
+    return row, None
+
+
+def publish_dead_letter(publisher: Publisher, settings: Settings,
+                        dead_letter: dict[str, Any]) -> None:
+    """Put a dead letter on the DLQ topic; its row is already committed with the job."""
+    event = Event(
+        topic=settings.dlq_topic,
+        key=str(dead_letter["job_id"]),
+        ce_id=dead_letter["dead_letter_id"],
+        ce_type=DEAD_LETTER_EVENT_TYPE,
+        ce_source="/jobs/process",
+        data=dead_letter,
+    )
+    try:
+        publisher.publish([event])
+    except Exception as exc:
+        log.error("dead letter %s recorded but not published to %s: %s",
+                  dead_letter["dead_letter_id"], settings.dlq_topic, exc)

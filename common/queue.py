@@ -1,0 +1,155 @@
+"""Kafka side: publishing jobs and dead letters as binary-mode CloudEvents."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from common.errors import ServiceUnavailable
+
+SPECVERSION = "1.0"
+JOB_EVENT_TYPE = "dev.jobs.job.ready"
+DEAD_LETTER_EVENT_TYPE = "dev.jobs.job.dead_lettered"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One CloudEvent bound for a topic; `key` picks the partition."""
+
+    topic: str
+    key: str
+    ce_id: str
+    ce_type: str
+    ce_source: str
+    data: dict[str, Any]
+    extensions: tuple[tuple[str, str], ...] = ()
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        """Kafka binary content mode: attributes as `ce_*` headers, data as the value."""
+        headers = [
+            ("ce_specversion", SPECVERSION.encode()),
+            ("ce_id", self.ce_id.encode()),
+            ("ce_type", self.ce_type.encode()),
+            ("ce_source", self.ce_source.encode()),
+            ("ce_time", datetime.now(UTC).isoformat().encode()),
+            ("content-type", b"application/json"),
+        ]
+        headers.extend((f"ce_{name}", value.encode()) for name, value in self.extensions)
+        return headers
+
+    def value(self) -> bytes:
+        return json.dumps(self.data, separators=(",", ":")).encode()
+
+
+def job_event(topic: str, job_id: uuid.UUID | str, job_type: str, *, ce_id: str | None = None,
+              source: str = "/jobs/submit") -> Event:
+    """The message that asks `process` to run a job; ce_id defaults to the job id."""
+    job = str(job_id)
+    return Event(
+        topic=topic,
+        key=job,
+        ce_id=ce_id or job,
+        ce_type=JOB_EVENT_TYPE,
+        ce_source=source,
+        data={"job_id": job, "job_type": job_type},
+        extensions=(("jobtype", job_type),),
+    )
+
+
+class Publisher:
+    """An idempotent, acks=all producer that confirms delivery before returning."""
+
+    def __init__(self, bootstrap_servers: str, *, timeout: float = 5.0,
+                 config: dict[str, Any] | None = None) -> None:
+        self.timeout = timeout
+        conf: dict[str, Any] = {
+            "bootstrap.servers": bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 1,
+            "socket.connection.setup.timeout.ms": 3000,
+            # librdkafka keeps retrying until this; past it the delivery report is an error.
+            "message.timeout.ms": int(max(timeout, 1.0) * 1000),
+            "client.id": "jobs-publisher",
+        }
+        conf.update(config or {})
+        self._producer = Producer(conf)
+        self._lock = threading.Lock()
+        self._poller = threading.Thread(target=self._poll_forever, name="kafka-poll", daemon=True)
+        self._closed = threading.Event()
+        self._poller.start()
+
+    def _poll_forever(self) -> None:
+        # Delivery callbacks run inside poll(); one thread serves every waiting request.
+        while not self._closed.is_set():
+            self._producer.poll(0.05)
+
+    def publish(self, events: Sequence[Event], timeout: float | None = None) -> None:
+        """Send `events` and wait until the broker acknowledged all of them.
+
+        Raises ServiceUnavailable if any was not confirmed within the timeout.
+        """
+        if not events:
+            return
+        deadline = time.monotonic() + (timeout or self.timeout)
+        done = threading.Event()
+        pending = [len(events)]
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
+            with lock:
+                if err is not None:
+                    errors.append(str(err))
+                pending[0] -= 1
+                if pending[0] == 0:
+                    done.set()
+
+        for event in events:
+            while True:
+                try:
+                    self._producer.produce(
+                        event.topic,
+                        key=event.key.encode(),
+                        value=event.value(),
+                        headers=event.headers(),
+                        on_delivery=on_delivery,
+                    )
+                    break
+                except BufferError:
+                    # Local queue full: let the poller drain it, within our deadline.
+                    if time.monotonic() > deadline:
+                        raise ServiceUnavailable("kafka", "producer queue is full") from None
+                    time.sleep(0.005)
+                except KafkaException as exc:
+                    raise ServiceUnavailable("kafka", str(exc)) from exc
+        if not done.wait(max(0.0, deadline - time.monotonic())):
+            raise ServiceUnavailable("kafka", "delivery not confirmed in time")
+        if errors:
+            raise ServiceUnavailable("kafka", errors[0])
+
+    def close(self) -> None:
+        self._closed.set()
+        self._poller.join(timeout=1)
+        self._producer.flush(2)
+
+
+_publishers: dict[str, Publisher] = {}
+_publishers_lock = threading.Lock()
+
+
+def get_publisher(bootstrap_servers: str, timeout: float = 5.0) -> Publisher:
+    """The process-wide publisher for a cluster, created on first use."""
+    with _publishers_lock:
+        pub = _publishers.get(bootstrap_servers)
+        if pub is None:
+            pub = _publishers[bootstrap_servers] = Publisher(bootstrap_servers, timeout=timeout)
+        return pub

@@ -1,0 +1,73 @@
+"""One typed settings object, read once from the environment and passed down."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+DEFAULT_DATA_DIR = Path(os.environ.get("JOBS_DATA_DIR", Path.cwd() / ".data"))
+
+
+class Settings(BaseModel):
+    """Every knob of the system; environment variable names are given in `ENV`."""
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    smtp_url: str = "smtp://127.0.0.1:2525"
+    smtp_from: str = "jobs@localhost"
+    queue_topic: str = "job-queue"
+    dlq_topic: str = "job-dlq"
+    max_retries: int = Field(3, ge=0, le=100)
+    backoff_base_seconds: float = Field(1.0, ge=0)
+    backoff_max_seconds: float = Field(300.0, ge=0)
+    backoff_jitter: float = Field(0.2, ge=0, le=1)
+    handler_timeout_seconds: float = Field(300.0, gt=0)
+    lease_seconds: float = Field(60.0, gt=0)
+    handler_modules: str = ""
+    artifact_dir: Path = DEFAULT_DATA_DIR / "artifacts"
+    max_body_bytes: int = 256 * 1024
+    publish_timeout_seconds: float = Field(5.0, gt=0)
+    redis_timeout_seconds: float = Field(0.25, gt=0)
+    cache_ttl_seconds: int = 7 * 24 * 3600
+    requeue_after_seconds: float = Field(30.0, gt=0)
+
+
+ENV = {
+    "database_url": "DATABASE_URL",
+    "redis_url": "REDIS_URL",
+    "kafka_bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS",
+    "smtp_url": "SMTP_URL",
+    "smtp_from": "SMTP_FROM",
+    "queue_topic": "JOBS_QUEUE_TOPIC",
+    "dlq_topic": "JOBS_DLQ_TOPIC",
+    "max_retries": "JOBS_MAX_RETRIES",
+    "backoff_base_seconds": "JOBS_BACKOFF_BASE_SECONDS",
+    "backoff_max_seconds": "JOBS_BACKOFF_MAX_SECONDS",
+    "backoff_jitter": "JOBS_BACKOFF_JITTER",
+    "handler_timeout_seconds": "JOBS_HANDLER_TIMEOUT_SECONDS",
+    "lease_seconds": "JOBS_LEASE_SECONDS",
+    "handler_modules": "JOBS_HANDLER_MODULES",
+    "artifact_dir": "JOBS_ARTIFACT_DIR",
+    "max_body_bytes": "JOBS_MAX_BODY_BYTES",
+    "publish_timeout_seconds": "JOBS_PUBLISH_TIMEOUT_SECONDS",
+    "redis_timeout_seconds": "JOBS_REDIS_TIMEOUT_SECONDS",
+    "cache_ttl_seconds": "JOBS_CACHE_TTL_SECONDS",
+    "requeue_after_seconds": "JOBS_REQUEUE_AFTER_SECONDS",
+}
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Build settings from `environ` (default: the process environment)."""
+    env = os.environ if environ is None else environ
+    values = {field: env[name] for field, name in ENV.items() if env.get(name)}
+    return Settings(**values)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

@@ -1,0 +1,100 @@
+"""Recovery from PostgreSQL, the source of truth: lost messages, dead workers, due retries.
+
+Run periodically (the `sweeper` function); several sweepers may run at once, since
+every batch is taken with FOR UPDATE SKIP LOCKED and every time is the database's.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from common import jobs
+from common.cache import StatusCache
+from common.db import Database, rows_as_dicts
+from common.handlers import get_job_type
+from common.processing import policy_for, publish_dead_letter, record_failure
+from common.queue import Publisher, job_event
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Jobs whose message should be on the queue but may not be: never published (submit died
+# between commit and publish, or the broker was down), due retries, and jobs published so
+# long ago that the message was probably lost (the local broker forgets on restart).
+_DUE = """
+SELECT job_id, job_type, status, retries, attempts FROM jobs
+WHERE (
+    status = 'QUEUED'
+    AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+    AND ((published_at IS NULL AND updated_at < now() - make_interval(secs => :grace))
+         OR published_at < now() - make_interval(secs => :stale))
+) OR (
+    status = 'RETRYING' AND next_attempt_at <= now()
+    AND (published_at IS NULL OR published_at < now() - make_interval(secs => :stale))
+)
+ORDER BY next_attempt_at NULLS FIRST, created_at
+LIMIT :limit
+FOR UPDATE SKIP LOCKED
+"""
+
+_EXPIRED = """
+SELECT job_id, job_type, attempts FROM jobs
+WHERE status = 'IN_PROGRESS' AND lease_expires_at < now()
+ORDER BY lease_expires_at
+LIMIT :limit
+FOR UPDATE SKIP LOCKED
+"""
+
+
+def reclaim_expired(db: Database, cache: StatusCache, publisher: Publisher,
+                    settings: Settings, limit: int = 500) -> int:
+    """Fail the attempts of workers whose lease ran out; the attempt counts."""
+    docs, letters = [], []
+    with db.transaction() as conn:
+        for row in rows_as_dicts(conn, conn.run(_EXPIRED, limit=limit)):
+            job_id = str(row["job_id"])
+            policy = policy_for(settings, get_job_type(row["job_type"]))
+            new, letter = record_failure(
+                conn, job_id, row["attempts"], "lease expired: the worker stopped answering",
+                policy, delay_floor=0.0)
+            if new is not None:
+                docs.append(jobs.document(new))
+            if letter is not None:
+                letters.append(letter)
+    cache.put(docs)
+    for letter in letters:
+        publish_dead_letter(publisher, settings, letter)
+    if docs:
+        log.warning("reclaimed %d job(s) from expired leases", len(docs))
+    return len(docs)
+
+
+def publish_due(db: Database, publisher: Publisher, settings: Settings,
+                limit: int = 1000) -> int:
+    """(Re)publish jobs that should be on the queue; a duplicate is harmless."""
+    grace = settings.publish_timeout_seconds + 2
+    with db.transaction() as conn:
+        rows: list[dict[str, Any]] = rows_as_dicts(conn, conn.run(
+            _DUE, grace=grace, stale=settings.requeue_after_seconds, limit=limit))
+        if not rows:
+            return 0
+        events = [
+            job_event(settings.queue_topic, row["job_id"], row["job_type"],
+                      ce_id=f"{row['job_id']}:{row['status'].lower()}-{row['attempts']}",
+                      source="/jobs/sweeper")
+            for row in rows
+        ]
+        publisher.publish(events)
+        conn.run("UPDATE jobs SET published_at = now() WHERE job_id = ANY(CAST(:ids AS uuid[]))",
+                 ids=[str(r["job_id"]) for r in rows])
+    log.info("published %d due job(s)", len(rows))
+    return len(rows)
+
+
+def sweep(db: Database, cache: StatusCache, publisher: Publisher,
+          settings: Settings) -> dict[str, int]:
+    """One pass: reclaim dead workers' jobs, then publish everything that is due."""
+    reclaimed = reclaim_expired(db, cache, publisher, settings)
+    published = publish_due(db, publisher, settings)
+    return {"reclaimed": reclaimed, "published": published}

@@ -1,0 +1,59 @@
+"""`status`: answer job state (GET /jobs/{id}, GET /jobs, artifacts, dead letters)."""
+
+import flask
+import functions_framework
+
+from common import api, artifacts, clients
+from common.errors import ApiError
+from common.http import dispatch, json_response, query_int, query_list, routes
+
+
+def get_one(request: flask.Request, job_id: str) -> flask.Response:
+    return json_response(api.get_job(job_id))
+
+
+def get_many(request: flask.Request) -> flask.Response:
+    page = api.list_jobs(
+        status=query_list(request, "status"),
+        job_type=query_list(request, "job_type"),
+        cursor=request.args.get("cursor") or None,
+        limit=query_int(request, "limit", 50, 1, 200),
+    )
+    return json_response(page)
+
+
+def get_artifact(request: flask.Request, job_id: str) -> flask.Response:
+    doc = api.get_job(job_id)
+    result = doc.get("result") if isinstance(doc.get("result"), dict) else None
+    name = result.get("artifact") if result else None
+    if doc["status"] != "COMPLETED" or not name:
+        raise ApiError(404, "No artifact", f"job {doc['job_id']} has no artifact"
+                       f" (status {doc['status']})")
+    found = artifacts.find_artifact(clients.settings().artifact_dir, doc["job_id"], name)
+    if found is None:
+        raise ApiError(404, "Artifact missing",
+                       f"the artifact {name!r} of job {doc['job_id']} is no longer stored")
+    path, content_type = found
+    return flask.send_file(path, mimetype=content_type, as_attachment=True,
+                           download_name=path.name)
+
+
+def get_dead_letters(request: flask.Request) -> flask.Response:
+    page = api.list_dead_letters(
+        cursor=request.args.get("cursor") or None,
+        limit=query_int(request, "limit", 50, 1, 200),
+    )
+    return json_response(page)
+
+
+ROUTES = routes(
+    ("GET", "/jobs", get_many),
+    ("GET", "/jobs/{job_id}", get_one),
+    ("GET", "/jobs/{job_id}/artifact", get_artifact),
+    ("GET", "/dead-letters", get_dead_letters),
+)
+
+
+@functions_framework.http
+def get_job_status(request: flask.Request) -> flask.Response:
+    return dispatch(request, ROUTES)

@@ -1,0 +1,44 @@
+"""`submit`: accept jobs over HTTP (POST /jobs, POST /jobs/batch, POST /jobs/{id}/retry)."""
+
+import flask
+import functions_framework
+
+from common import api, clients
+from common.http import dispatch, json_response, parse_model, read_json, routes
+from common.models import JobSubmission
+
+
+def create(request: flask.Request) -> flask.Response:
+    key = api.check_idempotency_key(request.headers.get("Idempotency-Key"))
+    submission = parse_model(JobSubmission, read_json(request, clients.settings().max_body_bytes))
+    (doc,), enqueued = api.submit([submission], [key])
+    headers = {"Location": f"/jobs/{doc['job_id']}"}
+    if not enqueued:
+        headers["X-Jobs-Enqueue"] = "deferred"
+    return json_response(doc, 202, headers)
+
+
+def create_batch(request: flask.Request) -> flask.Response:
+    key = api.check_idempotency_key(request.headers.get("Idempotency-Key"))
+    batch = parse_model(api.BatchSubmission, read_json(request, clients.settings().max_body_bytes))
+    keys = [f"{key}:{i}" if key else None for i in range(len(batch.jobs))]
+    docs, enqueued = api.submit(batch.jobs, keys)
+    headers = {} if enqueued else {"X-Jobs-Enqueue": "deferred"}
+    return json_response({"jobs": docs}, 202, headers)
+
+
+def retry(request: flask.Request, job_id: str) -> flask.Response:
+    doc = api.replay(job_id)
+    return json_response(doc, 202, {"Location": f"/jobs/{doc['job_id']}"})
+
+
+ROUTES = routes(
+    ("POST", "/jobs", create),
+    ("POST", "/jobs/batch", create_batch),
+    ("POST", "/jobs/{job_id}/retry", retry),
+)
+
+
+@functions_framework.http
+def submit_job(request: flask.Request) -> flask.Response:
+    return dispatch(request, ROUTES)

@@ -1,0 +1,21 @@
+"""`sweeper`: periodic recovery (Cloud Scheduler / a local ticker POSTs here)."""
+
+import flask
+import functions_framework
+
+from common import clients
+from common.errors import ApiError, ServiceUnavailable
+from common.http import json_response, problem
+from common.sweeper import sweep
+
+
+@functions_framework.http
+def sweep_jobs(request: flask.Request) -> flask.Response:
+    clients.handlers()
+    try:
+        counts = sweep(clients.database(), clients.cache(), clients.publisher(),
+                       clients.settings())
+    except ServiceUnavailable as exc:
+        return problem(ApiError(503, "Service unavailable", str(exc),
+                                headers={"Retry-After": str(exc.retry_after)}))
+    return json_response(counts)

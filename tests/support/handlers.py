@@ -1,0 +1,62 @@
+"""Job types used by the tests, loaded the way users load theirs: JOBS_HANDLER_MODULES."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.errors import PermanentError
+from common.handlers import JobContext, job_handler
+
+
+class EchoPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: str = Field(max_length=1000)
+
+
+@job_handler("ECHO", payload_model=EchoPayload)
+def echo(payload: EchoPayload, ctx: JobContext) -> dict[str, Any]:
+    """Return the message (and the attempt it ran in)."""
+    return {"echo": payload.message, "attempt": ctx.attempt}
+
+
+@job_handler("NOOP")
+def noop(payload: dict[str, Any]) -> None:
+    """Do nothing: measures the system's own overhead."""
+    return None
+
+
+@job_handler("FLAKY", backoff_base_seconds=0)
+def flaky(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Fail the first `failures` attempts, then succeed."""
+    if ctx.attempt <= int(payload.get("failures", 2)):
+        raise RuntimeError(f"flaky failure on attempt {ctx.attempt}")
+    return {"succeeded_on_attempt": ctx.attempt}
+
+
+@job_handler("ALWAYS_FAIL", backoff_base_seconds=0)
+def always_fail(payload: dict[str, Any], ctx: JobContext) -> None:
+    """Raise on every attempt."""
+    raise RuntimeError(f"always fails (attempt {ctx.attempt})")
+
+
+@job_handler("PERMANENT_FAIL")
+def permanent_fail(payload: dict[str, Any]) -> None:
+    """Raise a permanent error: no retry."""
+    raise PermanentError("this input can never work")
+
+
+@job_handler("SLOW", timeout_seconds=1.0, backoff_base_seconds=0)
+def slow(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Run `seconds` cooperatively (checking ctx.should_stop), past the 1 s limit if asked."""
+    deadline = time.monotonic() + float(payload.get("seconds", 0.1))
+    stopped = threading.Event()
+    while time.monotonic() < deadline:
+        if ctx.should_stop():
+            stopped.set()
+            break
+        time.sleep(0.01)
+    return {"stopped": stopped.is_set()}
