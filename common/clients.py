@@ -13,7 +13,7 @@ from common.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 _ready: set[str] = set()
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 
 def settings() -> Settings:

@@ -1,0 +1,349 @@
+"""The whole system on one machine: `make run` (python -m infra.stack).
+
+Starts PostgreSQL, Redis and a Kafka-compatible broker unless their URLs are given
+(DATABASE_URL, REDIS_URL, KAFKA_BOOTSTRAP_SERVERS), an SMTP sink unless SMTP_URL is
+given, creates the topics, applies migrations, then runs each function as its own
+functions-framework process, the two Kafka bridges, the sweeper's ticker and the
+gateway. Ctrl-C stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.db import Database, migrate
+from infra import services
+
+log = logging.getLogger("stack")
+ROOT = Path(__file__).resolve().parents[1]
+TOPICS = {"job-queue": 4, "job-dlq": 2}
+
+# name -> (target, signature type); each is served by `functions-framework`.
+FUNCTIONS = {
+    "submit": ("submit_job", "http"),
+    "status": ("get_job_status", "http"),
+    "process": ("process_job", "cloudevent"),
+    "dlq": ("record_dead_letter", "cloudevent"),
+    "sweeper": ("sweep_jobs", "http"),
+}
+
+
+@dataclass
+class Child:
+    """A process of ours (function, bridge, gateway), restarted if it dies on its own."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    echo: bool = True
+    port: int | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    stopping: bool = False
+    _pump: threading.Thread | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.stopping = False
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self._pump = threading.Thread(target=self._copy_output, args=(self.proc,), daemon=True)
+        self._pump.start()
+
+    def _copy_output(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        with open(self.log_path, "ab") as sink:
+            for line in proc.stdout:
+                sink.write(line)
+                sink.flush()
+                if self.echo:
+                    sys.stdout.write(f"{self.name:>8} | {line.decode(errors='replace')}")
+                    sys.stdout.flush()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive() and self.proc is not None:
+            os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL (fault injection); the supervisor restarts it unless `stopping`."""
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
+
+    def pause(self) -> None:
+        self.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.signal(signal.SIGCONT)
+
+    def stop(self, grace: float = 15.0) -> None:
+        self.stopping = True
+        if not self.alive() or self.proc is None:
+            return
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+class Stack:
+    """Services plus our processes, started in dependency order and stopped in reverse."""
+
+    def __init__(self, data_dir: Path, *, gateway_port: int = 8080, echo: bool = True,
+                 env: dict[str, str] | None = None, sweep_interval: float = 1.0,
+                 bridge_in_flight: int = 16) -> None:
+        self.data_dir = data_dir.resolve()
+        self.gateway_port = gateway_port
+        self.echo = echo
+        self.sweep_interval = sweep_interval
+        self.bridge_in_flight = bridge_in_flight
+        self.env = dict(os.environ if env is None else env)
+        self.services: dict[str, services.ServerProcess] = {}
+        self.children: dict[str, Child] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- start ---------------------------------------------------------------------
+
+    def start(self) -> Stack:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        env = self.env
+        if not env.get("DATABASE_URL"):
+            self.services["postgresql"] = services.start_postgres(self.data_dir / "postgres")
+            env["DATABASE_URL"] = self.services["postgresql"].url
+        if not env.get("REDIS_URL"):
+            self.services["redis"] = services.start_redis(self.data_dir / "redis")
+            env["REDIS_URL"] = self.services["redis"].url
+        if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
+            self.services["kafka"] = services.start_kafka(self.data_dir / "kafka")
+            env["KAFKA_BOOTSTRAP_SERVERS"] = self.services["kafka"].url
+        if not env.get("SMTP_URL"):
+            self.services["smtp"] = services.start_smtp_sink(self.data_dir / "mail")
+            env["SMTP_URL"] = self.services["smtp"].url
+        env.setdefault("JOBS_ARTIFACT_DIR", str(self.data_dir / "artifacts"))
+        env.setdefault("JOBS_DATA_DIR", str(self.data_dir))
+        env["PYTHONUNBUFFERED"] = "1"
+        topics = {env.get("JOBS_QUEUE_TOPIC", "job-queue"): TOPICS["job-queue"],
+                  env.get("JOBS_DLQ_TOPIC", "job-dlq"): TOPICS["job-dlq"]}
+        services.create_topics(env["KAFKA_BOOTSTRAP_SERVERS"], topics)
+        db = Database(env["DATABASE_URL"])
+        try:
+            migrate(db)
+        finally:
+            db.close()
+
+        py = sys.executable
+        for name, (target, signature) in FUNCTIONS.items():
+            port = services.free_port()
+            threads = "16" if name == "process" else "8"
+            self._child(name, [py, "-m", "functions_framework", "--target", target,
+                               "--source", str(ROOT / "functions" / name / "main.py"),
+                               "--signature-type", signature, "--host", "127.0.0.1",
+                               "--port", str(port)], port=port, extra_env={"THREADS": threads})
+        queue_topic, dlq_topic = list(topics)
+        url = self.function_url
+        self._child("bridge-q", [py, "-m", "infra.bridge", "--topic", queue_topic,
+                                 "--target", url("process"), "--dlq-topic", dlq_topic,
+                                 "--group", "process", "--max-in-flight",
+                                 str(self.bridge_in_flight)])
+        self._child("bridge-d", [py, "-m", "infra.bridge", "--topic", dlq_topic,
+                                 "--target", url("dlq"), "--group", "dlq"])
+        self._child("gateway", [py, "-m", "infra.gateway", "--port", str(self.gateway_port),
+                                "--submit", url("submit"), "--status", url("status")],
+                    port=self.gateway_port)
+        for child in self.children.values():
+            child.start()
+        self._wait_http(f"{self.gateway_url}/healthz", 60)
+        for name in ("submit", "status", "process", "dlq", "sweeper"):
+            self._wait_port(self.children[name].port or 0, 60)
+        self._spawn(self._supervise)
+        self._spawn(self._tick_sweeper)
+
+    def _child(self, name: str, argv: list[str], *, port: int | None = None,
+               extra_env: dict[str, str] | None = None) -> None:
+        env = {**self.env, **(extra_env or {})}
+        self.children[name] = Child(name, argv, env, self.data_dir / "logs" / f"{name}.log",
+                                    echo=self.echo, port=port)
+
+    def function_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.children[name].port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    def _spawn(self, target: object) -> None:
+        thread = threading.Thread(target=target, daemon=True)  # type: ignore[arg-type]
+        thread.start()
+        self._threads.append(thread)
+
+    def _wait_http(self, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{url} did not come up: {exc}") from exc
+            time.sleep(0.1)
+
+    @staticmethod
+    def _wait_port(port: int, timeout: float) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nothing listens on port {port}") from exc
+                time.sleep(0.1)
+
+    # -- run -----------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        """Restart a child that died on its own (crash, kill -9), with a little backoff."""
+        while not self._stop.wait(0.2):
+            for child in list(self.children.values()):
+                if child.stopping or child.alive() or child.proc is None:
+                    continue
+                code = child.proc.returncode
+                child.restarts += 1
+                log.warning("%s exited (%s); restarting", child.name, code)
+                time.sleep(min(2.0, 0.2 * child.restarts))
+                if not self._stop.is_set() and not child.stopping:
+                    child.start()
+
+    def _tick_sweeper(self) -> None:
+        """The local Cloud Scheduler: POST to the sweeper function every interval."""
+        while not self._stop.wait(self.sweep_interval):
+            try:
+                request = urllib.request.Request(self.function_url("sweeper"), data=b"{}",
+                                                 method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                urllib.request.urlopen(request, timeout=30).read()
+            except OSError as exc:
+                log.debug("sweeper tick failed: %s", exc)
+
+    def summary(self) -> str:
+        env = self.env
+        lines = [
+            "",
+            "Jobs stack is up.",
+            f"  API gateway   {self.gateway_url}   (Swagger UI: {self.gateway_url}/swagger-ui.html)",
+            f"  PostgreSQL    {env['DATABASE_URL']}",
+            f"  Redis         {env['REDIS_URL']}",
+            f"  Kafka         {env['KAFKA_BOOTSTRAP_SERVERS']}  topics: job-queue, job-dlq",
+            f"  SMTP          {env['SMTP_URL']}"
+            + (f"  (mail lands in {self.data_dir / 'mail'})" if "smtp" in self.services else ""),
+            f"  artifacts     {env['JOBS_ARTIFACT_DIR']}",
+        ]
+        for name in FUNCTIONS:
+            lines.append(f"  function      {name:<8} {self.function_url(name)}")
+        lines += [
+            f"  bridges       job-queue -> process, job-dlq -> dlq",
+            f"  logs          {self.data_dir / 'logs'}",
+            "",
+            f"  curl -s -XPOST {self.gateway_url}/jobs -H 'Content-Type: application/json' \\",
+            "       -d '{\"job_type\": \"REPORT_GENERATION\", \"payload\": {\"title\": \"Hello\","
+            " \"columns\": [\"a\"], \"rows\": [[1]]}}'",
+            "",
+            "Press Ctrl-C to stop everything.",
+        ]
+        return "\n".join(lines)
+
+    # -- stop ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+        order = ["gateway", "bridge-q", "bridge-d", "submit", "status", "process", "dlq",
+                 "sweeper"]
+        for name in order:
+            if name in self.children:
+                self.children[name].stopping = True
+        for name in order:
+            if name in self.children:
+                self.children[name].stop()
+        for name in ("smtp", "kafka", "redis", "postgresql"):
+            if name in self.services:
+                try:
+                    self.services[name].stop()
+                except Exception as exc:
+                    log.error("could not stop %s: %s", name, exc)
+
+
+def port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
+        "JOBS_DATA_DIR", ROOT / ".data")))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8080)))
+    parser.add_argument("--quiet", action="store_true", help="do not echo process logs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not port_is_free(args.port):
+        sys.exit(f"port {args.port} is taken; stop what runs there or pass --port N")
+    stack = Stack(args.data_dir, gateway_port=args.port, echo=not args.quiet)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    try:
+        stack.start()
+        print(stack.summary() + f"\n(started in {time.monotonic() - started:.1f}s)", flush=True)
+        stopping.wait()
+    finally:
+        print("\nstopping...", flush=True)
+        stack.stop()
+        print("stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    main()
