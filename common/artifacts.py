@@ -143,7 +143,7 @@ def find_artifact(
 @contextmanager
 def text_writer(binary: IO[bytes], newline: str | None = "") -> Iterator[io.TextIOWrapper]:
     """A UTF-8 text view of `binary` that leaves it open when done (for csv and json)."""
-    text = io.TextIOWrapper(binary, encoding="utf-8", newline=newline, write_through=True)  # type: ignore[arg-type]
+    text = io.TextIOWrapper(binary, encoding="utf-8", newline=newline, write_through=True)
     try:
         yield text
     finally:

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 MIGRATION_LOCK_KEY = 0x6A6F6273  # "jobs"
 
 Connection = pg8000.native.Connection
+_NETWORK_WORDS = ("network", "connect", "closed", "timeout", "timed out", "broken pipe",
+                  "reset", "eof", "refused")
 
 
 def connect_kwargs(dsn: str) -> dict[str, Any]:
@@ -45,8 +47,12 @@ def connect_kwargs(dsn: str) -> dict[str, Any]:
 
 def is_connection_error(exc: BaseException) -> bool:
     """True when `exc` means the server is unreachable rather than the SQL being wrong."""
-    if isinstance(exc, InterfaceError | OSError | ServiceUnavailable):
+    if isinstance(exc, OSError | ServiceUnavailable):
         return True
+    if isinstance(exc, InterfaceError):
+        # pg8000 raises InterfaceError for misuse too; only network trouble means "down".
+        text = str(exc).lower()
+        return any(word in text for word in _NETWORK_WORDS)
     if isinstance(exc, DatabaseError) and exc.args and isinstance(exc.args[0], dict):
         # 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now, 08xxx connection
         code = str(exc.args[0].get("C", ""))

@@ -127,8 +127,8 @@ def list_jobs(conn: Connection, *, status: list[str] | None, job_type: list[str]
         conditions.append("status = ANY(CAST(:status AS job_status[]))")
         params["status"] = status
     if job_type:
-        conditions.append("job_type = ANY(CAST(:types AS text[]))")
-        params["types"] = job_type
+        conditions.append("job_type = ANY(CAST(:job_types AS text[]))")
+        params["job_types"] = job_type
     if cursor:
         created, job_id = decode_cursor(cursor, 2)
         try:

@@ -2,6 +2,7 @@
 
 import base64
 import logging
+import uuid
 from typing import Any
 
 import flask
@@ -31,7 +32,8 @@ def letter_from_event(event: CloudEvent) -> dict[str, Any]:
         pass
     job_id = data.get("job_id") if isinstance(data.get("job_id"), str) else None
     return {
-        "dead_letter_id": f"record:{event['source']}:{event['id']}",
+        # partition/offset ids repeat after a broker restart; the record's time tells them apart
+        "dead_letter_id": f"record:{event['source']}:{event['id']}:{event.get('time', '')}",
         "job_id": job_id if job_id and _is_uuid(job_id) else None,
         "job_type": data.get("job_type") if isinstance(data.get("job_type"), str) else None,
         "reason": f"undeliverable record (HTTP {code})",
@@ -42,8 +44,6 @@ def letter_from_event(event: CloudEvent) -> dict[str, Any]:
 
 
 def _is_uuid(value: str) -> bool:
-    import uuid
-
     try:
         uuid.UUID(value)
         return True

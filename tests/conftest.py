@@ -1,0 +1,80 @@
+"""Fixtures: the real stack, started once per session on its own ports and data folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.client import Api
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_HANDLERS = str(ROOT / "tests" / "support" / "handlers.py")
+SERVICE_VARS = ("DATABASE_URL", "REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS", "SMTP_URL")
+
+
+def _reset_clients() -> None:
+    from common import cache, clients, db, queue, settings
+
+    settings.get_settings.cache_clear()
+    clients._ready.clear()
+    clients._processor = None
+    cache._caches.clear()
+    db._databases.clear()
+    queue._publishers.clear()
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """functions-framework and our settings read os.environ: give each test a clean copy."""
+    saved = dict(os.environ)
+    for name in (*SERVICE_VARS, "JOBS_HANDLER_MODULES"):
+        monkeypatch.delenv(name, raising=False)
+    _reset_clients()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    _reset_clients()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """PostgreSQL, Redis, Kafka, SMTP sink, every function, bridges and gateway."""
+    from infra import services
+    from infra.stack import Stack
+
+    data_dir = tmp_path_factory.mktemp("stack")
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
+    env.update(
+        JOBS_HANDLER_MODULES=TEST_HANDLERS,
+        JOBS_BACKOFF_BASE_SECONDS="0.2",
+        JOBS_BACKOFF_MAX_SECONDS="1",
+        JOBS_REQUEUE_AFTER_SECONDS="10",
+    )
+    running = Stack(data_dir, gateway_port=services.free_port(), echo=False, env=env,
+                    sweep_interval=0.5).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def api(stack: object) -> Api:
+    return Api(stack.gateway_url)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def database_url(stack: object) -> str:
+    return stack.env["DATABASE_URL"]  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.fixture
+def function_env(stack: object, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point in-process functions (create_app(...).test_client()) at the stack's services."""
+    env = stack.env  # type: ignore[attr-defined]
+    for name in (*SERVICE_VARS, "JOBS_HANDLER_MODULES", "JOBS_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setenv("JOBS_BACKOFF_BASE_SECONDS", "0")
+    _reset_clients()
+    return dict(os.environ)

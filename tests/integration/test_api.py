@@ -1,0 +1,178 @@
+"""The public API through the gateway, on the real stack."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import uuid
+
+import pytest
+import redis
+
+from common.cache import StatusCache
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_submitted_job_answers_202_with_its_location_and_completes(api):
+    reply = api.submit("ECHO", {"message": "hello"})
+    assert reply.status == 202
+    job = reply.json
+    assert reply.headers["location"] == f"/jobs/{job['job_id']}"
+    assert job["status"] == "QUEUED" and job["retries"] == 0
+    done = api.wait_status(job["job_id"])
+    assert done["status"] == "COMPLETED" and done["result"]["echo"] == "hello"
+
+
+@pytest.mark.parametrize("body,content_type,status", [
+    (b'{"job_type": ', "application/json", 400),
+    (b'"just a string"', "application/json", 422),
+    (b'{"job_type": "NO_SUCH_TYPE", "payload": {}}', "application/json", 422),
+    (b'{"job_type": "ECHO", "payload": {"message": ["not", "a", "string"]}}',
+     "application/json", 422),
+    (b'{"job_type": "ECHO", "payload": {}, "max_retries": -3}', "application/json", 422),
+    (b'{"job_type": "ECHO", "payload": {"message": "x"}}', "text/plain", 415),
+])
+def test_bad_submissions_get_a_problem_document_never_a_500(api, body, content_type, status):
+    reply = api.request("POST", "/jobs", body=body, headers={"Content-Type": content_type})
+    assert reply.status == status
+    assert reply.content_type == "application/problem+json"
+    problem = reply.json
+    assert problem["status"] == status and problem["title"] and problem["detail"]
+
+
+def test_a_body_over_256_kib_is_refused_with_413(api):
+    big = {"job_type": "ECHO", "payload": {"message": "x" * (300 * 1024)}}
+    reply = api.request("POST", "/jobs", json_body=big)
+    assert reply.status == 413 and reply.content_type == "application/problem+json"
+
+
+def test_status_answers_400_for_a_non_uuid_and_404_for_an_unknown_job(api):
+    assert api.request("GET", "/jobs/not-a-uuid").status == 400
+    reply = api.request("GET", f"/jobs/{uuid.uuid4()}")
+    assert reply.status == 404 and reply.content_type == "application/problem+json"
+
+
+def test_an_unknown_route_is_404_and_a_wrong_method_is_405(api):
+    assert api.request("GET", "/nothing-here").status == 404
+    reply = api.request("DELETE", "/jobs")
+    assert reply.status == 405 and "POST" in reply.headers["allow"]
+
+
+def test_the_same_idempotency_key_and_body_give_the_same_job(api):
+    key = f"key-{uuid.uuid4()}"
+    first = api.request(
+        "POST", "/jobs", json_body={"job_type": "ECHO", "payload": {"message": "once"}},
+        headers={"Idempotency-Key": key})
+    second = api.request("POST", "/jobs",
+                         json_body={"payload": {"message": "once"}, "job_type": "ECHO"},
+                         headers={"Idempotency-Key": key})
+    assert first.status == second.status == 202
+    assert first.json["job_id"] == second.json["job_id"]
+    other = api.request("POST", "/jobs",
+                        json_body={"job_type": "ECHO", "payload": {"message": "twice"}},
+                        headers={"Idempotency-Key": key})
+    assert other.status == 409 and other.content_type == "application/problem+json"
+
+
+def test_twenty_concurrent_identical_requests_with_one_key_make_one_job(api, database_url):
+    key = f"burst-{uuid.uuid4()}"
+    body = {"job_type": "ECHO", "payload": {"message": "burst"}}
+
+    def send(_):
+        return api.request("POST", "/jobs", json_body=body, headers={"Idempotency-Key": key})
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        replies = list(pool.map(send, range(20)))
+    assert {r.status for r in replies} == {202}
+    assert len({r.json["job_id"] for r in replies}) == 1
+    from common.db import Database
+
+    db = Database(database_url)
+    try:
+        assert db.run("SELECT count(*) FROM jobs WHERE idempotency_key = :k", k=key) == [[1]]
+    finally:
+        db.close()
+
+
+def test_list_filters_by_status_and_type_and_pages_with_a_cursor(api):
+    ids = {api.submit("NOOP", {"n": i}).json["job_id"] for i in range(5)}
+    for job_id in ids:
+        api.wait_status(job_id)
+    seen, cursor = [], None
+    while True:
+        path = "/jobs?job_type=NOOP&status=COMPLETED&limit=2" + (f"&cursor={cursor}"
+                                                                  if cursor else "")
+        page = api.request("GET", path).json
+        assert len(page["items"]) <= 2
+        seen += page["items"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert ids <= {j["job_id"] for j in seen}
+    assert {j["job_type"] for j in seen} == {"NOOP"} and {j["status"] for j in seen} == {
+        "COMPLETED"}
+    assert len(seen) == len({j["job_id"] for j in seen})
+    assert api.request("GET", "/jobs?status=BOGUS").status == 400
+    assert api.request("GET", "/jobs?cursor=garbage").status == 400
+
+
+def test_an_older_cache_write_never_overwrites_a_newer_one(stack):
+    cache = StatusCache(stack.env["REDIS_URL"])
+    job_id = str(uuid.uuid4())
+    doc = {"job_id": job_id, "status": "COMPLETED", "version": 5}
+    assert cache.put([doc])
+    cache.put([{**doc, "status": "IN_PROGRESS", "version": 4}])
+    cache.put([{**doc, "status": "QUEUED", "version": 5}])
+    assert cache.get(job_id)["status"] == "COMPLETED"
+    cache.put([{**doc, "status": "DEAD_LETTER", "version": 6}])
+    assert cache.get(job_id)["status"] == "DEAD_LETTER"
+
+
+def test_status_is_served_from_the_cache_and_filled_on_a_miss(api, stack):
+    job_id = api.wait_status(api.submit("ECHO", {"message": "cached"}).json["job_id"])["job_id"]
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    key = f"jobs:status:{job_id}"
+    assert json.loads(client.hget(key, "doc"))["status"] == "COMPLETED"
+    client.delete(key)
+    assert api.job(job_id)["status"] == "COMPLETED"
+    assert client.hget(key, "doc") is not None
+
+
+def test_status_and_submit_keep_working_with_redis_stopped(api, stack):
+    done = api.wait_status(api.submit("ECHO", {"message": "before"}).json["job_id"])
+    redis_server = stack.services["redis"]
+    redis_server.stop()
+    try:
+        assert api.job(done["job_id"])["status"] == "COMPLETED"
+        reply = api.submit("ECHO", {"message": "during the outage"})
+        assert reply.status == 202
+        assert api.wait_status(reply.json["job_id"])["status"] == "COMPLETED"
+    finally:
+        redis_server.restart()
+    assert api.job(done["job_id"])["status"] == "COMPLETED"
+
+
+def test_status_keeps_working_with_redis_hung(api, stack):
+    done = api.wait_status(api.submit("ECHO", {"message": "hang"}).json["job_id"])
+    redis_server = stack.services["redis"]
+    redis_server.pause()
+    try:
+        assert api.job(done["job_id"])["status"] == "COMPLETED"
+    finally:
+        redis_server.resume()
+
+
+def test_swagger_ui_and_its_assets_are_served_locally(api):
+    page = api.request("GET", "/swagger-ui.html")
+    assert page.status == 200 and b"/openapi.json" in page.body and b"http" not in page.body
+    assert api.request("GET", "/swagger-ui/swagger-ui-bundle.js").status == 200
+    doc = api.request("GET", "/openapi.json").json
+    assert doc["openapi"].startswith("3.1") and "/jobs" in doc["paths"]
+
+
+def test_health_and_readiness_report_each_dependency(api):
+    assert api.request("GET", "/healthz").json == {"status": "ok"}
+    ready = api.request("GET", "/readyz").json
+    assert ready["ready"] is True
+    assert {"postgresql", "redis", "kafka"} <= set(ready["checks"])

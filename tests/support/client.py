@@ -1,0 +1,75 @@
+"""A small HTTP client for the tests, and polling with a deadline (never sleep-and-hope)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import urllib3
+
+T = TypeVar("T")
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "").split(";")[0]
+
+
+class Api:
+    """The public API through the gateway."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base = base_url.rstrip("/")
+        self.http = urllib3.PoolManager(maxsize=32, retries=False,
+                                        timeout=urllib3.Timeout(connect=5, read=30))
+
+    def request(self, method: str, path: str, *, json_body: Any = None, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> Reply:
+        hdrs = dict(headers or {})
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        r = self.http.request(method, self.base + path, body=body, headers=hdrs)
+        return Reply(r.status, {k.lower(): v for k, v in r.headers.items()}, r.data)
+
+    def submit(self, job_type: str, payload: dict[str, Any] | None = None, **extra: Any) -> Reply:
+        return self.request("POST", "/jobs",
+                            json_body={"job_type": job_type, "payload": payload or {}, **extra})
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        reply = self.request("GET", f"/jobs/{job_id}")
+        assert reply.status == 200, reply.body
+        return reply.json  # type: ignore[no-any-return]
+
+    def wait_status(self, job_id: str, *statuses: str, timeout: float = 30) -> dict[str, Any]:
+        """Poll the job until it reaches one of `statuses` (default: a terminal one)."""
+        wanted = statuses or ("COMPLETED", "DEAD_LETTER")
+        return wait_for(lambda: (doc := self.job(job_id))["status"] in wanted and doc,
+                        timeout, f"job {job_id} to reach {wanted}")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30, what: str = "condition",
+             interval: float = 0.05) -> T:
+    """Call `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
