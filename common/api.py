@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from common import clients, deadletters, jobs
 from common.errors import ApiError, ServiceUnavailable
-from common.handlers import validate_payload
+from common.handlers import get_job_type, validate_payload
 from common.models import JobStatus, JobSubmission
 from common.queue import job_event
 
@@ -54,10 +54,11 @@ def submit(submissions: list[JobSubmission], idempotency_keys: list[str | None]
     """
     clients.handlers()
     settings = clients.settings()
-    items = [(sub, validate_payload(sub.job_type, sub.payload), key)
+    items = [(sub, validate_payload(sub.job_type, sub.payload), key,
+              _max_retries(sub, settings.max_retries))
              for sub, key in zip(submissions, idempotency_keys, strict=True)]
     db = clients.database()
-    created = jobs.create_jobs(db, items, settings.max_retries)
+    created = jobs.create_jobs(db, items)
     new_rows = [row for row, is_new in created if is_new]
     enqueued = True
     if new_rows:
@@ -77,6 +78,14 @@ def submit(submissions: list[JobSubmission], idempotency_keys: list[str | None]
     docs = [jobs.document(row) for row, _ in created]
     clients.cache().put(docs)
     return docs, enqueued
+
+
+def _max_retries(submission: JobSubmission, default: int) -> int:
+    """The job's own budget, else its type's, else the global default."""
+    if submission.max_retries is not None:
+        return submission.max_retries
+    jt = get_job_type(submission.job_type)
+    return jt.max_retries if jt is not None and jt.max_retries is not None else default
 
 
 def get_job(job_id: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def connect_kwargs(dsn: str) -> dict[str, Any]:
         "host": url.hostname or "127.0.0.1",
         "port": url.port or 5432,
         "database": unquote(url.path.lstrip("/")) or "postgres",
-        "timeout": float(query.get("connect_timeout", ["5"])[0]),
+        "timeout": float(query.get("connect_timeout", ["15"])[0]),
         "application_name": query.get("application_name", ["jobs"])[0],
     }
     if url.password:

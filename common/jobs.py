@@ -54,18 +54,17 @@ def _iso(value: datetime | None) -> str | None:
 
 def create_jobs(
     db: Database,
-    submissions: list[tuple[JobSubmission, dict[str, Any], str | None]],
-    default_max_retries: int,
+    submissions: list[tuple[JobSubmission, dict[str, Any], str | None, int]],
 ) -> list[tuple[dict[str, Any], bool]]:
     """Insert jobs as QUEUED in one transaction; return (row, created) for each.
 
-    Each item is (submission, validated payload, idempotency key). A key seen
+    Each item is (submission, validated payload, idempotency key, max retries). A key seen
     before with the same request returns the existing job (created=False); with
     another request it is a 409.
     """
     out: list[tuple[dict[str, Any], bool]] = []
     with db.transaction() as conn:
-        for submission, payload, key in submissions:
+        for submission, payload, key, max_retries in submissions:
             fingerprint = request_fingerprint(submission)
             rows = rows_as_dicts(conn, conn.run(
                 "INSERT INTO jobs (job_id, job_type, payload_json, max_retries,"
@@ -73,8 +72,7 @@ def create_jobs(
                 " VALUES (CAST(:id AS uuid), :type, CAST(:payload AS jsonb), :max, :key, :hash)"
                 " ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
                 id=str(uuid.uuid4()), type=submission.job_type, payload=json.dumps(payload),
-                max=submission.max_retries if submission.max_retries is not None
-                else default_max_retries,
+                max=max_retries,
                 key=key, hash=fingerprint,
             ))
             if rows:

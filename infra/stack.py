@@ -10,6 +10,7 @@ gateway. Ctrl-C stops everything it started.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -20,6 +21,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from common.db import Database, migrate
 from infra import services
@@ -133,8 +136,40 @@ class Stack:
             raise
         return self
 
+    @property
+    def _pidfile(self) -> Path:
+        return self.data_dir / "stack.pids"
+
+    def _reap_leftovers(self) -> None:
+        """Stop what a previous run left behind (it was killed -9 and could not clean up)."""
+        if not self._pidfile.exists():
+            return
+        for line in self._pidfile.read_text().split():
+            pid, _, started = line.partition(":")
+            try:
+                proc = psutil.Process(int(pid))
+                if abs(proc.create_time() - float(started)) > 0.01:
+                    continue  # the pid was reused by an unrelated process
+                log.warning("stopping pid %s left over by a previous run", pid)
+                proc.terminate()
+                proc.wait(10)
+            except psutil.TimeoutExpired:
+                proc.kill()
+            except (psutil.Error, ValueError):
+                continue
+        self._pidfile.unlink()
+
+    def _record_pids(self) -> None:
+        pids = [s.pid for s in self.services.values()] + [c.pid for c in self.children.values()]
+        lines = []
+        for pid in pids:
+            with contextlib.suppress(psutil.Error, TypeError):
+                lines.append(f"{pid}:{psutil.Process(pid).create_time()}")
+        self._pidfile.write_text("\n".join(lines) + "\n")
+
     def _start(self) -> None:
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self._reap_leftovers()
         env = self.env
         if not env.get("DATABASE_URL"):
             self.services["postgresql"] = services.start_postgres(self.data_dir / "postgres")
@@ -181,6 +216,7 @@ class Stack:
                     port=self.gateway_port)
         for child in self.children.values():
             child.start()
+        self._record_pids()
         self._wait_http(f"{self.gateway_url}/healthz", 60)
         for name in ("submit", "status", "process", "dlq", "sweeper"):
             self._wait_port(self.children[name].port or 0, 60)
@@ -245,6 +281,7 @@ class Stack:
                 time.sleep(min(2.0, 0.2 * child.restarts))
                 if not self._stop.is_set() and not child.stopping:
                     child.start()
+                    self._record_pids()
 
     def _tick_sweeper(self) -> None:
         """The local Cloud Scheduler: POST to the sweeper function every interval."""
@@ -302,6 +339,8 @@ class Stack:
                     self.services[name].stop()
                 except Exception as exc:
                     log.error("could not stop %s: %s", name, exc)
+        with contextlib.suppress(OSError):
+            self._pidfile.unlink()
 
 
 def port_is_free(port: int) -> bool:

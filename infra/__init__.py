@@ -1,0 +1,1 @@
+"""Local infrastructure: real servers for the local stack and tests, and deployment descriptors."""
