@@ -81,7 +81,7 @@ class StatusCache:
             self.misses += 1
             return None
         self.hits += 1
-        return json.loads(raw)  # type: ignore[no-any-return]
+        return json.loads(raw)  # type: ignore[arg-type]
 
     def put(self, documents: Iterable[dict[str, Any]]) -> bool:
         """Store documents whose version is newer than the cached one; False if Redis failed."""

@@ -8,6 +8,7 @@ import threading
 from common.cache import StatusCache, get_cache
 from common.db import Database, get_database, migrate
 from common.handlers import load_handlers
+from common.processing import Processor
 from common.queue import Publisher, get_publisher
 from common.settings import Settings, get_settings
 
@@ -47,13 +48,11 @@ def handlers() -> None:
     load_handlers(get_settings().handler_modules)
 
 
-_processor = None
+_processor: Processor | None = None
 
 
-def processor():  # type: ignore[no-untyped-def]
+def processor() -> Processor:
     """The process-wide job processor (handlers loaded, clients shared)."""
-    from common.processing import Processor
-
     global _processor
     if _processor is None:
         with _lock:

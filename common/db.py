@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 # Any constant works; it only has to be the same in every process that migrates.
 MIGRATION_LOCK_KEY = 0x6A6F6273  # "jobs"
 
-Connection = pg8000.native.Connection
+from pg8000.native import Connection  # noqa: E402
+
 _NETWORK_WORDS = ("network", "connect", "closed", "timeout", "timed out", "broken pipe",
                   "reset", "eof", "refused")
 

@@ -120,7 +120,8 @@ def decode_cursor(cursor: str, size: int) -> list[str]:
 def list_jobs(conn: Connection, *, status: list[str] | None, job_type: list[str] | None,
               cursor: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
     """Newest first, keyset-paginated on (created_at, job_id)."""
-    conditions, params = [], {"limit": limit + 1}
+    conditions: list[str] = []
+    params: dict[str, Any] = {"limit": limit + 1}
     if status:
         conditions.append("status = ANY(CAST(:status AS job_status[]))")
         params["status"] = status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import logging
 import traceback
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from common.deadletters import record_dead_letter
 from common.errors import HandlerTimeout, PermanentError, RetryableError
 from common.handlers import JobContext, JobType, get_job_type, parse_or_permanent
 from common.lifecycle import transition
+from common.logs import job_context
 from common.models import JobMessage, JobStatus
 from common.queue import DEAD_LETTER_EVENT_TYPE, Event, Publisher, job_event
 from common.retry import RetryPolicy
@@ -56,8 +58,9 @@ def policy_for(settings: Settings, jt: JobType | None) -> RetryPolicy:
     """The retry policy of a job type: its own settings where given, else the global ones."""
     return RetryPolicy(
         max_retries=settings.max_retries,
-        base_seconds=_pick(jt and jt.backoff_base_seconds, settings.backoff_base_seconds),
-        max_seconds=_pick(jt and jt.backoff_max_seconds, settings.backoff_max_seconds),
+        base_seconds=_pick(jt.backoff_base_seconds if jt else None,
+                           settings.backoff_base_seconds),
+        max_seconds=_pick(jt.backoff_max_seconds if jt else None, settings.backoff_max_seconds),
         jitter=settings.backoff_jitter,
     )
 
@@ -82,7 +85,7 @@ class Processor:
         """Process one delivery of `message`; safe to call twice for the same message."""
         job_id = str(message.job_id)
         jt = get_job_type(message.job_type)
-        timeout = _pick(jt and jt.timeout_seconds, self.settings.handler_timeout_seconds)
+        timeout = _pick(jt.timeout_seconds if jt else None, self.settings.handler_timeout_seconds)
         lease = max(self.settings.lease_seconds, timeout + 30)
         with self.db.transaction() as conn:
             row = jobs.claim(conn, job_id, lease)
@@ -95,6 +98,16 @@ class Processor:
             return Outcome(job_id, "ignored", current["status"], "job is not waiting to run")
         self.cache.put([jobs.document(row)])
         attempt = row["attempts"]
+        token = job_context.set({"job_id": job_id, "attempt": attempt,
+                                 "job_type": row["job_type"]})
+        try:
+            return self._attempt(row, jt, timeout)
+        finally:
+            job_context.reset(token)
+
+    def _attempt(self, row: dict[str, Any], jt: JobType | None, timeout: float) -> Outcome:
+        job_id, attempt = str(row["job_id"]), row["attempts"]
+        jt = get_job_type(row["job_type"])  # the job's own type, whatever the message said
         log.info("job %s attempt %d started (%s)", job_id, attempt, row["job_type"])
 
         error: BaseException | None = None
@@ -115,7 +128,8 @@ class Processor:
             retries=row["retries"], artifact_dir=self.settings.artifact_dir,
         )
         payload = parse_or_permanent(jt, jobs._json(row["payload_json"]))
-        future = self._executor.submit(jt.run, payload, ctx)
+        # copy_context: the handler's own log lines carry the job id and attempt too
+        future = self._executor.submit(contextvars.copy_context().run, jt.run, payload, ctx)
         try:
             return future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
@@ -202,6 +216,7 @@ def record_failure(
     jobs.finish_attempt(conn, job_id, attempt, S.FAILED.value, message)
     if permanent or policy.exhausted(failed["retries"], failed["max_retries"]):
         row = transition(conn, job_id, S.DEAD_LETTER, sources=[S.FAILED])
+        assert row is not None  # same transaction: nobody else can have moved it
         reason = "permanent error" if permanent else "retries exhausted"
         return row, record_dead_letter(conn, row, reason, message)
     delay = policy.delay(failed["retries"], delay_floor)

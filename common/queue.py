@@ -32,9 +32,9 @@ class Event:
     data: dict[str, Any]
     extensions: tuple[tuple[str, str], ...] = ()
 
-    def headers(self) -> list[tuple[str, bytes]]:
+    def headers(self) -> list[tuple[str, str | bytes | None]]:
         """Kafka binary content mode: attributes as `ce_*` headers, data as the value."""
-        headers = [
+        headers: list[tuple[str, str | bytes | None]] = [
             ("ce_specversion", SPECVERSION.encode()),
             ("ce_id", self.ce_id.encode()),
             ("ce_type", self.ce_type.encode()),

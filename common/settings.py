@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -63,8 +64,8 @@ ENV = {
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Build settings from `environ` (default: the process environment)."""
     env = os.environ if environ is None else environ
-    values = {field: env[name] for field, name in ENV.items() if env.get(name)}
-    return Settings(**values)
+    values: dict[str, Any] = {field: env[name] for field, name in ENV.items() if env.get(name)}
+    return Settings.model_validate(values)
 
 
 @lru_cache(maxsize=1)

@@ -299,7 +299,8 @@ class Stack:
         lines = [
             "",
             "Jobs stack is up.",
-            f"  API gateway   {self.gateway_url}   (Swagger UI: {self.gateway_url}/swagger-ui.html)",
+            f"  API gateway   {self.gateway_url}"
+            f"   (Swagger UI: {self.gateway_url}/swagger-ui.html)",
             f"  PostgreSQL    {env['DATABASE_URL']}",
             f"  Redis         {env['REDIS_URL']}",
             f"  Kafka         {env['KAFKA_BOOTSTRAP_SERVERS']}  topics: job-queue, job-dlq",
@@ -310,7 +311,7 @@ class Stack:
         for name in FUNCTIONS:
             lines.append(f"  function      {name:<8} {self.function_url(name)}")
         lines += [
-            f"  bridges       job-queue -> process, job-dlq -> dlq",
+            "  bridges       job-queue -> process, job-dlq -> dlq",
             f"  logs          {self.data_dir / 'logs'}",
             "",
             f"  curl -s -XPOST {self.gateway_url}/jobs -H 'Content-Type: application/json' \\",

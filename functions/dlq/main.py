@@ -13,7 +13,10 @@ from common import clients
 from common.deadletters import insert_dead_letter
 from common.errors import ApiError, ServiceUnavailable
 from common.http import problem
+from common.logs import configure_logging
 from common.queue import DEAD_LETTER_EVENT_TYPE
+
+configure_logging("dlq")
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,10 @@ from cloudevents.http import CloudEvent
 from common import clients
 from common.errors import ApiError, ServiceUnavailable
 from common.http import problem
+from common.logs import configure_logging
 from common.processing import PoisonMessage, parse_message
+
+configure_logging("process")
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,9 @@ import functions_framework
 from common import api, artifacts, clients
 from common.errors import ApiError
 from common.http import dispatch, json_response, query_int, query_list, routes
+from common.logs import configure_logging
+
+configure_logging("status")
 
 
 def get_one(request: flask.Request, job_id: str) -> flask.Response:

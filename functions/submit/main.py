@@ -5,7 +5,10 @@ import functions_framework
 
 from common import api, clients
 from common.http import dispatch, json_response, parse_model, read_json, routes
+from common.logs import configure_logging
 from common.models import JobSubmission
+
+configure_logging("submit")
 
 
 def create(request: flask.Request) -> flask.Response:

@@ -6,7 +6,10 @@ import functions_framework
 from common import clients
 from common.errors import ApiError, ServiceUnavailable
 from common.http import json_response, problem
+from common.logs import configure_logging
 from common.sweeper import sweep
+
+configure_logging("sweeper")
 
 
 @functions_framework.http
