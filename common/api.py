@@ -75,9 +75,9 @@ def submit(submissions: list[JobSubmission], idempotency_keys: list[str | None]
                 jobs.mark_published(db, [str(row["job_id"]) for row in new_rows])
             except ServiceUnavailable:
                 pass  # at worst the sweeper publishes a duplicate, which process ignores
-    docs = [jobs.document(row) for row, _ in created]
-    clients.cache().put(docs)
-    return docs, enqueued
+    rows = [row for row, _ in created]
+    jobs.cache_rows(db, clients.cache(), rows)
+    return [jobs.document(row) for row in rows], enqueued
 
 
 def _max_retries(submission: JobSubmission, default: int) -> int:
@@ -100,7 +100,7 @@ def get_job(job_id: str) -> dict[str, Any]:
     if row is None:
         raise ApiError(404, "Job not found", f"no job {job_id}")
     doc = jobs.document(row)
-    cache.put([doc])
+    cache.put([doc])  # a fill: nothing is lost if it fails
     return doc
 
 
@@ -138,6 +138,5 @@ def replay(job_id: str) -> dict[str, Any]:
         jobs.mark_published(db, [job_id])
     except ServiceUnavailable as exc:
         log.warning("replayed job %s not enqueued now (%s); the sweeper will", job_id, exc)
-    doc = jobs.document(row)
-    clients.cache().put([doc])
-    return doc
+    jobs.cache_rows(db, clients.cache(), [row])
+    return jobs.document(row)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import uuid
 from datetime import datetime
 from typing import Any
 
+from common.cache import StatusCache
 from common.db import Connection, Database, rows_as_dicts
 from common.errors import ApiError
 from common.lifecycle import transition
 from common.models import JobStatus, JobSubmission
 
 S = JobStatus
+log = logging.getLogger(__name__)
 PAGE_MAX = 200
 
 
@@ -181,3 +184,31 @@ def attempt_history(conn: Connection, job_id: str) -> list[dict[str, Any]]:
         " WHERE job_id = CAST(:id AS uuid) ORDER BY attempt", id=job_id))
     return [{**r, "started_at": _iso(r["started_at"]), "finished_at": _iso(r["finished_at"])}
             for r in rows]
+
+
+def cache_rows(db: Database, cache: StatusCache, rows: list[dict[str, Any]]) -> None:
+    """Write job documents to the cache; if Redis cannot take them, queue a repair in
+    PostgreSQL so the sweeper writes them later (the cache must not stay stale)."""
+    if not rows or cache.put([document(row) for row in rows]):
+        return
+    try:
+        db.run("INSERT INTO cache_repairs (job_id) SELECT unnest(CAST(:ids AS uuid[]))"
+               " ON CONFLICT DO NOTHING", ids=[str(row["job_id"]) for row in rows])
+    except Exception as exc:  # PostgreSQL down too: nothing more we can do here
+        log.warning("could not queue a cache repair for %d job(s): %s", len(rows), exc)
+
+
+def repair_cache(db: Database, cache: StatusCache, limit: int = 1000) -> int:
+    """Write the documents of jobs whose cache write failed; returns how many."""
+    if not cache.available:
+        return 0
+    with db.transaction() as conn:
+        rows = rows_as_dicts(conn, conn.run(
+            "SELECT jobs.* FROM cache_repairs JOIN jobs USING (job_id)"
+            " ORDER BY cache_repairs.queued_at LIMIT :limit"
+            " FOR UPDATE OF cache_repairs SKIP LOCKED", limit=limit))
+        if not rows or not cache.put([document(row) for row in rows]):
+            return 0
+        conn.run("DELETE FROM cache_repairs WHERE job_id = ANY(CAST(:ids AS uuid[]))",
+                 ids=[str(row["job_id"]) for row in rows])
+    return len(rows)

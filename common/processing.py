@@ -5,9 +5,12 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import logging
+import threading
+import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -15,7 +18,7 @@ from common import jobs
 from common.cache import StatusCache
 from common.db import Connection, Database
 from common.deadletters import record_dead_letter
-from common.errors import HandlerTimeout, PermanentError, RetryableError
+from common.errors import HandlerTimeout, PermanentError, RetryableError, ServiceUnavailable
 from common.handlers import JobContext, JobType, get_job_type, parse_or_permanent
 from common.lifecycle import transition
 from common.logs import job_context
@@ -26,6 +29,7 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 S = JobStatus
+T = TypeVar("T")
 MAX_ERROR_CHARS = 4000
 
 
@@ -80,15 +84,62 @@ class Processor:
         self.publisher = publisher
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="handler")
+        self._running: dict[str, int] = {}  # job id -> attempt, for the heartbeat
+        self._running_lock = threading.Lock()
+        self._heartbeat: threading.Thread | None = None
+        self.outcome_patience = 300.0  # how long to keep trying to record an outcome
+
+    # -- leases ----------------------------------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        with self._running_lock:
+            if self._heartbeat is None:
+                self._heartbeat = threading.Thread(target=self._beat, name="lease-heartbeat",
+                                                   daemon=True)
+                self._heartbeat.start()
+
+    def _beat(self) -> None:
+        """Extend the leases of this process's running attempts; a dead or frozen process
+        stops beating and the sweeper takes its jobs back once the lease runs out."""
+        interval = self.settings.lease_seconds / 3
+        while True:
+            time.sleep(interval)
+            with self._running_lock:
+                running = dict(self._running)
+            if not running:
+                continue
+            try:
+                self.db.run(
+                    "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :lease)"
+                    " FROM unnest(CAST(:ids AS uuid[]), CAST(:ns AS int[])) AS r(id, n)"
+                    " WHERE jobs.job_id = r.id AND jobs.attempts = r.n"
+                    " AND jobs.status = 'IN_PROGRESS'",
+                    lease=self.settings.lease_seconds, ids=list(running),
+                    ns=list(running.values()))
+            except Exception as exc:  # PostgreSQL down: the outcome writer retries anyway
+                log.warning("lease heartbeat failed: %s", exc)
+
+    def _record(self, write: Callable[[], T]) -> T:
+        """Run an outcome write, retrying through a PostgreSQL outage: the handler's work
+        is done and should not be thrown away (nor the job dead-lettered) for an outage."""
+        deadline = time.monotonic() + self.outcome_patience
+        delay = 0.1
+        while True:
+            try:
+                return write()
+            except ServiceUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("cannot record the outcome yet (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def handle(self, message: JobMessage) -> Outcome:
         """Process one delivery of `message`; safe to call twice for the same message."""
         job_id = str(message.job_id)
-        jt = get_job_type(message.job_type)
-        timeout = _pick(jt.timeout_seconds if jt else None, self.settings.handler_timeout_seconds)
-        lease = max(self.settings.lease_seconds, timeout + 30)
+        self._start_heartbeat()
         with self.db.transaction() as conn:
-            row = jobs.claim(conn, job_id, lease)
+            row = jobs.claim(conn, job_id, self.settings.lease_seconds)
             current = row or jobs.get_job(conn, job_id)
         if current is None:
             raise PoisonMessage(f"no job {job_id} in PostgreSQL")
@@ -96,18 +147,26 @@ class Processor:
             # A duplicate or late delivery: the job is already further along.
             log.info("job %s is %s; delivery ignored", job_id, current["status"])
             return Outcome(job_id, "ignored", current["status"], "job is not waiting to run")
-        self.cache.put([jobs.document(row)])
+        self._cache([row])
         attempt = row["attempts"]
         token = job_context.set({"job_id": job_id, "attempt": attempt,
                                  "job_type": row["job_type"]})
+        with self._running_lock:
+            self._running[job_id] = attempt
         try:
-            return self._attempt(row, jt, timeout)
+            return self._attempt(row)
         finally:
+            with self._running_lock:
+                self._running.pop(job_id, None)
             job_context.reset(token)
 
-    def _attempt(self, row: dict[str, Any], jt: JobType | None, timeout: float) -> Outcome:
+    def _cache(self, rows: list[dict[str, Any]]) -> None:
+        jobs.cache_rows(self.db, self.cache, rows)
+
+    def _attempt(self, row: dict[str, Any]) -> Outcome:
         job_id, attempt = str(row["job_id"]), row["attempts"]
         jt = get_job_type(row["job_type"])  # the job's own type, whatever the message said
+        timeout = _pick(jt.timeout_seconds if jt else None, self.settings.handler_timeout_seconds)
         log.info("job %s attempt %d started (%s)", job_id, attempt, row["job_type"])
 
         error: BaseException | None = None
@@ -139,15 +198,20 @@ class Processor:
             raise HandlerTimeout(f"handler ran past its time limit of {timeout:g}s") from None
 
     def _complete(self, job_id: str, attempt: int, result: Any) -> Outcome:
-        with self.db.transaction() as conn:
-            row = transition(conn, job_id, S.COMPLETED, sources=[S.IN_PROGRESS], attempt=attempt,
-                             values={"result_json": result, "lease_expires_at": None,
-                                     "error_message": None})
-            if row is not None:
-                jobs.finish_attempt(conn, job_id, attempt, S.COMPLETED.value, None)
+        def write() -> dict[str, Any] | None:
+            with self.db.transaction() as conn:
+                row = transition(conn, job_id, S.COMPLETED, sources=[S.IN_PROGRESS],
+                                 attempt=attempt, values={"result_json": result,
+                                                          "lease_expires_at": None,
+                                                          "error_message": None})
+                if row is not None:
+                    jobs.finish_attempt(conn, job_id, attempt, S.COMPLETED.value, None)
+                return row
+
+        row = self._record(write)
         if row is None:
             return self._fenced(job_id, attempt)
-        self.cache.put([jobs.document(row)])
+        self._cache([row])
         log.info("job %s attempt %d completed", job_id, attempt)
         return Outcome(job_id, "completed", row["status"])
 
@@ -157,13 +221,16 @@ class Processor:
         message = describe(error)
         policy = policy_for(self.settings, jt)
         delay_floor = error.delay if isinstance(error, RetryableError) else None
-        with self.db.transaction() as conn:
-            row, dead_letter = record_failure(
-                conn, job_id, attempt, message, policy,
-                permanent=isinstance(error, PermanentError), delay_floor=delay_floor)
+        def write() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+            with self.db.transaction() as conn:
+                return record_failure(
+                    conn, job_id, attempt, message, policy,
+                    permanent=isinstance(error, PermanentError), delay_floor=delay_floor)
+
+        row, dead_letter = self._record(write)
         if row is None:
             return self._fenced(job_id, attempt)
-        self.cache.put([jobs.document(row)])
+        self._cache([row])
         log.warning("job %s attempt %d failed: %s -> %s", job_id, attempt, message, row["status"])
         if dead_letter is not None:
             publish_dead_letter(self.publisher, self.settings, dead_letter)

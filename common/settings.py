@@ -27,7 +27,7 @@ class Settings(BaseModel):
     backoff_max_seconds: float = Field(300.0, ge=0)
     backoff_jitter: float = Field(0.2, ge=0, le=1)
     handler_timeout_seconds: float = Field(300.0, gt=0)
-    lease_seconds: float = Field(60.0, gt=0)
+    lease_seconds: float = Field(30.0, gt=0)
     handler_modules: str = ""
     artifact_dir: Path = DEFAULT_DATA_DIR / "artifacts"
     max_body_bytes: int = 256 * 1024

@@ -50,7 +50,7 @@ FOR UPDATE SKIP LOCKED
 def reclaim_expired(db: Database, cache: StatusCache, publisher: Publisher,
                     settings: Settings, limit: int = 500) -> int:
     """Fail the attempts of workers whose lease ran out; the attempt counts."""
-    docs, letters = [], []
+    rows, letters = [], []
     with db.transaction() as conn:
         for row in rows_as_dicts(conn, conn.run(_EXPIRED, limit=limit)):
             job_id = str(row["job_id"])
@@ -59,15 +59,15 @@ def reclaim_expired(db: Database, cache: StatusCache, publisher: Publisher,
                 conn, job_id, row["attempts"], "lease expired: the worker stopped answering",
                 policy, delay_floor=0.0)
             if new is not None:
-                docs.append(jobs.document(new))
+                rows.append(new)
             if letter is not None:
                 letters.append(letter)
-    cache.put(docs)
+    jobs.cache_rows(db, cache, rows)
     for letter in letters:
         publish_dead_letter(publisher, settings, letter)
-    if docs:
-        log.warning("reclaimed %d job(s) from expired leases", len(docs))
-    return len(docs)
+    if rows:
+        log.warning("reclaimed %d job(s) from expired leases", len(rows))
+    return len(rows)
 
 
 def publish_due(db: Database, publisher: Publisher, settings: Settings,
@@ -97,4 +97,5 @@ def sweep(db: Database, cache: StatusCache, publisher: Publisher,
     """One pass: reclaim dead workers' jobs, then publish everything that is due."""
     reclaimed = reclaim_expired(db, cache, publisher, settings)
     published = publish_due(db, publisher, settings)
-    return {"reclaimed": reclaimed, "published": published}
+    repaired = jobs.repair_cache(db, cache)
+    return {"reclaimed": reclaimed, "published": published, "cache_repaired": repaired}
