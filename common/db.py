@@ -79,20 +79,56 @@ class Database:
                 raise ServiceUnavailable("postgresql", str(exc)) from exc
             raise
 
-    @contextmanager
-    def connection(self) -> Iterator[Connection]:
-        """Borrow a connection; a broken one is discarded, never returned to the pool."""
+    def _checkout(self, begin: bool) -> Connection:
+        """A connection from the pool (or a new one), optionally inside BEGIN.
+
+        An idle connection may have died with a server restart; when BEGIN shows that,
+        the whole idle pool is dropped and a fresh connection is used instead.
+        """
         try:
-            conn = self._idle.get_nowait()
+            conn, pooled = self._idle.get_nowait(), True
         except queue.Empty:
-            conn = self._connect()
+            conn, pooled = self._connect(), False
+        if not begin:
+            return conn
+        try:
+            conn.run("BEGIN")
+            return conn
+        except Exception as exc:
+            self._close_quietly(conn)
+            if not is_connection_error(exc):
+                raise
+            if not pooled:
+                raise ServiceUnavailable("postgresql", str(exc)) from exc
+        self.close()
+        conn = self._connect()
+        try:
+            conn.run("BEGIN")
+        except Exception as exc:
+            self._close_quietly(conn)
+            if is_connection_error(exc):
+                raise ServiceUnavailable("postgresql", str(exc)) from exc
+            raise
+        return conn
+
+    @contextmanager
+    def connection(self, begin: bool = False) -> Iterator[Connection]:
+        """Borrow a connection; a broken one is discarded, never returned to the pool."""
+        conn = self._checkout(begin)
         healthy = True
         try:
             yield conn
+        except ServiceUnavailable as exc:
+            if exc.service != "postgresql":
+                raise  # another service failed while we held a healthy connection
+            healthy = False
+            self._close_quietly(conn)
+            raise
         except Exception as exc:
             if is_connection_error(exc):
                 healthy = False
                 self._close_quietly(conn)
+                self.close()  # after a server restart every idle connection is dead too
                 raise ServiceUnavailable("postgresql", str(exc)) from exc
             raise
         except BaseException:
@@ -109,8 +145,7 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """A connection inside BEGIN ... COMMIT, rolled back on any exception."""
-        with self.connection() as conn:
-            conn.run("BEGIN")
+        with self.connection(begin=True) as conn:
             try:
                 yield conn
             except BaseException:
@@ -122,9 +157,13 @@ class Database:
             conn.run("COMMIT")
 
     def run(self, sql: str, **params: Any) -> list[list[Any]]:
-        """One statement in autocommit mode."""
-        with self.connection() as conn:
-            return conn.run(sql, **params) or []
+        """One statement in autocommit mode; tried twice if the first connection was dead."""
+        try:
+            with self.connection() as conn:
+                return conn.run(sql, **params) or []
+        except ServiceUnavailable:
+            with self.connection() as conn:
+                return conn.run(sql, **params) or []
 
     def close(self) -> None:
         while True:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import flask
 from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from common.errors import ApiError, ServiceUnavailable
 
@@ -20,13 +22,20 @@ Handler = Callable[..., flask.Response]
 Route = tuple[str, "re.Pattern[str]", Handler]
 M = TypeVar("M", bound=BaseModel)
 
+#: Deepest nesting of arrays and objects a body may have: far beyond any job payload, and
+#: far below what recursive code (json, pydantic, PostgreSQL's jsonb parser) can handle.
+MAX_JSON_DEPTH = 64
+# Characters PostgreSQL cannot store in text or jsonb: NUL, and UTF-16 surrogates that JSON
+# can smuggle in as unpaired `\ud800` escapes.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
 
 def routes(*table: tuple[str, str, Handler]) -> list[Route]:
     """Compile (method, path pattern, handler) rows; `{name}` in a path captures a segment."""
     compiled = []
     for method, path, handler in table:
         pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
-        compiled.append((method, re.compile(f"^{pattern}/?$"), handler))
+        compiled.append((method, re.compile(rf"^{pattern}/?\Z"), handler))
     return compiled
 
 
@@ -59,6 +68,23 @@ def dispatch(request: flask.Request, table: list[Route]) -> flask.Response:
         return problem(ApiError(500, "Internal error",
                                 "the server failed to answer; the error is in its log"),
                        request.path)
+
+
+def http_error(request: flask.Request, exc: HTTPException, table: list[Route]) -> flask.Response:
+    """Werkzeug's own errors as problem documents, never its HTML pages.
+
+    A path no Flask rule matches (one with a newline in a segment, which the framework's
+    `<path:path>` rule does not take) is routed by `table` all the same, so it gets the
+    answer any other bad id gets.
+    """
+    if isinstance(exc, NotFound) and request.url_rule is None:
+        return dispatch(request, table)
+    headers = {}
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+    status = exc.code or 500
+    return problem(ApiError(status, exc.name, exc.description or exc.name, headers=headers),
+                   request.path)
 
 
 def problem(exc: ApiError, instance: str | None = None) -> flask.Response:
@@ -95,9 +121,58 @@ def read_json(request: flask.Request, max_bytes: int) -> Any:
     if not raw.strip():
         raise ApiError(400, "Empty body", "the request body must be a JSON object")
     try:
-        return json.loads(raw)
+        data = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "Malformed JSON", f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise _unstorable([], f"nested more than {MAX_JSON_DEPTH} levels deep",
+                          "json_too_deep") from exc
+    check_storable(data)
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON (RFC 8259) and PostgreSQL do not.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def check_storable(data: Any) -> None:
+    """Refuse valid JSON that PostgreSQL's jsonb cannot store: a 422 naming the first spot.
+
+    That is a string (or key) holding NUL or an unpaired surrogate, a number too large
+    for a float (`1e400` parses as infinity), or nesting deeper than MAX_JSON_DEPTH.
+    """
+    stack: list[tuple[Any, list[str | int], int]] = [(data, [], 0)]
+    while stack:
+        value, loc, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                raise _unstorable(loc, f"nested more than {MAX_JSON_DEPTH} levels deep",
+                                  "json_too_deep")
+            items: Iterable[tuple[Any, Any]] = (
+                value.items() if isinstance(value, dict) else enumerate(value))
+            for key, item in items:
+                if isinstance(key, str) and _UNSTORABLE.search(key):
+                    raise _unstorable([*loc, _escape(key)], _TEXT_MSG, "string_unstorable")
+                stack.append((item, [*loc, key], depth + 1))
+        elif isinstance(value, str):
+            if _UNSTORABLE.search(value):
+                raise _unstorable(loc, _TEXT_MSG, "string_unstorable")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise _unstorable(loc, "number out of range", "number_out_of_range")
+
+
+_TEXT_MSG = "strings may not contain U+0000 or unpaired surrogates (\\ud800-\\udfff)"
+
+
+def _escape(text: str) -> str:
+    return _UNSTORABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _unstorable(loc: list[str | int], msg: str, kind: str) -> ApiError:
+    where = ".".join(map(str, loc)) or "body"
+    return ApiError(422, "Invalid request", f"{where}: {msg}",
+                    errors=[{"loc": loc, "msg": msg, "type": kind}])
 
 
 def parse_model(model: type[M], data: Any) -> M:
@@ -121,7 +196,24 @@ def parse_model(model: type[M], data: Any) -> M:
 def query_list(request: flask.Request, name: str) -> list[str] | None:
     """A repeatable or comma-separated query parameter."""
     values = [v for raw in request.args.getlist(name) for v in raw.split(",") if v]
+    for value in values:
+        _check_query_text(name, value)
     return values or None
+
+
+def query_text(request: flask.Request, name: str) -> str | None:
+    """A single query parameter, None when absent or empty."""
+    value = request.args.get(name) or None
+    if value is not None:
+        _check_query_text(name, value)
+    return value
+
+
+def _check_query_text(name: str, value: str) -> None:
+    # PostgreSQL refuses NUL in text, and undecodable %-escapes arrive as surrogates.
+    if _UNSTORABLE.search(value):
+        raise ApiError(400, "Bad query parameter",
+                       f"{name} contains a NUL character or invalid UTF-8")
 
 
 def query_int(request: flask.Request, name: str, default: int, lo: int, hi: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from common.errors import ServiceUnavailable
 
+log = logging.getLogger(__name__)
 SPECVERSION = "1.0"
 JOB_EVENT_TYPE = "dev.jobs.job.ready"
 DEAD_LETTER_EVENT_TYPE = "dev.jobs.job.dead_lettered"
@@ -81,7 +83,10 @@ class Publisher:
             "client.id": "jobs-publisher",
         }
         conf.update(config or {})
+        conf["error_cb"] = self._on_error
+        self._conf = conf
         self._producer = Producer(conf)
+        self._fatal: KafkaError | str | None = None
         self._lock = threading.Lock()
         self._poller = threading.Thread(target=self._poll_forever, name="kafka-poll", daemon=True)
         self._closed = threading.Event()
@@ -92,6 +97,22 @@ class Publisher:
         while not self._closed.is_set():
             self._producer.poll(0.05)
 
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            # e.g. the broker lost the idempotent producer's state in a restart: this
+            # producer can never send again, so the next publish builds a new one.
+            log.error("kafka producer failed for good (%s); it will be recreated", err)
+            self._fatal = err
+
+    def _renew_if_fatal(self) -> None:
+        with self._lock:
+            if self._fatal is None:
+                return
+            old, self._producer = self._producer, Producer(self._conf)
+            self._fatal = None
+        old.purge(in_queue=True, in_flight=True)
+        old.flush(0)
+
     def publish(self, events: Sequence[Event], timeout: float | None = None) -> None:
         """Send `events` and wait until the broker acknowledged all of them.
 
@@ -99,6 +120,7 @@ class Publisher:
         """
         if not events:
             return
+        self._renew_if_fatal()
         deadline = time.monotonic() + (timeout or self.timeout)
         done = threading.Event()
         pending = [len(events)]
@@ -109,6 +131,8 @@ class Publisher:
             with lock:
                 if err is not None:
                     errors.append(str(err))
+                    if err.fatal():
+                        self._fatal = err
                 pending[0] -= 1
                 if pending[0] == 0:
                     done.set()
@@ -132,8 +156,12 @@ class Publisher:
                 except KafkaException as exc:
                     raise ServiceUnavailable("kafka", str(exc)) from exc
         if not done.wait(max(0.0, deadline - time.monotonic())):
+            # A producer stuck after a broker restart (its idempotence state is gone on the
+            # broker) may never recover by itself: start the next publish with a fresh one.
+            self._fatal = "delivery not confirmed in time"
             raise ServiceUnavailable("kafka", "delivery not confirmed in time")
         if errors:
+            self._fatal = errors[0]
             raise ServiceUnavailable("kafka", errors[0])
 
     def close(self) -> None:

@@ -140,7 +140,7 @@ class Bridge:
         self._consumer.subscribe([self.topic], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke)
         log.info("bridge %s -> %s started", self.topic, self.target)
-        last_commit = time.monotonic()
+        last_commit = last_check = time.monotonic()
         try:
             while not self._stopping.is_set():
                 with self._lock:
@@ -153,6 +153,9 @@ class Bridge:
                 if time.monotonic() - last_commit >= 0.05:
                     self._commit()
                     last_commit = time.monotonic()
+                if time.monotonic() - last_check >= 2.0:
+                    self._rewind_truncated()
+                    last_check = time.monotonic()
         finally:
             self._drain()
 
@@ -182,6 +185,30 @@ class Bridge:
                 self._in_flight -= 1
         with self._lock:
             state.pending.discard(msg.offset())
+
+    def _rewind_truncated(self) -> None:
+        """A broker that lost its log (Tansu's memory storage, on restart) starts offsets at 0
+        again; a consumer positioned past the new end would skip every new record. Rewind."""
+        try:
+            assigned = self._consumer.assignment()
+            positions = self._consumer.position(assigned)
+        except Exception as exc:
+            log.debug("cannot check positions: %s", exc)
+            return
+        for tp in positions:
+            if tp.offset < 0:
+                continue
+            try:
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(tp.topic, tp.partition), timeout=1, cached=False)
+            except Exception:
+                continue
+            if tp.offset > high:
+                log.warning("partition %d ends at %d but we are at %d: the broker lost its log;"
+                            " rewinding to %d", tp.partition, high, tp.offset, low)
+                with self._lock:
+                    self._partitions[tp.partition] = PartitionState()
+                self._consumer.seek(TopicPartition(tp.topic, tp.partition, low))
 
     def _commit(self) -> None:
         with self._lock:

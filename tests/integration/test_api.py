@@ -141,15 +141,14 @@ def test_status_is_served_from_the_cache_and_filled_on_a_miss(api, stack):
 
 def test_status_and_submit_keep_working_with_redis_stopped(api, stack):
     done = api.wait_status(api.submit("ECHO", {"message": "before"}).json["job_id"])
-    redis_server = stack.services["redis"]
-    redis_server.stop()
+    stack.stop_service("redis")
     try:
         assert api.job(done["job_id"])["status"] == "COMPLETED"
         reply = api.submit("ECHO", {"message": "during the outage"})
         assert reply.status == 202
         assert api.wait_status(reply.json["job_id"])["status"] == "COMPLETED"
     finally:
-        redis_server.restart()
+        stack.restart_service("redis")
     assert api.job(done["job_id"])["status"] == "COMPLETED"
 
 

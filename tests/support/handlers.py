@@ -60,3 +60,20 @@ def slow(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
             break
         time.sleep(0.01)
     return {"stopped": stopped.is_set()}
+
+
+@job_handler("SLEEPY", timeout_seconds=30)
+def sleepy(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Work for `seconds` (cooperatively), then succeed: a job long enough to crash under."""
+    deadline = time.monotonic() + float(payload.get("seconds", 1.0))
+    while time.monotonic() < deadline:
+        if ctx.should_stop():
+            raise RuntimeError("stopped before finishing")
+        time.sleep(0.02)
+    return {"slept": payload.get("seconds", 1.0), "attempt": ctx.attempt}
+
+
+@job_handler("HANG", timeout_seconds=1.0, backoff_base_seconds=0)
+def hang(payload: dict[str, Any]) -> None:
+    """Ignore every stop request and block far past the time limit."""
+    time.sleep(float(payload.get("seconds", 20)))
