@@ -8,9 +8,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common import clients, deadletters, jobs
+from common import clients, deadletters, jobs, metrics
 from common.errors import ApiError, ServiceUnavailable
 from common.handlers import get_job_type, validate_payload
+from common.lifecycle import transition
 from common.models import JobStatus, JobSubmission
 from common.queue import job_event
 
@@ -44,9 +45,13 @@ def check_idempotency_key(key: str | None) -> str | None:
     return key
 
 
-def submit(submissions: list[JobSubmission], idempotency_keys: list[str | None]
-           ) -> tuple[list[dict[str, Any]], bool]:
+def submit(submissions: list[JobSubmission], idempotency_key: str | None = None, *,
+           batch: bool = False) -> tuple[list[dict[str, Any]], bool]:
     """Persist jobs as QUEUED, enqueue them, cache their status.
+
+    A batch under an idempotency key is one request: each item's key lives in the
+    batch's own namespace, and its fingerprint covers the whole batch, so the same key
+    with any other batch is a 409.
 
     Returns the documents and whether every new job's message was confirmed by
     the broker. When the broker is unreachable the jobs are still accepted: they
@@ -54,12 +59,24 @@ def submit(submissions: list[JobSubmission], idempotency_keys: list[str | None]
     """
     clients.handlers()
     settings = clients.settings()
+    if batch:
+        whole = jobs.request_fingerprint(*submissions)
+        keys = [f"batch:{idempotency_key}:{i}" if idempotency_key else None
+                for i in range(len(submissions))]
+        prints = [f"{whole}:{i}" for i in range(len(submissions))]
+    else:
+        keys = [idempotency_key]
+        prints = [jobs.request_fingerprint(submissions[0])]
     items = [(sub, validate_payload(sub.job_type, sub.payload), key,
-              _max_retries(sub, settings.max_retries))
-             for sub, key in zip(submissions, idempotency_keys, strict=True)]
+              _max_retries(sub, settings.max_retries), fingerprint)
+             for sub, key, fingerprint in zip(submissions, keys, prints, strict=True)]
     db = clients.database()
     created = jobs.create_jobs(db, items)
-    new_rows = [row for row, is_new in created if is_new]
+    # A delayed job (run_at in the future) is published by the sweeper once it is due.
+    for row, is_new in created:
+        if is_new:
+            metrics.SUBMITTED.labels(row["job_type"]).inc()
+    new_rows = [row for row, is_new in created if is_new and row["next_attempt_at"] is None]
     enqueued = True
     if new_rows:
         events = [job_event(settings.queue_topic, row["job_id"], row["job_type"])
@@ -94,7 +111,9 @@ def get_job(job_id: str) -> dict[str, Any]:
     cache = clients.cache()
     doc = cache.get(job_id)
     if doc is not None:
+        metrics.STATUS_LOOKUPS.labels("cache").inc()
         return doc
+    metrics.STATUS_LOOKUPS.labels("database").inc()
     with clients.database().connection() as conn:
         row = jobs.get_job(conn, job_id)
     if row is None:
@@ -115,6 +134,60 @@ def list_jobs(status: list[str] | None, job_type: list[str] | None, cursor: str 
         rows, next_cursor = jobs.list_jobs(conn, status=status, job_type=job_type,
                                            cursor=cursor, limit=limit)
     return {"items": [jobs.document(r) for r in rows], "next_cursor": next_cursor}
+
+
+def cancel(job_id: str) -> dict[str, Any]:
+    """Cancel a job: a waiting one never runs; a running one is asked to stop."""
+    job_id = parse_job_id(job_id)
+    db = clients.database()
+    with db.transaction() as conn:
+        row = transition(conn, job_id, JobStatus.CANCELLED,
+                         sources=[JobStatus.QUEUED, JobStatus.RETRYING],
+                         values={"next_attempt_at": None})
+        if row is None:
+            row = jobs.request_cancel(conn, job_id)
+        if row is None:
+            current = jobs.get_job(conn, job_id)
+            if current is None:
+                raise ApiError(404, "Job not found", f"no job {job_id}")
+            raise ApiError(409, "Job already ended",
+                           f"job {job_id} is {current['status']}; only waiting or running jobs"
+                           " can be cancelled")
+    jobs.cache_rows(db, clients.cache(), [row])
+    return jobs.document(row)
+
+
+def attempts(job_id: str) -> dict[str, Any]:
+    """A job's attempt history, oldest first."""
+    job_id = parse_job_id(job_id)
+    with clients.database().connection() as conn:
+        if jobs.get_job(conn, job_id) is None:
+            raise ApiError(404, "Job not found", f"no job {job_id}")
+        return {"items": jobs.attempt_history(conn, job_id)}
+
+
+def stats() -> dict[str, Any]:
+    """Counts by status and type, completions per minute, recent and running jobs."""
+    with clients.database().connection() as conn:
+        counts = {s.value: 0 for s in JobStatus}
+        by_type: dict[str, dict[str, int]] = {}
+        for job_type, status, n in conn.run(
+                "SELECT job_type, status::text, count(*) FROM jobs GROUP BY 1, 2"):
+            counts[status] += n
+            by_type.setdefault(job_type, {})[status] = n
+        minutes: dict[str, dict[str, Any]] = {}
+        for minute, outcome, n in conn.run(
+                "SELECT date_trunc('minute', finished_at), outcome, count(*) FROM job_attempts"
+                " WHERE finished_at > now() - interval '15 minutes' GROUP BY 1, 2 ORDER BY 1"):
+            entry = minutes.setdefault(minute.isoformat(), {"minute": minute.isoformat(),
+                                                           "completed": 0, "failed": 0})
+            key = "completed" if outcome == "COMPLETED" else "failed"
+            entry[key] += n
+        recent = jobs.recent(conn, limit=20)
+        running = jobs.recent(conn, limit=50, status="IN_PROGRESS")
+    return {"counts": counts, "by_type": by_type, "throughput": list(minutes.values()),
+            "recent": [jobs.document(r) for r in recent],
+            "running": [jobs.document(r) for r in running]}
 
 
 def list_dead_letters(cursor: str | None, limit: int) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 from common import jobs
@@ -50,6 +51,12 @@ def list_dead_letters(conn: Connection, cursor: str | None,
     where = ""
     if cursor:
         at, letter_id = jobs.decode_cursor(cursor, 2)
+        try:
+            datetime.fromisoformat(at)
+            if "\x00" in letter_id:
+                raise ValueError
+        except ValueError as exc:
+            raise ApiError(400, "Bad cursor", "cursor is not one this API handed out") from exc
         where = ("WHERE (dead_lettered_at, dead_letter_id) <"
                  " (CAST(:at AS timestamptz), :lid)")
         params.update(at=at, lid=letter_id)

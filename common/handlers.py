@@ -8,6 +8,7 @@ import inspect
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,31 @@ class JobContext:
     artifact_dir: Path
     cancelled: threading.Event = field(default_factory=threading.Event)
     extras: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str | None = None
+    progress_sink: Callable[[float, str | None], None] | None = field(default=None, repr=False)
+    _last_progress: float = field(default=0.0, repr=False)
 
     def should_stop(self) -> bool:
-        """True once the attempt's time is up or the process is shutting down."""
+        """True once the attempt was cancelled or its time is up: stop soon, cleanly."""
         return self.cancelled.is_set()
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.cancelled.set()
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report progress (0.0-1.0, and a short message), shown in status, CLI and dashboard.
+
+        Cheap to call often: writes are throttled to a few a second.
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"progress must be between 0 and 1, got {fraction}")
+        now = time.monotonic()
+        if self.progress_sink is None or (fraction < 1.0 and now - self._last_progress < 0.25):
+            return
+        self._last_progress = now
+        self.progress_sink(fraction, message[:500] if message else None)
 
 
 @dataclass(frozen=True)
@@ -51,6 +73,7 @@ class JobType:
     timeout_seconds: float | None = None
     backoff_base_seconds: float | None = None
     backoff_max_seconds: float | None = None
+    concurrency: int | None = None
     description: str = ""
 
     def run(self, payload: Any, ctx: JobContext) -> Any:
@@ -80,13 +103,17 @@ def job_handler(
     timeout_seconds: float | None = None,
     backoff_base_seconds: float | None = None,
     backoff_max_seconds: float | None = None,
+    concurrency: int | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated function as the handler of job type `name`.
 
     The function takes `(payload)` or `(payload, ctx)` and returns a JSON-able
     result. Raise `RetryableError` / any exception for a retryable failure,
-    `PermanentError` to dead-letter at once.
+    `PermanentError` to dead-letter at once. `concurrency` caps how many attempts of
+    this type run at once across every worker.
     """
+    if concurrency is not None and concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
     if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
         raise ValueError(f"job type names are letters, digits, '_', '-' and '.', got {name!r}")
 
@@ -103,6 +130,7 @@ def job_handler(
                 timeout_seconds=timeout_seconds,
                 backoff_base_seconds=backoff_base_seconds,
                 backoff_max_seconds=backoff_max_seconds,
+                concurrency=concurrency,
                 description=(inspect.getdoc(func) or "").split("\n\n")[0],
             )
         return func

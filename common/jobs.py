@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 PAGE_MAX = 200
 
 
-def request_fingerprint(submission: JobSubmission) -> str:
+def request_fingerprint(*submissions: JobSubmission) -> str:
     """A stable hash of what was asked, to tell a retried request from a different one."""
-    canonical = json.dumps(submission.model_dump(mode="json"), sort_keys=True,
+    canonical = json.dumps([s.model_dump(mode="json") for s in submissions], sort_keys=True,
                            separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -41,6 +41,10 @@ def document(row: dict[str, Any]) -> dict[str, Any]:
         "result": _json(row["result_json"]),
         "error_message": row["error_message"],
         "next_attempt_at": _iso(row["next_attempt_at"]),
+        "run_at": _iso(row.get("run_at")),
+        "progress": row.get("progress"),
+        "progress_message": row.get("progress_message"),
+        "cancel_requested": row.get("cancel_requested_at") is not None,
         "created_at": _iso(row["created_at"]),
         "updated_at": _iso(row["updated_at"]),
         "version": row["version"],
@@ -57,26 +61,26 @@ def _iso(value: datetime | None) -> str | None:
 
 def create_jobs(
     db: Database,
-    submissions: list[tuple[JobSubmission, dict[str, Any], str | None, int]],
+    submissions: list[tuple[JobSubmission, dict[str, Any], str | None, int, str]],
 ) -> list[tuple[dict[str, Any], bool]]:
     """Insert jobs as QUEUED in one transaction; return (row, created) for each.
 
-    Each item is (submission, validated payload, idempotency key, max retries). A key seen
+    Each item is (submission, validated payload, idempotency key, max retries,
+    request fingerprint). A key seen
     before with the same request returns the existing job (created=False); with
     another request it is a 409.
     """
     out: list[tuple[dict[str, Any], bool]] = []
     with db.transaction() as conn:
-        for submission, payload, key, max_retries in submissions:
-            fingerprint = request_fingerprint(submission)
+        for submission, payload, key, max_retries, fingerprint in submissions:
             rows = rows_as_dicts(conn, conn.run(
                 "INSERT INTO jobs (job_id, job_type, payload_json, max_retries,"
-                " idempotency_key, request_hash)"
-                " VALUES (CAST(:id AS uuid), :type, CAST(:payload AS jsonb), :max, :key, :hash)"
+                " idempotency_key, request_hash, run_at, next_attempt_at)"
+                " VALUES (CAST(:id AS uuid), :type, CAST(:payload AS jsonb), :max, :key, :hash,"
+                " :run_at, CASE WHEN :run_at > now() THEN :run_at END)"
                 " ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
                 id=str(uuid.uuid4()), type=submission.job_type, payload=json.dumps(payload),
-                max=max_retries,
-                key=key, hash=fingerprint,
+                max=max_retries, key=key, hash=fingerprint, run_at=submission.run_at,
             ))
             if rows:
                 out.append((rows[0], True))
@@ -152,8 +156,24 @@ def list_jobs(conn: Connection, *, status: list[str] | None, job_type: list[str]
     return rows, next_cursor
 
 
-def claim(conn: Connection, job_id: str, lease_seconds: float) -> dict[str, Any] | None:
-    """QUEUED/RETRYING -> IN_PROGRESS, counting the attempt before the handler runs."""
+def claim(conn: Connection, job_id: str, lease_seconds: float,
+          concurrency: tuple[str, int] | None = None) -> dict[str, Any] | None:
+    """QUEUED/RETRYING -> IN_PROGRESS, counting the attempt before the handler runs.
+
+    With `concurrency` = (job type, limit), a job whose type already runs `limit` attempts
+    is not claimed but put back to wait a second (the sweeper re-enqueues it).
+    """
+    if concurrency is not None:
+        job_type, limit = concurrency
+        # Serialise claims of this type so two workers cannot both take the last slot.
+        conn.run("SELECT pg_advisory_xact_lock(hashtext(:t))", t=job_type)
+        running = conn.run("SELECT count(*) FROM jobs WHERE status = 'IN_PROGRESS'"
+                           " AND job_type = :t", t=job_type)[0][0]
+        if running >= limit:
+            conn.run("UPDATE jobs SET next_attempt_at = now() + interval '1 second',"
+                     " published_at = NULL WHERE job_id = CAST(:id AS uuid)"
+                     " AND status IN ('QUEUED', 'RETRYING')", id=job_id)
+            return None
     row = transition(
         conn, job_id, S.IN_PROGRESS,
         expressions={
@@ -212,3 +232,31 @@ def repair_cache(db: Database, cache: StatusCache, limit: int = 1000) -> int:
         conn.run("DELETE FROM cache_repairs WHERE job_id = ANY(CAST(:ids AS uuid[]))",
                  ids=[str(row["job_id"]) for row in rows])
     return len(rows)
+
+
+def request_cancel(conn: Connection, job_id: str) -> dict[str, Any] | None:
+    """Flag a running job for cancellation; its worker tells the handler through its context."""
+    rows = rows_as_dicts(conn, conn.run(
+        "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now()),"
+        " version = version + 1, updated_at = now()"
+        " WHERE job_id = CAST(:id AS uuid) AND status = 'IN_PROGRESS' RETURNING *", id=job_id))
+    return rows[0] if rows else None
+
+
+def record_progress(conn: Connection, job_id: str, attempt: int, fraction: float,
+                    message: str | None) -> dict[str, Any] | None:
+    """Store a running attempt's progress (not a state change: the status stays IN_PROGRESS)."""
+    rows = rows_as_dicts(conn, conn.run(
+        "UPDATE jobs SET progress = :p, progress_message = :m, version = version + 1,"
+        " updated_at = now() WHERE job_id = CAST(:id AS uuid) AND attempts = :n"
+        " AND status = 'IN_PROGRESS' RETURNING *",
+        id=job_id, n=attempt, p=fraction, m=message))
+    return rows[0] if rows else None
+
+
+def recent(conn: Connection, limit: int, status: str | None = None) -> list[dict[str, Any]]:
+    """The most recently changed jobs (optionally of one status)."""
+    where = "WHERE status = CAST(:status AS job_status)" if status else ""
+    return rows_as_dicts(conn, conn.run(
+        f"SELECT * FROM jobs {where} ORDER BY updated_at DESC LIMIT :limit",
+        limit=limit, **({"status": status} if status else {})))

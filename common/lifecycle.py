@@ -15,12 +15,13 @@ S = JobStatus
 #: Every move a job may make. A late or duplicate message can never move a job
 #: backwards, because each write names the states it may leave.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    S.QUEUED: frozenset({S.IN_PROGRESS}),
-    S.IN_PROGRESS: frozenset({S.COMPLETED, S.FAILED}),
+    S.QUEUED: frozenset({S.IN_PROGRESS, S.CANCELLED}),
+    S.IN_PROGRESS: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED}),
     S.FAILED: frozenset({S.RETRYING, S.DEAD_LETTER}),
-    S.RETRYING: frozenset({S.IN_PROGRESS}),
+    S.RETRYING: frozenset({S.IN_PROGRESS, S.CANCELLED}),
     S.COMPLETED: frozenset(),
     S.DEAD_LETTER: frozenset({S.QUEUED}),  # replay by an operator
+    S.CANCELLED: frozenset(),
 }
 
 #: Columns `transition` may set besides status; guards against SQL built from names.
@@ -34,6 +35,9 @@ SETTABLE = frozenset(
         "next_attempt_at",
         "lease_expires_at",
         "published_at",
+        "progress",
+        "progress_message",
+        "cancel_requested_at",
     }
 )
 

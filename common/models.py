@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 
 class JobStatus(str, Enum):
@@ -37,9 +37,13 @@ class JobStatus(str, Enum):
     """Set by `process` when retries are exhausted or the error is permanent; the job is
     then on the `job-dlq` topic and in `GET /dead-letters`. Left only by replay (QUEUED)."""
 
+    CANCELLED = "CANCELLED"
+    """Set by `POST /jobs/{id}/cancel` for a QUEUED or RETRYING job (it never runs again),
+    or by `process` when a running handler stopped after a cancel request; terminal."""
+
     @property
     def terminal(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.DEAD_LETTER)
+        return self in (JobStatus.COMPLETED, JobStatus.DEAD_LETTER, JobStatus.CANCELLED)
 
 
 class JobSubmission(BaseModel):
@@ -54,7 +58,11 @@ class JobSubmission(BaseModel):
         default_factory=dict, description="Input of the job, validated by the type's model"
     )
     max_retries: int | None = Field(
-        default=None, ge=0, le=100, description="Retries after the first attempt (default 3)"
+        default=None, ge=0, le=100, strict=True,
+        description="Retries after the first attempt (default 3)",
+    )
+    run_at: AwareDatetime | None = Field(
+        default=None, description="Do not start before this time (ISO 8601 with a UTC offset)"
     )
 
 
@@ -81,6 +89,10 @@ class JobDocument(BaseModel):
     result: Any | None = None
     error_message: str | None = None
     next_attempt_at: datetime | None = None
+    run_at: datetime | None = Field(None, description="Earliest start asked for at submit")
+    progress: float | None = Field(None, ge=0, le=1, description="Reported by the handler")
+    progress_message: str | None = None
+    cancel_requested: bool = Field(False, description="A cancel was asked while it ran")
     created_at: datetime
     updated_at: datetime
     version: int = Field(description="Increases on every change; orders cache writes")

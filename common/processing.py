@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from common import jobs
+from common import jobs, metrics
 from common.cache import StatusCache
 from common.db import Connection, Database
 from common.deadletters import record_dead_letter
@@ -84,7 +84,8 @@ class Processor:
         self.publisher = publisher
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="handler")
-        self._running: dict[str, int] = {}  # job id -> attempt, for the heartbeat
+        # job id -> (attempt, context) of this process's running attempts, for the heartbeat
+        self._running: dict[str, tuple[int, JobContext]] = {}
         self._running_lock = threading.Lock()
         self._heartbeat: threading.Thread | None = None
         self.outcome_patience = 300.0  # how long to keep trying to record an outcome
@@ -99,25 +100,37 @@ class Processor:
                 self._heartbeat.start()
 
     def _beat(self) -> None:
-        """Extend the leases of this process's running attempts; a dead or frozen process
-        stops beating and the sweeper takes its jobs back once the lease runs out."""
-        interval = self.settings.lease_seconds / 3
+        """Extend the leases of this process's running attempts, and pass cancel requests
+        on to their handlers. A dead or frozen process stops beating, and the sweeper takes
+        its jobs back once their lease runs out."""
+        renew_every = self.settings.lease_seconds / 3
+        last_renewal = time.monotonic()
         while True:
-            time.sleep(interval)
+            time.sleep(min(1.0, renew_every))
             with self._running_lock:
                 running = dict(self._running)
             if not running:
                 continue
+            renew = time.monotonic() - last_renewal >= renew_every
             try:
-                self.db.run(
-                    "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :lease)"
+                rows = self.db.run(
+                    "UPDATE jobs SET lease_expires_at = CASE WHEN :renew THEN"
+                    " now() + make_interval(secs => :lease) ELSE lease_expires_at END"
                     " FROM unnest(CAST(:ids AS uuid[]), CAST(:ns AS int[])) AS r(id, n)"
                     " WHERE jobs.job_id = r.id AND jobs.attempts = r.n"
-                    " AND jobs.status = 'IN_PROGRESS'",
-                    lease=self.settings.lease_seconds, ids=list(running),
-                    ns=list(running.values()))
+                    " AND jobs.status = 'IN_PROGRESS'"
+                    " AND (:renew OR jobs.cancel_requested_at IS NOT NULL)"
+                    " RETURNING jobs.job_id::text, jobs.cancel_requested_at IS NOT NULL",
+                    renew=renew, lease=self.settings.lease_seconds, ids=list(running),
+                    ns=[attempt for attempt, _ in running.values()])
             except Exception as exc:  # PostgreSQL down: the outcome writer retries anyway
                 log.warning("lease heartbeat failed: %s", exc)
+                continue
+            if renew:
+                last_renewal = time.monotonic()
+            for job_id, cancel in rows:
+                if cancel and job_id in running:
+                    running[job_id][1].request_stop("cancelled")
 
     def _record(self, write: Callable[[], T]) -> T:
         """Run an outcome write, retrying through a PostgreSQL outage: the handler's work
@@ -138,11 +151,17 @@ class Processor:
         """Process one delivery of `message`; safe to call twice for the same message."""
         job_id = str(message.job_id)
         self._start_heartbeat()
+        declared = get_job_type(message.job_type)
+        limit = (message.job_type, declared.concurrency) if declared and declared.concurrency \
+            else None
         with self.db.transaction() as conn:
-            row = jobs.claim(conn, job_id, self.settings.lease_seconds)
+            row = jobs.claim(conn, job_id, self.settings.lease_seconds, concurrency=limit)
             current = row or jobs.get_job(conn, job_id)
         if current is None:
             raise PoisonMessage(f"no job {job_id} in PostgreSQL")
+        if row is None and limit and current["status"] in ("QUEUED", "RETRYING"):
+            log.info("job %s waits: %s already runs %d at once", job_id, *limit)
+            return Outcome(job_id, "deferred", current["status"], "type at its concurrency limit")
         if row is None:
             # A duplicate or late delivery: the job is already further along.
             log.info("job %s is %s; delivery ignored", job_id, current["status"])
@@ -151,10 +170,15 @@ class Processor:
         attempt = row["attempts"]
         token = job_context.set({"job_id": job_id, "attempt": attempt,
                                  "job_type": row["job_type"]})
+        ctx = JobContext(
+            job_id=row["job_id"], job_type=row["job_type"], attempt=attempt,
+            retries=row["retries"], artifact_dir=self.settings.artifact_dir,
+            progress_sink=lambda fraction, text: self._progress(job_id, attempt, fraction, text),
+        )
         with self._running_lock:
-            self._running[job_id] = attempt
+            self._running[job_id] = (attempt, ctx)
         try:
-            return self._attempt(row)
+            return self._attempt(row, ctx)
         finally:
             with self._running_lock:
                 self._running.pop(job_id, None)
@@ -163,7 +187,17 @@ class Processor:
     def _cache(self, rows: list[dict[str, Any]]) -> None:
         jobs.cache_rows(self.db, self.cache, rows)
 
-    def _attempt(self, row: dict[str, Any]) -> Outcome:
+    def _progress(self, job_id: str, attempt: int, fraction: float, text: str | None) -> None:
+        try:
+            with self.db.transaction() as conn:
+                row = jobs.record_progress(conn, job_id, attempt, fraction, text)
+        except ServiceUnavailable as exc:  # progress is best effort; the outcome is not
+            log.warning("progress of job %s not recorded: %s", job_id, exc)
+            return
+        if row is not None:
+            self._cache([row])
+
+    def _attempt(self, row: dict[str, Any], ctx: JobContext) -> Outcome:
         job_id, attempt = str(row["job_id"]), row["attempts"]
         jt = get_job_type(row["job_type"])  # the job's own type, whatever the message said
         timeout = _pick(jt.timeout_seconds if jt else None, self.settings.handler_timeout_seconds)
@@ -171,21 +205,48 @@ class Processor:
 
         error: BaseException | None = None
         result: Any = None
+        started = time.monotonic()
         try:
             if jt is None:
                 raise PermanentError(f"no handler for job type {row['job_type']!r} in this worker")
-            result = self._run(jt, row, timeout)
+            result = self._run(jt, row, ctx, timeout)
         except Exception as exc:  # every handler failure is an attempt outcome
             error = exc
+        elapsed = time.monotonic() - started
         if error is None:
-            return self._complete(job_id, attempt, result)
-        return self._fail(row, jt, attempt, error)
+            outcome = self._complete(job_id, attempt, result)
+        elif ctx.stop_reason == "cancelled":
+            outcome = self._cancelled(job_id, attempt, describe(error))
+        else:
+            outcome = self._fail(row, jt, attempt, error)
+        job_type = row["job_type"]
+        metrics.ATTEMPT_SECONDS.labels(job_type, outcome.outcome).observe(elapsed)
+        counter = {"completed": metrics.COMPLETED, "dead_lettered": metrics.DEAD_LETTERED,
+                   "cancelled": metrics.CANCELLED}.get(outcome.outcome)
+        if counter is not None:
+            counter.labels(job_type).inc()
+        if error is not None and outcome.outcome in ("retrying", "dead_lettered"):
+            metrics.FAILED.labels(job_type).inc()
+        return outcome
 
-    def _run(self, jt: JobType, row: dict[str, Any], timeout: float) -> Any:
-        ctx = JobContext(
-            job_id=row["job_id"], job_type=row["job_type"], attempt=row["attempts"],
-            retries=row["retries"], artifact_dir=self.settings.artifact_dir,
-        )
+    def _cancelled(self, job_id: str, attempt: int, message: str) -> Outcome:
+        def write() -> dict[str, Any] | None:
+            with self.db.transaction() as conn:
+                row = transition(conn, job_id, S.CANCELLED, sources=[S.IN_PROGRESS],
+                                 attempt=attempt, values={"lease_expires_at": None,
+                                                          "error_message": message})
+                if row is not None:
+                    jobs.finish_attempt(conn, job_id, attempt, S.CANCELLED.value, message)
+                return row
+
+        row = self._record(write)
+        if row is None:
+            return self._fenced(job_id, attempt)
+        self._cache([row])
+        log.info("job %s attempt %d stopped after a cancel request", job_id, attempt)
+        return Outcome(job_id, "cancelled", row["status"], message)
+
+    def _run(self, jt: JobType, row: dict[str, Any], ctx: JobContext, timeout: float) -> Any:
         payload = parse_or_permanent(jt, jobs._json(row["payload_json"]))
         # copy_context: the handler's own log lines carry the job id and attempt too
         future = self._executor.submit(contextvars.copy_context().run, jt.run, payload, ctx)
@@ -194,7 +255,7 @@ class Processor:
         except concurrent.futures.TimeoutError:
             # Threads cannot be killed: tell the handler to stop, and fence its late result
             # out by the attempt number.
-            ctx.cancelled.set()
+            ctx.request_stop("timeout")
             raise HandlerTimeout(f"handler ran past its time limit of {timeout:g}s") from None
 
     def _complete(self, job_id: str, attempt: int, result: Any) -> Outcome:

@@ -12,6 +12,7 @@ from typing import Any
 from common import jobs
 from common.cache import StatusCache
 from common.db import Database, rows_as_dicts
+from common.errors import ServiceUnavailable
 from common.handlers import get_job_type
 from common.processing import policy_for, publish_dead_letter, record_failure
 from common.queue import Publisher, job_event
@@ -27,7 +28,8 @@ SELECT job_id, job_type, status, retries, attempts FROM jobs
 WHERE (
     status = 'QUEUED'
     AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-    AND ((published_at IS NULL AND updated_at < now() - make_interval(secs => :grace))
+    AND ((published_at IS NULL AND (next_attempt_at IS NOT NULL  -- a delayed job, now due
+                                    OR updated_at < now() - make_interval(secs => :grace)))
          OR published_at < now() - make_interval(secs => :stale))
 ) OR (
     status = 'RETRYING' AND next_attempt_at <= now()
@@ -95,7 +97,20 @@ def publish_due(db: Database, publisher: Publisher, settings: Settings,
 def sweep(db: Database, cache: StatusCache, publisher: Publisher,
           settings: Settings) -> dict[str, int]:
     """One pass: reclaim dead workers' jobs, then publish everything that is due."""
-    reclaimed = reclaim_expired(db, cache, publisher, settings)
-    published = publish_due(db, publisher, settings)
-    repaired = jobs.repair_cache(db, cache)
-    return {"reclaimed": reclaimed, "published": published, "cache_repaired": repaired}
+    counts: dict[str, int] = {}
+    failure: ServiceUnavailable | None = None
+    steps = {
+        "reclaimed": lambda: reclaim_expired(db, cache, publisher, settings),
+        "published": lambda: publish_due(db, publisher, settings),
+        "cache_repaired": lambda: jobs.repair_cache(db, cache),
+    }
+    for name, step in steps.items():
+        # Each step on its own: a broker outage must not stop the cache repair, and so on.
+        try:
+            counts[name] = step()
+        except ServiceUnavailable as exc:
+            log.warning("sweep step %s failed: %s", name, exc)
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+    return counts

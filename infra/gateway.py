@@ -32,10 +32,13 @@ ROUTES = [
     ("POST", r"/jobs", "submit"),
     ("POST", r"/jobs/batch", "submit"),
     ("POST", r"/jobs/[^/]+/retry", "submit"),
+    ("POST", r"/jobs/[^/]+/cancel", "submit"),
     ("GET", r"/jobs", "status"),
     ("GET", r"/jobs/[^/]+", "status"),
     ("GET", r"/jobs/[^/]+/artifact", "status"),
+    ("GET", r"/jobs/[^/]+/attempts", "status"),
     ("GET", r"/dead-letters", "status"),
+    ("GET", r"/stats", "status"),
 ]
 COMPILED = [(m, re.compile(rf"^{p}/?\Z"), u) for m, p, u in ROUTES]
 

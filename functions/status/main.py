@@ -58,11 +58,21 @@ def get_dead_letters(request: flask.Request) -> flask.Response:
     return json_response(page)
 
 
+def get_attempts(request: flask.Request, job_id: str) -> flask.Response:
+    return json_response(api.attempts(job_id))
+
+
+def get_stats(request: flask.Request) -> flask.Response:
+    return json_response(api.stats())
+
+
 ROUTES = routes(
     ("GET", "/jobs", get_many),
     ("GET", "/jobs/{job_id}", get_one),
     ("GET", "/jobs/{job_id}/artifact", get_artifact),
+    ("GET", "/jobs/{job_id}/attempts", get_attempts),
     ("GET", "/dead-letters", get_dead_letters),
+    ("GET", "/stats", get_stats),
 )
 
 

@@ -15,7 +15,7 @@ configure_logging("submit")
 def create(request: flask.Request) -> flask.Response:
     key = api.check_idempotency_key(request.headers.get("Idempotency-Key"))
     submission = parse_model(JobSubmission, read_json(request, clients.settings().max_body_bytes))
-    (doc,), enqueued = api.submit([submission], [key])
+    (doc,), enqueued = api.submit([submission], key)
     headers = {"Location": f"/jobs/{doc['job_id']}"}
     if not enqueued:
         headers["X-Jobs-Enqueue"] = "deferred"
@@ -25,8 +25,7 @@ def create(request: flask.Request) -> flask.Response:
 def create_batch(request: flask.Request) -> flask.Response:
     key = api.check_idempotency_key(request.headers.get("Idempotency-Key"))
     batch = parse_model(api.BatchSubmission, read_json(request, clients.settings().max_body_bytes))
-    keys = [f"{key}:{i}" if key else None for i in range(len(batch.jobs))]
-    docs, enqueued = api.submit(batch.jobs, keys)
+    docs, enqueued = api.submit(batch.jobs, key, batch=True)
     headers = {} if enqueued else {"X-Jobs-Enqueue": "deferred"}
     return json_response({"jobs": docs}, 202, headers)
 
@@ -36,10 +35,15 @@ def retry(request: flask.Request, job_id: str) -> flask.Response:
     return json_response(doc, 202, {"Location": f"/jobs/{doc['job_id']}"})
 
 
+def cancel(request: flask.Request, job_id: str) -> flask.Response:
+    return json_response(api.cancel(job_id), 202)
+
+
 ROUTES = routes(
     ("POST", "/jobs", create),
     ("POST", "/jobs/batch", create_batch),
     ("POST", "/jobs/{job_id}/retry", retry),
+    ("POST", "/jobs/{job_id}/cancel", cancel),
 )
 
 

@@ -59,12 +59,14 @@ def check_invariants(db: Database, redis_url: str, job_ids: list[str],
 
     client = redis.Redis.from_url(redis_url, socket_timeout=2)
 
-    def cache_agrees() -> bool:
+    def disagreements() -> dict[str, tuple[str, str]]:
+        out = {}
         for job_id, job in jobs.items():
             raw = client.hget(f"jobs:status:{job_id}", "doc")
             if raw is not None and json.loads(raw)["status"] != job["status"]:
-                return False
-        return True
+                out[job_id] = (json.loads(raw)["status"], job["status"])
+        return out
 
-    wait_for(cache_agrees, 30, "Redis to agree with PostgreSQL", interval=0.2)
+    wait_for(lambda: not disagreements() or None, 30,
+             f"Redis to agree with PostgreSQL (cached, stored): {disagreements()}", interval=0.2)
     return jobs

@@ -1,0 +1,628 @@
+"""The `jobs` command line: argument parsing and one function per command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import IO, Any, NoReturn
+
+from jobs_cli import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    __version__,
+    render,
+)
+from jobs_cli.client import ApiError, Client, CliError, Reply, Unreachable, UsageError, one_line
+
+DEFAULT_URL = "http://localhost:8080"
+PAGE_MAX = 200  # the API's largest `limit`
+RESOLVE_PAGES = 5  # a short id is looked up among this many pages of recent jobs
+WAIT_POLL_SECONDS = 0.2
+WAIT_OUTAGE_SECONDS = 30.0  # how long `--wait` rides out an unreachable or 503 API
+
+EPILOG = """\
+examples:
+  jobs submit ECHO --payload '{"message": "hi"}' --wait
+  jobs submit SEND_EMAIL --payload @email.json --run-at +5m
+  jobs list --status DEAD_LETTER --all
+  jobs --json status 3f1c9a2e-...      (ids can be shortened to a unique prefix)
+  jobs watch
+
+exit codes: 0 ok; 1 the job failed or the API refused (not found, conflict...);
+            2 usage error; 3 the API cannot be reached; 130 interrupted while waiting
+"""
+
+
+# --- parsing ----------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        unknown = re.match(r"argument COMMAND: invalid choice: (.+?) \(choose from (.*)\)$",
+                           message)
+        if unknown:
+            message = f"unknown command {unknown.group(1)} (commands: {unknown.group(2)})"
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def retries_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 100, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
+    """--url/--json/--timeout, accepted before or after the command name.
+
+    On subcommands the defaults are SUPPRESS, so an option given before the command is
+    not overwritten by the subcommand's default.
+    """
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if sub else value
+
+    parser.add_argument("--url", default=default(None), metavar="URL",
+                        help=f"API base URL (default: $JOBS_URL or {DEFAULT_URL})")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print the API's JSON documents instead of tables")
+    parser.add_argument("--timeout", type=positive_float, default=default(10.0), metavar="S",
+                        help="seconds to wait for each HTTP answer (default 10)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="jobs", description="Submit, inspect and manage jobs through the"
+                    " jobs HTTP API.", epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _global_options(parser, sub=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _global_options(sub, sub=True)
+        return sub
+
+    p = command("submit", "submit a job (POST /jobs)")
+    p.add_argument("job_type", metavar="TYPE", help="a registered job type, e.g. ECHO")
+    p.add_argument("--payload", metavar="JSON|@FILE",
+                   help="the job's input: a JSON object, @path to read it from a file,"
+                        " or @- for stdin (default {})")
+    p.add_argument("--max-retries", type=retries_int, metavar="N",
+                   help="retries after the first attempt (0-100; default: the API's, 3)")
+    p.add_argument("--idempotency-key", metavar="KEY",
+                   help="submitting again with the same key returns the same job")
+    p.add_argument("--run-at", metavar="WHEN",
+                   help="run no earlier than WHEN: ISO 8601 (2030-01-31T14:00:00Z; no zone"
+                        " means local time) or +N[s|m|h|d] from now")
+    p.add_argument("--wait", action="store_true",
+                   help="show live progress until the job ends; exit 0 if it completed,"
+                        " 1 if it was dead-lettered or cancelled")
+    p.add_argument("--wait-timeout", type=positive_float, metavar="S",
+                   help="with --wait, give up (exit 1) after S seconds")
+    p.set_defaults(handler=cmd_submit)
+
+    p = command("status", "show one job (GET /jobs/{id})")
+    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a recent one")
+    p.set_defaults(handler=cmd_status)
+
+    p = command("list", "list jobs, newest first (GET /jobs)")
+    p.add_argument("--status", metavar="S", help="only these statuses (comma-separated)")
+    p.add_argument("--type", dest="job_type", metavar="T", help="only these job types"
+                   " (comma-separated)")
+    _paging_options(p, default_limit=20)
+    p.add_argument("--full-ids", action="store_true", help="show whole job ids")
+    p.set_defaults(handler=cmd_list)
+
+    p = command("dead-letters", "list dead-lettered jobs (GET /dead-letters)")
+    _paging_options(p, default_limit=20)
+    p.add_argument("--full-ids", action="store_true", help="show whole job ids")
+    p.set_defaults(handler=cmd_dead_letters)
+
+    p = command("retry", "put a dead-lettered job back in the queue (POST /jobs/{id}/retry)")
+    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a dead-lettered"
+                   " job")
+    p.add_argument("--wait", action="store_true", help="then wait for it, as submit --wait")
+    p.add_argument("--wait-timeout", type=positive_float, metavar="S",
+                   help="with --wait, give up (exit 1) after S seconds")
+    p.set_defaults(handler=cmd_retry)
+
+    p = command("cancel", "cancel a job (POST /jobs/{id}/cancel)")
+    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a recent one")
+    p.set_defaults(handler=cmd_cancel)
+
+    p = command("watch", "live counts per status and recent jobs (GET /stats)")
+    p.add_argument("--interval", type=positive_float, default=2.0, metavar="S",
+                   help="seconds between refreshes (default 2)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--recent", type=positive_int, default=10, metavar="N",
+                   help="recent jobs to show (default 10; fewer if the terminal is short)")
+    p.set_defaults(handler=cmd_watch)
+    return parser
+
+
+def _paging_options(p: argparse.ArgumentParser, default_limit: int) -> None:
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help=f"show at most N (default {default_limit}); with --all, the page size")
+    p.add_argument("--all", action="store_true", help="follow next_cursor to the end")
+    p.add_argument("--cursor", metavar="C", help="start from this next_cursor")
+    p.set_defaults(default_limit=default_limit)
+
+
+def parse_payload(text: str | None, stdin: IO[str] | None = None) -> dict[str, Any]:
+    """The --payload value: inline JSON, @file or @- (stdin); must be a JSON object."""
+    if text is None:
+        return {}
+    source = "--payload"
+    raw = text
+    if text.startswith("@"):
+        path = text[1:]
+        if not path:
+            raise UsageError("--payload @ needs a file name (or @- for stdin)")
+        if path == "-":
+            source, raw = "--payload @- (stdin)", (stdin or sys.stdin).read()
+        else:
+            source = f"--payload @{path}"
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    raw = handle.read()
+            except OSError as exc:
+                raise UsageError(f"{source}: cannot read the file: {exc.strerror or exc}") \
+                    from None
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{source}: not UTF-8 text ({exc.reason} at byte"
+                                 f" {exc.start})") from None
+    if not raw.strip():
+        raise UsageError(f"{source} is empty; give a JSON object such as '{{}}'")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        line = raw.splitlines()[exc.lineno - 1] if raw.splitlines() else ""
+        near = line[exc.colno - 1: exc.colno + 19]
+        where = f"line {exc.lineno}, column {exc.colno}"
+        hint = f", near {near!r}" if near.strip() else " (at the end)"
+        raise UsageError(f"{source} is not valid JSON: {exc.msg} at {where}{hint}") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(value), "a number")
+        raise UsageError(f"{source} must be a JSON object ({{...}}), not {kind}")
+    return value
+
+
+_RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd]?)$")
+
+
+def parse_run_at(text: str, now: datetime | None = None) -> str:
+    """--run-at as an ISO 8601 string with a UTC offset."""
+    match = _RELATIVE.match(text.strip())
+    if match:
+        unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        when = (now or datetime.now(UTC)) + timedelta(seconds=float(match.group(1)) * unit)
+        return when.astimezone(UTC).isoformat()
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(f"--run-at {text!r} is not an ISO 8601 time like"
+                         " 2030-01-31T14:00:00Z, nor +N[s|m|h|d]") from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # a time without a zone is local time
+    return when.isoformat()
+
+
+# --- running ----------------------------------------------------------------------------
+
+class Out:
+    """Where a command writes: stdout for results, stderr for the one-line reasons."""
+
+    def __init__(self, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> None:
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+        self.ascii_only = not _can_encode(self.stdout, "█░…")
+
+    def print(self, text: str = "") -> None:
+        self.stdout.write(text + "\n")
+        self.stdout.flush()
+
+    def raw(self, reply: Reply) -> None:
+        """A document exactly as the API sent it, one per line."""
+        self.print(reply.text.strip())
+
+    def warn(self, text: str) -> None:
+        self.stderr.write(f"jobs: {text}\n")
+        self.stderr.flush()
+
+
+def _can_encode(stream: IO[str], sample: str) -> bool:
+    try:
+        sample.encode(getattr(stream, "encoding", None) or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def run(argv: list[str] | None = None, *, stdout: IO[str] | None = None,
+        stderr: IO[str] | None = None) -> int:
+    """Parse `argv`, run the command, and answer the exit code; errors as one line."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    out = Out(stdout, stderr)
+    try:
+        args = build_parser().parse_args(argv)
+        if not getattr(args, "command", None):
+            raise UsageError("a command is needed: submit, status, list, dead-letters, retry,"
+                             " cancel or watch (see `jobs --help`)")
+        url = args.url or os.environ.get("JOBS_URL") or DEFAULT_URL
+        client = Client(url, timeout=args.timeout)
+        handler: Callable[[argparse.Namespace, Client, Out], int] = args.handler
+        return handler(args, client, out)
+    except CliError as exc:
+        out.warn(exc.message)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        out.warn("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `jobs list | head`: the reader left; say nothing more.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return EXIT_OK
+
+
+# --- commands ---------------------------------------------------------------------------
+
+def cmd_submit(args: argparse.Namespace, client: Client, out: Out) -> int:
+    body: dict[str, Any] = {"job_type": args.job_type, "payload": parse_payload(args.payload)}
+    if args.max_retries is not None:
+        body["max_retries"] = args.max_retries
+    if args.run_at:
+        body["run_at"] = parse_run_at(args.run_at)
+    if args.wait_timeout and not args.wait:
+        raise UsageError("--wait-timeout needs --wait")
+    reply = client.submit(body, args.idempotency_key)
+    job = reply.json
+    deferred = reply.headers.get("x-jobs-enqueue") == "deferred"
+    if not args.wait:
+        if args.json:
+            out.raw(reply)
+        else:
+            out.print(f"submitted {job.get('job_id')}  {job.get('job_type')}  "
+                      f"{job.get('status')}" + (f"  run at {job['run_at']}"
+                                                if job.get("run_at") else ""))
+            if deferred:
+                out.print("note: the broker did not acknowledge in time; the job is stored"
+                          " and will be enqueued by the sweeper")
+        return EXIT_OK
+    if not args.json:
+        out.print(f"submitted {job.get('job_id')}  {job.get('job_type')}"
+                  + ("  (enqueue deferred: broker unavailable)" if deferred else ""))
+    return wait_and_report(client, out, reply, args)
+
+
+def wait_and_report(client: Client, out: Out, reply: Reply, args: argparse.Namespace) -> int:
+    """Follow a job to its end with a live display, then print its outcome."""
+    job = reply.json
+    job_id = str(job.get("job_id"))
+    if args.json:
+        stream, tty = out.stderr, _isatty(out.stderr)
+        show = tty  # keep stderr quiet for scripts; stdout gets the final document only
+    else:
+        stream, tty, show = out.stdout, _isatty(out.stdout), True
+    started = time.monotonic()
+    try:
+        final = wait_for_job(client, reply, stream=stream if show else None, tty=tty,
+                             ascii_only=out.ascii_only, timeout=args.wait_timeout)
+    except KeyboardInterrupt:
+        if show and tty:
+            stream.write("\n")
+        out.warn(f"stopped waiting; job {job_id} goes on (jobs status {job_id})")
+        return EXIT_INTERRUPTED
+    doc = final.json
+    status = doc.get("status")
+    if args.json:
+        out.raw(final)
+    else:
+        elapsed = time.monotonic() - started
+        out.print(f"{status} after {doc.get('attempts')} attempt(s), retries"
+                  f" {render.retries_cell(doc)}, {elapsed:.1f}s")
+        if status == "COMPLETED":
+            out.print("result: " + json.dumps(doc.get("result"), indent=2, ensure_ascii=False))
+    if status == "COMPLETED":
+        return EXIT_OK
+    reason = f": {one_line(doc['error_message'], 300)}" if doc.get("error_message") else ""
+    out.warn(f"job {job_id} ended {status}{reason}")
+    return EXIT_FAILED
+
+
+class _Sleep:
+    """time.sleep, replaceable in tests."""
+
+    sleep = staticmethod(time.sleep)
+
+
+def wait_for_job(client: Client, reply: Reply, *, stream: IO[str] | None, tty: bool,
+                 ascii_only: bool = False, timeout: float | None = None,
+                 interval: float = WAIT_POLL_SECONDS) -> Reply:
+    """Poll GET /jobs/{id} until the job is COMPLETED, DEAD_LETTER or CANCELLED.
+
+    On a TTY one line is redrawn with \\r; otherwise a line is printed per change. An
+    unreachable API or a 503 is ridden out for WAIT_OUTAGE_SECONDS.
+    """
+    job_id = str(reply.json.get("job_id"))
+    started = time.monotonic()
+    last_state: tuple[Any, ...] | None = None
+    outage_since: float | None = None
+    note = ""
+    while True:
+        job = reply.json
+        elapsed = time.monotonic() - started
+        if stream is not None:
+            line = render.wait_line(job, elapsed, ascii_only) + note
+            state = tuple(job.get(k) for k in ("status", "attempts", "retries", "progress",
+                                               "progress_message", "cancel_requested"))
+            if tty:
+                cols = shutil.get_terminal_size((100, 24)).columns
+                stream.write("\r\x1b[K" + render.clip(line, max(cols - 1, 20)))
+                stream.flush()
+            elif state != last_state:
+                stream.write(line + "\n")
+                stream.flush()
+            last_state = state
+        if job.get("status") in render.TERMINAL:
+            if stream is not None and tty:
+                stream.write("\n")
+                stream.flush()
+            return reply
+        if timeout is not None and elapsed > timeout:
+            if stream is not None and tty:
+                stream.write("\n")
+            raise CliError(f"job {job_id} is still {job.get('status')} after {timeout:g}s"
+                           " (--wait-timeout)")
+        _Sleep.sleep(interval)
+        try:
+            reply = client.job(job_id)
+            outage_since, note = None, ""
+        except (Unreachable, ApiError) as exc:
+            if isinstance(exc, ApiError) and exc.status != 503:
+                raise
+            now = time.monotonic()
+            outage_since = outage_since or now
+            if now - outage_since > WAIT_OUTAGE_SECONDS:
+                raise
+            note = f"  (retrying: {exc.message})"
+
+
+def cmd_status(args: argparse.Namespace, client: Client, out: Out) -> int:
+    reply = client.job(resolve_id(client, args.job_id))
+    if args.json:
+        out.raw(reply)
+    else:
+        out.print(render.job_detail(reply.json, ascii_only=out.ascii_only))
+    return EXIT_OK
+
+
+def _pages(fetch: Callable[[int, str | None], Reply], args: argparse.Namespace
+           ) -> Iterator[tuple[Reply, list[dict[str, Any]], str | None]]:
+    """Pages until --limit items (or the end, with --all); yields (reply, items, cursor)."""
+    wanted: int | None = None if args.all else (args.limit or args.default_limit)
+    cursor, seen = args.cursor, 0
+    while True:
+        if wanted is None:
+            size = min(args.limit or PAGE_MAX, PAGE_MAX)
+        else:
+            size = min(wanted - seen, PAGE_MAX)
+        reply = fetch(size, cursor)
+        doc = reply.json
+        items = doc.get("items") or []
+        cursor = doc.get("next_cursor")
+        seen += len(items)
+        yield reply, items, cursor
+        if not cursor or not items or (wanted is not None and seen >= wanted):
+            return
+
+
+def _list_output(out: Out, args: argparse.Namespace, pages: Iterator[Any],
+                 table: Callable[[list[dict[str, Any]]], str], noun: str) -> int:
+    items: list[dict[str, Any]] = []
+    cursor = None
+    for reply, page_items, next_cursor in pages:
+        if args.json:
+            out.raw(reply)
+        items += page_items
+        cursor = next_cursor
+    if args.json:
+        return EXIT_OK
+    if not items:
+        out.print(f"no {noun}")
+    else:
+        out.print(table(items))
+    if cursor and not args.all:
+        out.print(f"({len(items)} shown; more with --all or --cursor {cursor})")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, client: Client, out: Out) -> int:
+    status = args.status.upper().replace(" ", "") if args.status else None
+    job_type = args.job_type.replace(" ", "") if args.job_type else None
+
+    def fetch(limit: int, cursor: str | None) -> Reply:
+        return client.jobs(status=status, job_type=job_type, limit=limit, cursor=cursor)
+
+    return _list_output(out, args, _pages(fetch, args),
+                        lambda items: render.jobs_table(items, full_ids=args.full_ids,
+                                                        ascii_only=out.ascii_only), "jobs")
+
+
+def cmd_dead_letters(args: argparse.Namespace, client: Client, out: Out) -> int:
+    def fetch(limit: int, cursor: str | None) -> Reply:
+        return client.dead_letters(limit=limit, cursor=cursor)
+
+    return _list_output(out, args, _pages(fetch, args),
+                        lambda items: render.dead_letters_table(items, full_ids=args.full_ids),
+                        "dead letters")
+
+
+def cmd_retry(args: argparse.Namespace, client: Client, out: Out) -> int:
+    if args.wait_timeout and not args.wait:
+        raise UsageError("--wait-timeout needs --wait")
+    reply = client.retry(resolve_id(client, args.job_id, status="DEAD_LETTER"))
+    job = reply.json
+    if args.wait:
+        if not args.json:
+            out.print(f"job {job.get('job_id')} is back in the queue")
+        return wait_and_report(client, out, reply, args)
+    if args.json:
+        out.raw(reply)
+    else:
+        out.print(f"job {job.get('job_id')} is back in the queue: {job.get('status')},"
+                  f" retries {render.retries_cell(job)} (HTTP {reply.status})")
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace, client: Client, out: Out) -> int:
+    reply = client.cancel(resolve_id(client, args.job_id))
+    job = reply.json
+    if args.json:
+        out.raw(reply)
+    elif job.get("status") == "CANCELLED":
+        out.print(f"job {job.get('job_id')} cancelled")
+    else:
+        out.print(f"cancel requested for job {job.get('job_id')}: it is {job.get('status')}"
+                  " and has been told to stop")
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace, client: Client, out: Out) -> int:
+    tty = _isatty(out.stdout) and not args.once and not args.json
+    first = True
+    error: str | None = None
+    stats: dict[str, Any] = {}
+    try:
+        if tty:
+            out.stdout.write("\x1b[?25l")  # hide the cursor while redrawing
+        while True:
+            try:
+                reply = client.stats()
+                stats, error = reply.json, None
+                if args.json:
+                    out.raw(reply)
+            except CliError as exc:
+                if first or args.once or not tty:
+                    raise
+                error = exc.message  # keep showing the last frame, with the reason
+            first = False
+            if not args.json:
+                footer = f"every {args.interval:g}s, Ctrl-C to quit" if tty else None
+                if error:
+                    footer = f"NOT UPDATING: {error}"
+                frame = _fit_frame(stats, client.base, args.recent, tty, out.ascii_only, footer)
+                if tty:
+                    out.stdout.write("\x1b[H\x1b[2J" + frame + "\n")
+                    out.stdout.flush()
+                else:
+                    out.print(frame + ("" if args.once else "\n"))
+            if args.once:
+                return EXIT_OK
+            _Sleep.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        if tty:
+            out.stdout.write("\x1b[?25h")
+            out.stdout.flush()
+
+
+def _fit_frame(stats: dict[str, Any], url: str, recent: int, tty: bool, ascii_only: bool,
+               footer: str | None) -> str:
+    frame = render.stats_frame(stats, url=url, recent_limit=recent, ascii_only=ascii_only,
+                               footer=footer)
+    if tty:
+        rows = shutil.get_terminal_size((100, 24)).lines
+        excess = frame.count("\n") + 2 - rows
+        if excess > 0 and recent > 0:
+            frame = render.stats_frame(stats, url=url, recent_limit=max(recent - excess, 1),
+                                       ascii_only=ascii_only, footer=footer)
+    return frame
+
+
+# --- ids --------------------------------------------------------------------------------
+
+_PREFIX = re.compile(r"^[0-9a-f-]{4,35}$")
+
+
+def resolve_id(client: Client, raw: str, status: str | None = None) -> str:
+    """A full job id from `raw`: itself when it is a UUID, else the one recent job whose id
+    starts with it. Anything else goes to the API as given (which says what is wrong)."""
+    text = raw.strip()
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        pass
+    prefix = text.lower()
+    if not _PREFIX.match(prefix):
+        return text
+    found: list[str] = []
+    cursor: str | None = None
+    scanned = 0
+    for _ in range(RESOLVE_PAGES):
+        doc = client.jobs(status=status, limit=PAGE_MAX, cursor=cursor).json
+        items = doc.get("items") or []
+        scanned += len(items)
+        found += [str(j["job_id"]) for j in items
+                  if str(j.get("job_id", "")).startswith(prefix)]
+        cursor = doc.get("next_cursor")
+        if not cursor:
+            break
+    matches = sorted(set(found))
+    kind = f"{status.lower().replace('_', '-')} " if status else ""
+    if not matches:
+        raise CliError(f"no {kind}job id starts with {text!r} among the latest {scanned}"
+                       f" {kind}jobs; give the full id")
+    if len(matches) > 1:
+        shown = ", ".join(m[:13] for m in matches[:3]) + (", ..." if len(matches) > 3 else "")
+        raise UsageError(f"{text!r} matches {len(matches)} jobs ({shown}); give more of the id")
+    return matches[0]
+
+
+__all__ = ["build_parser", "parse_payload", "parse_run_at", "run"]

@@ -1,0 +1,113 @@
+"""Hostile input: schemathesis generates requests (valid and invalid) from /openapi.json.
+
+Every operation of the running gateway is driven with examples derived from the
+published OpenAPI document. Whatever the input, the API must never answer 5xx, and every
+answer must be one the document promises: a documented status code, the documented
+content type, and a body matching the documented schema.
+"""
+
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.support.client import Api
+
+pytestmark = pytest.mark.integration
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+
+
+@pytest.fixture(scope="session")
+def api_schema(api: Api) -> schemathesis.BaseSchema:
+    """The schema as the running gateway publishes it, with the gateway as base URL."""
+    loaded = schemathesis.openapi.from_url(f"{api.base}/openapi.json")
+    loaded.config.update(base_url=api.base, request_timeout=30)
+    return loaded
+
+
+@pytest.fixture(autouse=True)
+def _node_id_for_schemathesis(request: pytest.FixtureRequest) -> None:
+    """Give the test item the `_nodeid` attribute schemathesis 4.32 reads.
+
+    pytest 9.2 keeps node ids as `NodeId` objects in `_id` and dropped `_nodeid`
+    (pytest-dev/pytest#14758); schemathesis' lazy loader still reads and rewrites
+    `request.node._nodeid` (only to label each operation's subtest).
+    """
+    if not hasattr(request.node, "_nodeid"):
+        request.node._nodeid = request.node.nodeid
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+def test_the_api_answers_any_generated_request_as_its_schema_documents(case):
+    case.call_and_validate(checks=CHECKS)
+
+
+# Regressions for what the run above found: valid JSON that PostgreSQL cannot store
+# reached the INSERT and came back as a 500.
+UNSTORABLE_BODIES = {
+    "NUL in a string": b'{"job_type": "NOOP", "payload": {"text": "a\\u0000b"}}',
+    "NUL in a key": b'{"job_type": "NOOP", "payload": {"a\\u0000": 1}}',
+    "unpaired surrogate": b'{"job_type": "NOOP", "payload": {"text": "\\ud800"}}',
+    "number beyond float": b'{"job_type": "NOOP", "payload": {"n": 1e400}}',
+    "nesting too deep": b'{"job_type": "NOOP", "payload": {"a": ' + b"[" * 100 + b"]" * 100
+                        + b"}}",
+    # deeper than Python's recursion limit: json.loads itself gives up
+    "nesting far too deep": b'{"job_type": "NOOP", "payload": {"a": ' + b"[" * 5000
+                            + b"]" * 5000 + b"}}",
+}
+
+
+@pytest.mark.parametrize("body", UNSTORABLE_BODIES.values(), ids=UNSTORABLE_BODIES.keys())
+@pytest.mark.parametrize("path", ["/jobs", "/jobs/batch"])
+def test_json_postgresql_cannot_store_is_a_422_saying_why(api: Api, path: str,
+                                                                 body: bytes):
+    if path == "/jobs/batch":
+        body = b'{"jobs": [' + body + b"]}"
+    reply = api.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    assert reply.status == 422, reply.body[:300]
+    assert reply.content_type == "application/problem+json"
+    assert reply.json["errors"], reply.json
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_json_number_literals_are_malformed_json(api: Api, literal: bytes):
+    body = b'{"job_type": "NOOP", "payload": {"n": ' + literal + b"}}"
+    reply = api.request("POST", "/jobs", body=body, headers={"Content-Type": "application/json"})
+    assert reply.status == 400, reply.body[:300]
+    assert reply.content_type == "application/problem+json"
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/jobs?job_type=%00", 400),
+    ("GET", "/jobs?cursor=%00", 400),
+    ("GET", "/jobs/ab%0Acd", 400),  # a newline in the id: no Flask rule takes the path
+    ("GET", "/jobs/ab%0Acd/artifact", 400),
+    ("POST", "/jobs/ab%0Acd/retry", 400),
+    ("POST", "/jobs/%0A", 405),
+    ("GET", "/%0A", 404),
+])
+def test_hostile_paths_and_queries_get_problem_documents(api: Api, method: str, path: str,
+                                                         status: int):
+    reply = api.request(method, path)
+    assert reply.status == status, reply.body[:300]
+    assert reply.content_type == "application/problem+json", reply.body[:300]
