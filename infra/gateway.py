@@ -42,6 +42,8 @@ ROUTES = [
 ]
 COMPILED = [(m, re.compile(rf"^{p}/?\Z"), u) for m, p, u in ROUTES]
 
+STATIC_DIR = Path(__file__).resolve().parent / "static"  # the dashboard
+
 SWAGGER_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Jobs API</title>
 <link rel="stylesheet" href="/swagger-ui/swagger-ui.css">
@@ -91,6 +93,18 @@ def create_gateway(upstreams: dict[str, str], *, max_body: int | None = None) ->
         return flask.Response(json.dumps({"ready": ok, "checks": checks}),
                               status=200 if ok else 503, mimetype="application/json")
 
+    metrics_endpoint: list[Any] = []
+
+    @app.get("/metrics")
+    def metrics() -> flask.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from infra.metrics import MetricsEndpoint
+
+        if not metrics_endpoint:
+            metrics_endpoint.append(MetricsEndpoint())
+        return flask.Response(metrics_endpoint[0].render(), mimetype=CONTENT_TYPE_LATEST)
+
     @app.get("/openapi.json")
     def openapi() -> flask.Response:
         if "doc" not in openapi_cache:
@@ -106,6 +120,16 @@ def create_gateway(upstreams: dict[str, str], *, max_body: int | None = None) ->
     @app.get("/swagger-ui/<path:name>")
     def swagger_asset(name: str) -> flask.Response:
         return flask.send_from_directory(assets, name, max_age=3600)
+
+    # The dashboard: one page (hash routing) and its assets, shipped in the package.
+    @app.get("/")
+    @app.get("/dashboard")
+    def dashboard() -> flask.Response:
+        return flask.send_from_directory(STATIC_DIR, "index.html", max_age=0)
+
+    @app.get("/static/<path:name>")
+    def static_asset(name: str) -> flask.Response:
+        return flask.send_from_directory(STATIC_DIR, name, max_age=0)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> flask.Response:

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,6 +187,11 @@ class Stack:
             env["SMTP_URL"] = self.services["smtp"].url
         env.setdefault("JOBS_ARTIFACT_DIR", str(self.data_dir / "artifacts"))
         env.setdefault("JOBS_DATA_DIR", str(self.data_dir))
+        # Every process's counters go here; the gateway's /metrics adds them up.
+        metrics_dir = self.data_dir / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         env["PYTHONUNBUFFERED"] = "1"
         topics = self.topics
         services.create_topics(env["KAFKA_BOOTSTRAP_SERVERS"], topics)

@@ -400,7 +400,8 @@ def wait_for_job(client: Client, reply: Reply, *, stream: IO[str] | None, tty: b
         if stream is not None:
             line = render.wait_line(job, elapsed, ascii_only) + note
             state = tuple(job.get(k) for k in ("status", "attempts", "retries", "progress",
-                                               "progress_message", "cancel_requested"))
+                                               "progress_message", "cancel_requested")
+                          ) + (note,)
             if tty:
                 cols = shutil.get_terminal_size((100, 24)).columns
                 stream.write("\r\x1b[K" + render.clip(line, max(cols - 1, 20)))

@@ -77,3 +77,23 @@ def sleepy(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
 def hang(payload: dict[str, Any]) -> None:
     """Ignore every stop request and block far past the time limit."""
     time.sleep(float(payload.get("seconds", 20)))
+
+
+@job_handler("PROGRESS", timeout_seconds=30)
+def progress(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Report progress in `steps` steps of `step_seconds`, stopping early when asked."""
+    steps = int(payload.get("steps", 5))
+    for step in range(steps):
+        if ctx.should_stop():
+            raise RuntimeError(f"stopped at step {step}")
+        ctx.progress(step / steps, f"step {step + 1} of {steps}")
+        time.sleep(float(payload.get("step_seconds", 0.3)))
+    ctx.progress(1.0, "done")
+    return {"steps": steps}
+
+
+@job_handler("ONE_AT_A_TIME", concurrency=1, timeout_seconds=30)
+def one_at_a_time(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Sleep a little; the type allows one running attempt across all workers."""
+    time.sleep(float(payload.get("seconds", 0.3)))
+    return {"attempt": ctx.attempt}

@@ -1,0 +1,106 @@
+"""`GET /metrics` for the gateway: every process's counters (prometheus-client multiprocess
+mode) plus gauges read at scrape time: jobs by status, queue lag, cache hit ratio."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from common import clients
+
+log = logging.getLogger(__name__)
+
+
+class LiveCollector(Collector):
+    """Gauges computed when scraped, from PostgreSQL, Kafka and the lookup counters."""
+
+    def __init__(self, counters: MultiProcessCollector | None, consumer_group: str) -> None:
+        self.counters = counters
+        self.consumer_group = consumer_group
+        self._consumer: Any = None
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._jobs_by_status()
+        yield from self._queue_lag()
+        yield from self._cache_ratio()
+
+    def _jobs_by_status(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily("jobs_current", "Jobs in PostgreSQL by status and type",
+                                  labels=["status", "job_type"])
+        try:
+            rows = clients.database().run(
+                "SELECT status::text, job_type, count(*) FROM jobs GROUP BY 1, 2")
+        except Exception as exc:
+            log.warning("metrics: jobs by status unavailable: %s", exc)
+            return
+        for status, job_type, n in rows:
+            gauge.add_metric([status, job_type], n)
+        yield gauge
+
+    def _queue_lag(self) -> Iterator[Metric]:
+        from confluent_kafka import Consumer, TopicPartition
+
+        settings = clients.settings()
+        topic = settings.queue_topic
+        gauge = GaugeMetricFamily("jobs_queue_lag_records",
+                                  "Records not yet committed by the processing consumer group",
+                                  labels=["topic", "partition"])
+        try:
+            with self._lock:
+                if self._consumer is None:
+                    # Never subscribes, so it never joins the group: it only reads offsets.
+                    self._consumer = Consumer({
+                        "bootstrap.servers": settings.kafka_bootstrap_servers,
+                        "group.id": self.consumer_group, "enable.auto.commit": False})
+                consumer = self._consumer
+                partitions = consumer.list_topics(topic, timeout=2).topics[topic].partitions
+                tps = [TopicPartition(topic, p) for p in partitions]
+                committed = consumer.committed(tps, timeout=2)
+                for tp in committed:
+                    low, high = consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+                    position = tp.offset if tp.offset >= 0 else low
+                    gauge.add_metric([topic, str(tp.partition)], max(0, high - position))
+        except Exception as exc:
+            log.warning("metrics: queue lag unavailable: %s", exc)
+            return
+        yield gauge
+
+    def _cache_ratio(self) -> Iterator[Metric]:
+        if self.counters is None:
+            return
+        hits = misses = 0.0
+        for metric in self.counters.collect():
+            if metric.name == "jobs_status_lookups":
+                for sample in metric.samples:
+                    if sample.name.endswith("_total"):
+                        if sample.labels.get("source") == "cache":
+                            hits += sample.value
+                        else:
+                            misses += sample.value
+        gauge = GaugeMetricFamily("jobs_status_cache_hit_ratio",
+                                  "Share of GET /jobs/{id} answered from Redis")
+        gauge.add_metric([], hits / (hits + misses) if hits + misses else 0.0)
+        yield gauge
+
+
+class MetricsEndpoint:
+    """Builds the exposition text; one per gateway process."""
+
+    def __init__(self, consumer_group: str = "process") -> None:
+        self.registry = CollectorRegistry()
+        counters = None
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            counters = MultiProcessCollector(self.registry)
+        self.registry.register(LiveCollector(counters, consumer_group))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

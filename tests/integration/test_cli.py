@@ -1,0 +1,226 @@
+"""The `jobs` command line, run as a real process against the real stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from tests.support.client import wait_for
+
+pytestmark = pytest.mark.integration
+
+Run = Callable[..., subprocess.CompletedProcess]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "JOBS_URL"}
+    env["PYTHONIOENCODING"] = "utf-8"
+    return env
+
+
+@pytest.fixture(scope="module")
+def jobs(stack) -> Run:
+    def run(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "jobs_cli", "--url", stack.gateway_url,
+                               *args], capture_output=True, text=True, timeout=timeout,
+                              env=_env())
+    return run
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("jobs: ")
+    return lines[0]
+
+
+def _skip_if_missing(api, method: str, path: str) -> None:
+    """Skip when the gateway has no such endpoint yet (it answers 404 'no route')."""
+    reply = api.request(method, path)
+    if reply.status == 404 and "no route" in reply.body.decode(errors="replace"):
+        pytest.skip(f"{method} {path} is not served yet")
+
+
+def test_submit_wait_exits_0_and_prints_the_result(jobs):
+    message = f"cli-{uuid.uuid4()}"
+    done = jobs("submit", "ECHO", "--payload", json.dumps({"message": message}), "--wait")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("submitted ")
+    assert any(" COMPLETED " in f" {line} " for line in lines[1:])
+    assert json.loads(done.stdout.split("result: ", 1)[1]) == {"echo": message, "attempt": 1}
+    assert done.stderr == ""
+
+
+def test_payload_from_a_file_and_json_status(jobs, api, tmp_path):
+    path = tmp_path / "payload.json"
+    path.write_text(json.dumps({"message": "from a file ✓"}), encoding="utf-8")
+    submitted = jobs("--json", "submit", "ECHO", "--payload", f"@{path}", "--max-retries", "1")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["job_id"]
+    api.wait_status(job_id)
+
+    status = jobs("--json", "status", job_id)
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["job_id"] == job_id and doc["status"] == "COMPLETED"
+    assert doc["payload"] == {"message": "from a file ✓"} and doc["max_retries"] == 1
+    assert doc == api.job(job_id)
+
+    people = jobs("status", job_id[:8])  # a unique prefix of a recent job is enough
+    assert people.returncode == 0, people.stderr
+    assert job_id in people.stdout and "COMPLETED" in people.stdout
+
+
+def test_list_by_status_shows_a_completed_job(jobs):
+    done = jobs("--json", "submit", "ECHO", "--payload", '{"message": "listed"}', "--wait")
+    assert done.returncode == 0, done.stderr
+    job_id = json.loads(done.stdout)["job_id"]
+
+    listed = jobs("list", "--status", "COMPLETED", "--type", "ECHO", "--limit", "50")
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[:3] == ["ID", "TYPE", "STATUS"]
+    mine = [row for row in rows if row.startswith(job_id[:8])]
+    assert mine and mine[0].split()[1:3] == ["ECHO", "COMPLETED"]
+
+    as_json = jobs("--json", "list", "--status", "COMPLETED", "--limit", "50")
+    page = json.loads(as_json.stdout)
+    assert job_id in {item["job_id"] for item in page["items"]}
+    assert {item["status"] for item in page["items"]} == {"COMPLETED"}
+
+
+def test_a_failing_job_exits_1_shows_in_dead_letters_and_retry_puts_it_back(jobs, api):
+    failed = jobs("submit", "ALWAYS_FAIL", "--max-retries", "0", "--wait")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    job_id = failed.stdout.split()[1]
+    assert f"job {job_id} ended DEAD_LETTER: RuntimeError: always fails" in \
+        _one_line(failed.stderr)
+
+    letters = jobs("dead-letters", "--limit", "200")
+    assert letters.returncode == 0, letters.stderr
+    assert any(row.startswith(job_id[:8]) and "ALWAYS_FAIL" in row
+               for row in letters.stdout.splitlines())
+
+    retried = jobs("retry", job_id)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.startswith(f"job {job_id} is back in the queue")
+    assert "(HTTP 202)" in retried.stdout
+    wait_for(lambda: (doc := api.job(job_id))["attempts"] == 2
+             and doc["status"] == "DEAD_LETTER", 30, "the replayed job to fail again")
+
+    again = jobs("retry", job_id[:8])  # dead letter again: replayable again, by prefix
+    assert again.returncode == 0, again.stderr
+
+    not_dead = jobs("retry", job_id)
+    if not_dead.returncode == 0:  # it may already be dead-lettered a third time
+        return
+    assert not_dead.returncode == 1
+    assert "409" in _one_line(not_dead.stderr)
+
+
+def test_an_unknown_job_exits_1_with_the_api_detail(jobs):
+    missing = str(uuid.uuid4())
+    done = jobs("status", missing)
+    assert done.returncode == 1
+    assert _one_line(done.stderr).startswith("jobs: 404 ")
+    assert missing in done.stderr
+
+
+def test_a_payload_the_type_refuses_exits_1_with_the_field(jobs):
+    done = jobs("submit", "ECHO", "--payload", '{"message": ["not", "a", "string"]}')
+    assert done.returncode == 1
+    line = _one_line(done.stderr)
+    assert line.startswith("jobs: 422 ") and "message" in line
+
+
+def test_bad_payload_json_is_a_usage_error_before_any_request(jobs):
+    done = jobs("submit", "ECHO", "--payload", '{"message": }')
+    assert done.returncode == 2
+    assert "line 1, column 13" in _one_line(done.stderr)
+
+
+def test_an_unreachable_url_exits_3_with_one_line():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "jobs_cli", "--url", f"http://127.0.0.1:{port}",
+                           "list"], capture_output=True, text=True, timeout=60, env=_env())
+    assert done.returncode == 3
+    assert _one_line(done.stderr) == (f"jobs: cannot reach http://127.0.0.1:{port} (connection"
+                                      " refused): is `make run` up?")
+    assert done.stdout == ""
+
+
+def test_an_unknown_command_exits_2(jobs):
+    done = jobs("frobnicate")
+    assert done.returncode == 2
+    assert "unknown command 'frobnicate'" in _one_line(done.stderr)
+
+
+def test_the_console_script_is_installed():
+    script = os.path.join(os.path.dirname(sys.executable), "jobs")
+    if not os.path.exists(script):
+        pytest.skip("the `jobs` script is not installed in this environment")
+    done = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("jobs ")
+
+
+def test_cancel_a_running_job_and_a_waiting_cli_exits_1(jobs, api, stack):
+    _skip_if_missing(api, "POST", f"/jobs/{uuid.uuid4()}/cancel")
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "jobs_cli", "--url", stack.gateway_url, "submit", "SLEEPY",
+         "--payload", '{"seconds": 20}', "--wait"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert waiting.stdout is not None
+        first = waiting.stdout.readline()
+        assert first.startswith("submitted "), first
+        job_id = first.split()[1]
+        api.wait_status(job_id, "IN_PROGRESS")
+
+        cancelled = jobs("cancel", job_id)
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert job_id in cancelled.stdout
+
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert waiting.returncode == 1, out + err
+    assert f"job {job_id} ended CANCELLED" in _one_line(err)
+    assert api.job(job_id)["status"] == "CANCELLED"
+
+    again = jobs("cancel", job_id)
+    assert again.returncode == 1
+    assert _one_line(again.stderr).startswith("jobs: 409 ")
+
+
+def test_watch_once_prints_counts_per_status(jobs, api):
+    _skip_if_missing(api, "GET", "/stats")
+    assert jobs("submit", "ECHO", "--payload", '{"message": "watched"}',
+                "--wait").returncode == 0
+    frame = jobs("watch", "--once")
+    assert frame.returncode == 0, frame.stderr
+    lines = frame.stdout.splitlines()
+    counts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    assert counts["COMPLETED"] >= 1 and counts["TOTAL"] >= counts["COMPLETED"]
+    assert "Recent jobs" in lines
+    assert "\x1b[" not in frame.stdout
+
+    raw = jobs("--json", "watch", "--once")
+    stats = json.loads(raw.stdout)
+    assert set(stats) >= {"counts", "by_type", "throughput", "recent"}
+    assert stats["counts"]["COMPLETED"] >= 1
