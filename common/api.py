@@ -88,10 +88,7 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
             log.warning("accepted %d job(s) but could not enqueue them now (%s);"
                         " the sweeper will publish them", len(new_rows), exc.detail)
         else:
-            try:
-                jobs.mark_published(db, [str(row["job_id"]) for row in new_rows])
-            except ServiceUnavailable:
-                pass  # at worst the sweeper publishes a duplicate, which process ignores
+            clients.publish_marks().add([str(row["job_id"]) for row in new_rows])
     rows = [row for row, _ in created]
     jobs.cache_rows(db, clients.cache(), rows)
     return [jobs.document(row) for row in rows], enqueued

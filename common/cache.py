@@ -89,18 +89,26 @@ class StatusCache:
         if not docs or not self.available:
             return False
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for doc in docs:
-                self._put(
-                    keys=[cache_key(str(doc["job_id"]))],
-                    args=[int(doc["version"]), json.dumps(doc, default=str), self.ttl],
-                    client=pipe,
-                )
-            pipe.execute()
+            try:
+                self._put_all(docs)
+            except redis.exceptions.NoScriptError:
+                self._client.script_load(_PUT_IF_NEWER)  # Redis restarted: scripts are gone
+                self._put_all(docs)
             return True
         except redis.RedisError as exc:
             self._trip(exc)
             return False
+
+    def _put_all(self, docs: list[dict[str, Any]]) -> None:
+        # EVALSHA in a plain pipeline: one round trip (redis-py's Script objects would add
+        # a SCRIPT EXISTS round trip to every pipeline).
+        pipe = self._client.pipeline(transaction=False)
+        for doc in docs:
+            pipe.evalsha(self._put.sha, 1, cache_key(str(doc["job_id"])), int(doc["version"]),
+                         json.dumps(doc, default=str), self.ttl)
+        for result in pipe.execute(raise_on_error=False):
+            if isinstance(result, Exception):
+                raise result
 
     def forget(self, job_id: str) -> None:
         try:

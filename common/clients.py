@@ -8,6 +8,7 @@ import threading
 from common.cache import StatusCache, get_cache
 from common.db import Database, get_database, migrate
 from common.handlers import load_handlers
+from common.jobs import PublishMarks
 from common.processing import Processor
 from common.queue import Publisher, get_publisher
 from common.settings import Settings, get_settings
@@ -31,6 +32,18 @@ def database() -> Database:
                 migrate(db)
                 _ready.add(s.database_url)
     return db
+
+
+_marks: dict[str, PublishMarks] = {}
+
+
+def publish_marks() -> PublishMarks:
+    """The process-wide background writer of `published_at`."""
+    s = get_settings()
+    with _lock:
+        if s.database_url not in _marks:
+            _marks[s.database_url] = PublishMarks(database())
+        return _marks[s.database_url]
 
 
 def cache() -> StatusCache:

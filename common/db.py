@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,7 +65,7 @@ def is_connection_error(exc: BaseException) -> bool:
 class Database:
     """A thread-safe pool of pg8000 connections to one DSN."""
 
-    def __init__(self, dsn: str, size: int = 8) -> None:
+    def __init__(self, dsn: str, size: int = 64) -> None:
         self.dsn = dsn
         self._kwargs = connect_kwargs(dsn)
         self._idle: queue.LifoQueue[Connection] = queue.LifoQueue()
@@ -241,3 +242,83 @@ def get_database(dsn: str) -> Database:
         if db is None:
             db = _databases[dsn] = Database(dsn)
         return db
+
+
+class GroupCommitter:
+    """Runs single statements from many threads in shared transactions: one commit (one
+    WAL flush) for a whole group instead of one per statement.
+
+    Each caller blocks until its statement is committed. If a group fails for a reason
+    other than a lost connection, its statements are retried one transaction each, so
+    one bad statement never fails the others.
+    """
+
+    def __init__(self, db: Database, max_batch: int = 64) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, sql: str, **params: Any) -> list[dict[str, Any]]:
+        """Execute `sql` in the next group commit; return its rows as dicts once committed."""
+        self._ensure_started()
+        op = _Op(sql, params)
+        self._queue.put(op)
+        op.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.rows
+
+    def _ensure_started(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="group-commit",
+                                                    daemon=True)
+                    self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Op]) -> None:
+        try:
+            with self.db.transaction() as conn:
+                results = [rows_as_dicts(conn, conn.run(op.sql, **op.params)) for op in batch]
+        except ServiceUnavailable as exc:
+            for op in batch:
+                op.finish(error=exc)
+            return
+        except Exception:
+            if len(batch) > 1:  # find the culprit: each statement on its own
+                for op in batch:
+                    self._commit([op])
+                return
+            batch[0].finish(error=sys.exc_info()[1])
+            return
+        for op, rows in zip(batch, results, strict=True):
+            op.finish(rows=rows)
+
+
+class _Op:
+    __slots__ = ("sql", "params", "rows", "error", "done")
+
+    def __init__(self, sql: str, params: dict[str, Any]) -> None:
+        self.sql = sql
+        self.params = params
+        self.rows: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def finish(self, rows: list[dict[str, Any]] | None = None,
+               error: BaseException | None = None) -> None:
+        self.rows = rows or []
+        self.error = error
+        self.done.set()

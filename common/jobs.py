@@ -6,6 +6,8 @@ import base64
 import hashlib
 import json
 import logging
+import threading
+import time
 import uuid
 from datetime import datetime
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 from common.cache import StatusCache
 from common.db import Connection, Database, rows_as_dicts
 from common.errors import ApiError
-from common.lifecycle import transition
+from common.lifecycle import transition, transition_sql
 from common.models import JobStatus, JobSubmission
 
 S = JobStatus
@@ -63,36 +65,83 @@ def create_jobs(
     db: Database,
     submissions: list[tuple[JobSubmission, dict[str, Any], str | None, int, str]],
 ) -> list[tuple[dict[str, Any], bool]]:
-    """Insert jobs as QUEUED in one transaction; return (row, created) for each.
+    """Insert jobs as QUEUED in one statement; return (row, created) for each, in order.
 
     Each item is (submission, validated payload, idempotency key, max retries,
-    request fingerprint). A key seen
-    before with the same request returns the existing job (created=False); with
-    another request it is a 409.
+    request fingerprint). A key seen before with the same request returns the existing
+    job (created=False); with another request it is a 409.
     """
-    out: list[tuple[dict[str, Any], bool]] = []
+    ids = [str(uuid.uuid4()) for _ in submissions]
     with db.transaction() as conn:
-        for submission, payload, key, max_retries, fingerprint in submissions:
-            rows = rows_as_dicts(conn, conn.run(
-                "INSERT INTO jobs (job_id, job_type, payload_json, max_retries,"
-                " idempotency_key, request_hash, run_at, next_attempt_at)"
-                " VALUES (CAST(:id AS uuid), :type, CAST(:payload AS jsonb), :max, :key, :hash,"
-                " :run_at, CASE WHEN :run_at > now() THEN :run_at END)"
-                " ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
-                id=str(uuid.uuid4()), type=submission.job_type, payload=json.dumps(payload),
-                max=max_retries, key=key, hash=fingerprint, run_at=submission.run_at,
-            ))
-            if rows:
-                out.append((rows[0], True))
-                continue
-            existing = rows_as_dicts(conn, conn.run(
-                "SELECT * FROM jobs WHERE idempotency_key = :key", key=key))[0]
-            if existing["request_hash"] != fingerprint:
-                raise ApiError(409, "Idempotency key reused",
-                               f"Idempotency-Key {key!r} was already used for a different request"
-                               f" (job {existing['job_id']})")
-            out.append((existing, False))
+        inserted = rows_as_dicts(conn, conn.run(
+            "INSERT INTO jobs (job_id, job_type, payload_json, max_retries, idempotency_key,"
+            " request_hash, run_at, next_attempt_at)"
+            " SELECT id, type, payload, max, key, hash, run_at,"
+            " CASE WHEN run_at > now() THEN run_at END"
+            " FROM unnest(CAST(:ids AS uuid[]), CAST(:job_types AS text[]),"
+            " CAST(:payloads AS jsonb[]), CAST(:maxes AS int[]), CAST(:keys AS text[]),"
+            " CAST(:hashes AS text[]), CAST(:run_ats AS timestamptz[]))"
+            " AS s(id, type, payload, max, key, hash, run_at)"
+            " ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
+            ids=ids, job_types=[s.job_type for s, *_ in submissions],
+            payloads=[json.dumps(p) for _, p, *_ in submissions],
+            maxes=[m for *_, m, _ in submissions], keys=[k for _, _, k, _, _ in submissions],
+            hashes=[h for *_, h in submissions],
+            run_ats=[s.run_at.isoformat() if s.run_at else None for s, *_ in submissions]))
+        by_id = {str(row["job_id"]): row for row in inserted}
+        missing = [k for (_, _, k, _, _), i in zip(submissions, ids, strict=True)
+                   if i not in by_id]
+        existing = {}
+        if missing:
+            existing = {row["idempotency_key"]: row for row in rows_as_dicts(conn, conn.run(
+                "SELECT * FROM jobs WHERE idempotency_key = ANY(CAST(:keys AS text[]))",
+                keys=missing))}
+    out: list[tuple[dict[str, Any], bool]] = []
+    for (_, _, key, _, fingerprint), job_id in zip(submissions, ids, strict=True):
+        if job_id in by_id:
+            out.append((by_id[job_id], True))
+            continue
+        old = existing[key]
+        if old["request_hash"] != fingerprint:
+            raise ApiError(409, "Idempotency key reused",
+                           f"Idempotency-Key {key!r} was already used for a different request"
+                           f" (job {old['job_id']})")
+        out.append((old, False))
     return out
+
+
+class PublishMarks:
+    """Records `published_at` in the background, many jobs per statement.
+
+    Not in the request path: a mark lost in a crash only means the sweeper publishes
+    that job once more, and `process` ignores the duplicate.
+    """
+
+    def __init__(self, db: Database, interval: float = 0.02) -> None:
+        self.db = db
+        self.interval = interval
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, job_ids: list[str]) -> None:
+        with self._lock:
+            self._pending.extend(job_ids)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="publish-marks",
+                                                daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._lock:
+                batch, self._pending = self._pending, []
+            if batch:
+                try:
+                    mark_published(self.db, batch)
+                except Exception as exc:
+                    log.warning("could not mark %d job(s) published: %s", len(batch), exc)
 
 
 def mark_published(db: Database, job_ids: list[str]) -> None:
@@ -176,12 +225,7 @@ def claim(conn: Connection, job_id: str, lease_seconds: float,
             return None
     row = transition(
         conn, job_id, S.IN_PROGRESS,
-        expressions={
-            "attempts": "attempts + 1",
-            "retries": "retries + CASE WHEN status = 'RETRYING' THEN 1 ELSE 0 END",
-            "lease_expires_at": "now() + make_interval(secs => :lease)",
-            "next_attempt_at": "NULL",
-        },
+        expressions=_CLAIM_EXPRESSIONS,
         where="(next_attempt_at IS NULL OR next_attempt_at <= now())",
         params={"lease": float(lease_seconds)},
     )
@@ -260,3 +304,33 @@ def recent(conn: Connection, limit: int, status: str | None = None) -> list[dict
     return rows_as_dicts(conn, conn.run(
         f"SELECT * FROM jobs {where} ORDER BY updated_at DESC LIMIT :limit",
         limit=limit, **({"status": status} if status else {})))
+
+
+_CLAIM_EXPRESSIONS = {
+    "attempts": "attempts + 1",
+    "retries": "retries + CASE WHEN status = 'RETRYING' THEN 1 ELSE 0 END",
+    "lease_expires_at": "now() + make_interval(secs => :lease)",
+    "next_attempt_at": "NULL",
+}
+
+
+def claim_sql(job_id: str, lease_seconds: float) -> tuple[str, dict[str, Any]]:
+    """`claim` as one statement (the move and the attempt row), for group commits."""
+    update, params = transition_sql(
+        job_id, S.IN_PROGRESS, expressions=_CLAIM_EXPRESSIONS,
+        where="(next_attempt_at IS NULL OR next_attempt_at <= now())",
+        params={"lease": float(lease_seconds)})
+    return (f"WITH moved AS ({update}), attempt AS (INSERT INTO job_attempts (job_id, attempt)"
+            " SELECT job_id, attempts FROM moved ON CONFLICT DO NOTHING) SELECT * FROM moved",
+            params)
+
+
+def complete_sql(job_id: str, attempt: int, result: Any) -> tuple[str, dict[str, Any]]:
+    """IN_PROGRESS -> COMPLETED for `attempt`, and its attempt row, as one statement."""
+    update, params = transition_sql(
+        job_id, S.COMPLETED, sources=[S.IN_PROGRESS], attempt=attempt,
+        values={"result_json": result, "lease_expires_at": None, "error_message": None})
+    return (f"WITH moved AS ({update}), finished AS (UPDATE job_attempts SET finished_at = now(),"
+            " outcome = 'COMPLETED', error = NULL FROM moved WHERE job_attempts.job_id ="
+            " moved.job_id AND job_attempts.attempt = moved.attempts) SELECT * FROM moved",
+            params)

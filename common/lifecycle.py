@@ -64,6 +64,20 @@ def transition(
     conn: Connection,
     job_id: UUID | str,
     target: JobStatus,
+    **options: Any,
+) -> dict[str, Any] | None:
+    """Move a job to `target` if it is in one of `sources`; return the new row, or None if lost.
+
+    Options are those of `transition_sql`.
+    """
+    sql, bound = transition_sql(job_id, target, **options)
+    rows = rows_as_dicts(conn, conn.run(sql, **bound))
+    return rows[0] if rows else None
+
+
+def transition_sql(
+    job_id: UUID | str,
+    target: JobStatus,
     *,
     sources: Iterable[JobStatus] | None = None,
     attempt: int | None = None,
@@ -71,13 +85,14 @@ def transition(
     expressions: Mapping[str, str] | None = None,
     where: str | None = None,
     params: Mapping[str, Any] | None = None,
-) -> dict[str, Any] | None:
-    """Move a job to `target` if it is in one of `sources`; return the new row, or None if lost.
+) -> tuple[str, dict[str, Any]]:
+    """The conditional `UPDATE ... RETURNING *` of a transition, and its parameters.
 
     `attempt` fences the write to one attempt: a worker whose lease was taken
     over can no longer record its outcome. `values` are bound parameters,
     `expressions` and `where` are SQL (fixed strings of this package, never input) whose
-    own parameters come in `params`.
+    own parameters come in `params`. Callers may wrap the statement in a CTE to do more
+    in the same round trip.
     """
     allowed = sources_of(target)
     chosen = frozenset(sources) if sources is not None else allowed
@@ -115,5 +130,4 @@ def transition(
         f"UPDATE jobs SET {', '.join(assignments)} WHERE {' AND '.join(conditions)} "
         "RETURNING *"
     )
-    rows = rows_as_dicts(conn, conn.run(sql, **bound))
-    return rows[0] if rows else None
+    return sql, bound

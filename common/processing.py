@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from common import jobs, metrics
 from common.cache import StatusCache
-from common.db import Connection, Database
+from common.db import Connection, Database, GroupCommitter
 from common.deadletters import record_dead_letter
 from common.errors import HandlerTimeout, PermanentError, RetryableError, ServiceUnavailable
 from common.handlers import JobContext, JobType, get_job_type, parse_or_permanent
@@ -89,6 +89,7 @@ class Processor:
         self._running_lock = threading.Lock()
         self._heartbeat: threading.Thread | None = None
         self.outcome_patience = 300.0  # how long to keep trying to record an outcome
+        self.writer = GroupCommitter(db)
 
     # -- leases ----------------------------------------------------------------------
 
@@ -154,9 +155,19 @@ class Processor:
         declared = get_job_type(message.job_type)
         limit = (message.job_type, declared.concurrency) if declared and declared.concurrency \
             else None
-        with self.db.transaction() as conn:
-            row = jobs.claim(conn, job_id, self.settings.lease_seconds, concurrency=limit)
-            current = row or jobs.get_job(conn, job_id)
+        if limit is None:
+            # The common case: one statement, committed together with concurrent claims.
+            sql, params = jobs.claim_sql(job_id, self.settings.lease_seconds)
+            claimed = self.writer.run(sql, **params)
+            row = claimed[0] if claimed else None
+            current = row
+            if row is None:
+                with self.db.connection() as conn:
+                    current = jobs.get_job(conn, job_id)
+        else:
+            with self.db.transaction() as conn:
+                row = jobs.claim(conn, job_id, self.settings.lease_seconds, concurrency=limit)
+                current = row or jobs.get_job(conn, job_id)
         if current is None:
             raise PoisonMessage(f"no job {job_id} in PostgreSQL")
         if row is None and limit and current["status"] in ("QUEUED", "RETRYING"):
@@ -259,15 +270,11 @@ class Processor:
             raise HandlerTimeout(f"handler ran past its time limit of {timeout:g}s") from None
 
     def _complete(self, job_id: str, attempt: int, result: Any) -> Outcome:
+        sql, params = jobs.complete_sql(job_id, attempt, result)
+
         def write() -> dict[str, Any] | None:
-            with self.db.transaction() as conn:
-                row = transition(conn, job_id, S.COMPLETED, sources=[S.IN_PROGRESS],
-                                 attempt=attempt, values={"result_json": result,
-                                                          "lease_expires_at": None,
-                                                          "error_message": None})
-                if row is not None:
-                    jobs.finish_attempt(conn, job_id, attempt, S.COMPLETED.value, None)
-                return row
+            rows = self.writer.run(sql, **params)
+            return rows[0] if rows else None
 
         row = self._record(write)
         if row is None:

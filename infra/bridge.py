@@ -140,7 +140,9 @@ class Bridge:
         self._consumer.subscribe([self.topic], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke)
         log.info("bridge %s -> %s started", self.topic, self.target)
-        last_commit = last_check = time.monotonic()
+        last_commit = time.monotonic()
+        # Watermark queries are slow round trips: never on the consuming thread.
+        threading.Thread(target=self._watch_truncation, name="truncation", daemon=True).start()
         try:
             while not self._stopping.is_set():
                 with self._lock:
@@ -153,9 +155,6 @@ class Bridge:
                 if time.monotonic() - last_commit >= 0.05:
                     self._commit()
                     last_commit = time.monotonic()
-                if time.monotonic() - last_check >= 2.0:
-                    self._rewind_truncated()
-                    last_check = time.monotonic()
         finally:
             self._drain()
 
@@ -185,6 +184,10 @@ class Bridge:
                 self._in_flight -= 1
         with self._lock:
             state.pending.discard(msg.offset())
+
+    def _watch_truncation(self) -> None:
+        while not self._stopping.wait(3.0):
+            self._rewind_truncated()
 
     def _rewind_truncated(self) -> None:
         """A broker that lost its log (Tansu's memory storage, on restart) starts offsets at 0

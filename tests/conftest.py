@@ -21,6 +21,7 @@ def _reset_clients() -> None:
     settings.get_settings.cache_clear()
     clients._ready.clear()
     clients._processor = None
+    clients._marks.clear()
     cache._caches.clear()
     db._databases.clear()
     queue._publishers.clear()

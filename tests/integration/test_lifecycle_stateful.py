@@ -176,7 +176,8 @@ class Lifecycle(RuleBasedStateMachine):
         submission = JobSubmission(job_type=JOB_TYPE, payload={"n": len(self.jobs)},
                                    max_retries=max_retries)
         ((row, created),) = jobs.create_jobs(
-            self.db, [(submission, submission.payload, None, max_retries)])
+            self.db, [(submission, submission.payload, None, max_retries,
+                       jobs.request_fingerprint(submission))])
         assert created and row["status"] == S.QUEUED
         job_id = str(row["job_id"])
         self.jobs[job_id] = Job(job_id, max_retries)

@@ -15,11 +15,13 @@ def test_the_graph_is_exactly_the_one_in_the_spec():
         ("QUEUED", "IN_PROGRESS"), ("IN_PROGRESS", "COMPLETED"), ("IN_PROGRESS", "FAILED"),
         ("FAILED", "RETRYING"), ("RETRYING", "IN_PROGRESS"), ("FAILED", "DEAD_LETTER"),
         ("DEAD_LETTER", "QUEUED"),
+        # cancellation, added for the operator features
+        ("QUEUED", "CANCELLED"), ("RETRYING", "CANCELLED"), ("IN_PROGRESS", "CANCELLED"),
     }
 
 
 def test_completed_is_terminal_and_nothing_moves_a_job_backwards_to_queued_but_replay():
-    assert TRANSITIONS[S.COMPLETED] == frozenset()
+    assert TRANSITIONS[S.COMPLETED] == frozenset() == TRANSITIONS[S.CANCELLED]
     assert sources_of(S.QUEUED) == {S.DEAD_LETTER}
     assert sources_of(S.IN_PROGRESS) == {S.QUEUED, S.RETRYING}
 
