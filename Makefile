@@ -12,6 +12,18 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# The dashboard's browser test drives Debian's chromium (never a downloaded browser).
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the dashboard's browser test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	      >/dev/null) || echo "note: apt-get could not install chromium;" \
+	      "the browser test (tests/browser) will be skipped"; \
+	  else \
+	    echo "note: /usr/bin/chromium is missing and this is not root with apt-get;" \
+	      "the browser test (tests/browser) will be skipped (install: apt-get install chromium)"; \
+	  fi; \
+	fi
 	@touch $(STAMP)
 
 run: $(STAMP)

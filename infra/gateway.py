@@ -75,7 +75,7 @@ def problem(status: int, title: str, detail: str, **headers: str) -> flask.Respo
 
 def create_gateway(upstreams: dict[str, str], *, max_body: int | None = None) -> flask.Flask:
     """The gateway app, forwarding to `upstreams` ({"submit": url, "status": url})."""
-    app = flask.Flask("gateway")
+    app = flask.Flask("gateway", static_folder=None)  # /static/ is the dashboard's, below
     http = urllib3.PoolManager(maxsize=64, block=False, retries=False,
                                timeout=urllib3.Timeout(connect=2.0, read=30.0))
     assets = swagger_dir()

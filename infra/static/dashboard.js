@@ -1,0 +1,899 @@
+/* Jobs dashboard: vanilla JS, no build step, no dependencies.
+ *
+ * Pages (hash routing): #/ overview, #/jobs list, #/jobs/<id> one job, #/dead-letters,
+ * #/submit. Everything comes from the public HTTP API on the same origin; errors are
+ * problem documents whose `detail` is shown as it is.
+ */
+"use strict";
+
+(() => {
+  const STATUSES = ["QUEUED", "IN_PROGRESS", "RETRYING", "FAILED", "COMPLETED", "DEAD_LETTER",
+    "CANCELLED"];
+  const LABELS = {QUEUED: "Queued", IN_PROGRESS: "In progress", RETRYING: "Retrying",
+    FAILED: "Failed", COMPLETED: "Completed", DEAD_LETTER: "Dead letter", CANCELLED: "Cancelled"};
+  const SHORT = {QUEUED: "Queued", IN_PROGRESS: "Running", RETRYING: "Retry", FAILED: "Failed",
+    COMPLETED: "Done", DEAD_LETTER: "Dead", CANCELLED: "Cancel."};
+  const TERMINAL = new Set(["COMPLETED", "DEAD_LETTER", "CANCELLED"]);
+  const CANCELLABLE = new Set(["QUEUED", "RETRYING", "IN_PROGRESS"]);
+  const REFRESH_MS = 2000;
+  const JOB_REFRESH_MS = 1000;
+
+  // ---------------------------------------------------------------- HTML building
+  class Raw { constructor(s) { this.s = s; } toString() { return this.s; } }
+  const raw = (s) => new Raw(s);
+  const esc = (v) => String(v).replace(/[&<>"']/g, (c) => (
+    {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+  const fmt = (v) => {
+    if (v instanceof Raw) return v.s;
+    if (Array.isArray(v)) return v.map(fmt).join("");
+    if (v === null || v === undefined || v === false) return "";
+    return esc(v);
+  };
+  /** Tagged template: every interpolation is escaped unless it is raw(...) or html`...`. */
+  const html = (strings, ...values) => {
+    let out = strings[0];
+    values.forEach((v, i) => { out += fmt(v) + strings[i + 1]; });
+    return raw(out);
+  };
+  /** Set innerHTML only when it changed: no flicker, no lost focus on unchanged parts. */
+  const setHTML = (el, content) => {
+    const s = fmt(content);
+    if (el._html !== s) { el.innerHTML = s; el._html = s; }
+  };
+  const setText = (el, text) => { if (el.textContent !== String(text)) el.textContent = text; };
+  const $ = (sel, root = document) => root.querySelector(sel);
+
+  // ---------------------------------------------------------------- formatting
+  let clockSkew = 0;  // server time - browser time, from the Date header of each answer
+  const serverNow = () => Date.now() + clockSkew;
+  const pad = (n) => String(n).padStart(2, "0");
+  const hhmm = (d) => `${pad(d.getHours())}:${pad(d.getMinutes())}`;
+  const hhmmss = (d) => `${hhmm(d)}:${pad(d.getSeconds())}`;
+  const sameDay = (a, b) => a.toDateString() === b.toDateString();
+  function when(iso) {
+    if (!iso) return "";
+    const d = new Date(iso);
+    return sameDay(d, new Date(serverNow())) ? hhmmss(d)
+      : `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${hhmmss(d)}`;
+  }
+  function ago(iso) {
+    if (!iso) return "";
+    const s = Math.max(0, Math.round((serverNow() - Date.parse(iso)) / 1000));
+    if (s < 2) return "just now";
+    if (s < 90) return `${s} s ago`;
+    if (s < 90 * 60) return `${Math.round(s / 60)} min ago`;
+    if (s < 36 * 3600) return `${Math.round(s / 3600)} h ago`;
+    return when(iso);
+  }
+  const timeCell = (iso) => (iso ? html`<time datetime="${iso}" title="${iso}">${ago(iso)}</time>`
+    : html`<span class="muted">–</span>`);
+  function duration(a, b) {
+    if (!a || !b) return "";
+    const ms = Date.parse(b) - Date.parse(a);
+    if (ms < 1000) return `${ms} ms`;
+    if (ms < 120000) return `${(ms / 1000).toFixed(ms < 10000 ? 2 : 1)} s`;
+    return `${Math.round(ms / 60000)} min`;
+  }
+  const shortId = (id) => (id ? String(id).slice(0, 8) : "");
+  const badge = (status, testid) => html`<span class="badge" data-status="${status}"
+    ${testid ? raw(`data-testid="${esc(testid)}"`) : ""}>${status}</span>`;
+  const jobLink = (id, testid = "job-link") => html`<a class="mono" href="#/jobs/${id}"
+    data-testid="${testid}" title="${id}">${shortId(id)}</a>`;
+  const pretty = (v) => JSON.stringify(v, null, 2);
+  function progressBar(p, message) {
+    const known = typeof p === "number";
+    const pct = known ? Math.round(p * 100) : null;
+    const text = known ? `${pct}%` : "running";
+    return html`<div class="progress-line"><div class="progress ${known ? "" : "indeterminate"}"
+      role="progressbar" aria-label="Progress" aria-valuemin="0" aria-valuemax="100"
+      ${known ? raw(`aria-valuenow="${pct}"`) : raw('aria-valuetext="running, no progress reported"')}
+      data-testid="progress"><span style="${known ? `width:${pct}%` : ""}"></span></div>
+      <span class="progress-text">${text}${message ? ` · ${message}` : ""}</span></div>`;
+  }
+
+  // ---------------------------------------------------------------- the API
+  class ApiError extends Error {
+    constructor(status, detail, body) {
+      super(detail);
+      this.status = status;
+      this.detail = detail;
+      this.body = body;
+    }
+  }
+  async function api(path, {method = "GET", body} = {}) {
+    const opts = {method, headers: {Accept: "application/json"}, cache: "no-store"};
+    if (body !== undefined) {
+      opts.body = JSON.stringify(body);
+      opts.headers["Content-Type"] = "application/json";
+    }
+    let resp;
+    try {
+      resp = await fetch(path, opts);
+    } catch (err) {
+      live(false, "the gateway is not answering");
+      throw new ApiError(0, "the gateway is not answering", null);
+    }
+    const date = Date.parse(resp.headers.get("Date") || "");
+    if (!Number.isNaN(date)) clockSkew = date - Date.now();
+    const text = await resp.text();
+    let data = null;
+    try { data = text ? JSON.parse(text) : null; } catch (err) { data = null; }
+    if (!resp.ok) {
+      const detail = (data && data.detail) || `${resp.status} ${resp.statusText}`.trim();
+      if (resp.status >= 500) live(false, detail);
+      throw new ApiError(resp.status, detail, data);
+    }
+    live(true);
+    return data;
+  }
+  function problemHTML(err) {
+    const errors = err.body && Array.isArray(err.body.errors) ? err.body.errors : [];
+    const list = errors.length ? html`<ul>${errors.map((e) => html`<li><code>${
+      (e.loc || []).join(".") || "body"}</code>: ${e.msg || ""}</li>`)}</ul>` : "";
+    return html`<strong>${err.status ? `${err.status}: ` : ""}</strong>${err.detail}${list}`;
+  }
+
+  function live(ok, why) {
+    const box = $(".live");
+    if (!box) return;
+    box.classList.toggle("ok", ok);
+    box.classList.toggle("error", !ok);
+    // Only a change of state is announced (role=status); the clock beside it is not.
+    setText($(".live-text", box), ok ? "live" : `offline: ${why} (retrying)`);
+    setText($(".live-time", box), ok ? ` · ${hhmmss(new Date())}` : "");
+  }
+
+  // ---------------------------------------------------------------- polling
+  /** Run fn now and then every ms after it finishes; paused while the tab is hidden. */
+  function poller(fn, ms) {
+    let timer = null;
+    let stopped = false;
+    let running = false;
+    const tick = async () => {
+      timer = null;
+      if (stopped) return;
+      if (!document.hidden) {
+        running = true;
+        try { await fn(); } catch (err) { if (!(err instanceof ApiError)) console.error(err); }
+        running = false;
+      }
+      if (!stopped && timer === null) timer = setTimeout(tick, ms);
+    };
+    tick();
+    return {
+      stop() { stopped = true; clearTimeout(timer); },
+      now() { if (!running && !stopped) { clearTimeout(timer); tick(); } },
+    };
+  }
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && view && view.refresh) view.refresh();
+  });
+
+  /** Keyed rows: unchanged rows and cells stay as they are (no flicker, focus kept). */
+  function patchRows(tbody, items, {key, cells, attrs, empty, cols}) {
+    const existing = new Map();
+    for (const tr of tbody.querySelectorAll(":scope > tr[data-key]")) existing.set(tr.dataset.key, tr);
+    const placeholder = tbody.querySelector(":scope > tr.empty");
+    if (!items.length) {
+      existing.forEach((tr) => tr.remove());
+      if (!placeholder) {
+        tbody.innerHTML = html`<tr class="empty"><td colspan="${cols}">${empty}</td></tr>`.s;
+      }
+      return;
+    }
+    if (placeholder) placeholder.remove();
+    let prev = null;
+    for (const item of items) {
+      const k = String(key(item));
+      let tr = existing.get(k);
+      if (tr) existing.delete(k);
+      else { tr = document.createElement("tr"); tr.dataset.key = k; }
+      for (const [name, value] of Object.entries(attrs ? attrs(item) : {})) {
+        if (tr.getAttribute(name) !== String(value)) tr.setAttribute(name, value);
+      }
+      const specs = cells(item);
+      specs.forEach((spec, i) => {
+        let td = tr.children[i];
+        if (!td) { td = document.createElement("td"); tr.appendChild(td); }
+        const content = spec && spec.html !== undefined ? spec.html : spec;
+        const cls = (spec && spec.cls) || "";
+        if (td.className !== cls) td.className = cls;
+        setHTML(td, content);
+      });
+      while (tr.children.length > specs.length) tr.lastChild.remove();
+      const want = prev ? prev.nextSibling : tbody.firstChild;
+      if (want !== tr) tbody.insertBefore(tr, want);
+      prev = tr;
+    }
+    existing.forEach((tr) => tr.remove());
+  }
+  const num = (n) => ({html: String(n), cls: n ? "num" : "num zero"});
+
+  // ---------------------------------------------------------------- job types (openapi)
+  let typesPromise = null;
+  function jobTypes() {
+    if (!typesPromise) {
+      typesPromise = api("/openapi.json").then((doc) => {
+        const schemas = (doc.components && doc.components.schemas) || {};
+        const resolve = (s) => {
+          if (s && s.$ref) return schemas[s.$ref.split("/").pop()] || {};
+          return s || {};
+        };
+        return Object.keys(schemas).filter((k) => k.startsWith("Submit_")).sort().map((k) => {
+          const sub = schemas[k];
+          const payload = resolve(sub.properties && sub.properties.payload);
+          return {name: k.slice("Submit_".length), description: sub.description || "",
+            payload, resolve};
+        });
+      }).catch((err) => { typesPromise = null; throw err; });
+    }
+    return typesPromise;
+  }
+  /** A starting payload for a type: its model's example, else one built from its fields. */
+  function examplePayload(type) {
+    const s = type.payload;
+    if (Array.isArray(s.examples) && s.examples.length) return s.examples[0];
+    if (!s.properties) return {};
+    const out = {};
+    for (const name of s.required || []) {
+      const p = type.resolve(s.properties[name]);
+      if (Array.isArray(p.examples) && p.examples.length) out[name] = p.examples[0];
+      else if (p.default !== undefined) out[name] = p.default;
+      else if (p.enum) out[name] = p.enum[0];
+      else {
+        out[name] = {string: "hello", integer: 1, number: 1, boolean: true, array: [],
+          object: {}}[p.type] ?? null;
+      }
+    }
+    return out;
+  }
+  function typeName(p) {
+    if (!p) return "any";
+    if (p.$ref) return p.$ref.split("/").pop();
+    if (p.enum) return p.enum.map((v) => JSON.stringify(v)).join(" | ");
+    if (p.anyOf) return p.anyOf.map(typeName).join(" | ");
+    if (p.type === "array") {
+      const inner = typeName(p.items);
+      return `${inner.includes(" ") ? `(${inner})` : inner}[]`;
+    }
+    return p.type || "any";
+  }
+
+  // ---------------------------------------------------------------- router
+  let view = null;  // {stop(), refresh?(), actions?}
+  const main = () => $("#main");
+  const ROUTES = [
+    [/^\/?$/, "overview", () => overviewView()],
+    [/^\/jobs\/?$/, "jobs", (m, q) => jobsView(q)],
+    [/^\/jobs\/([^/]+)\/?$/, "jobs", (m) => jobView(decodeURIComponent(m[1]))],
+    [/^\/dead-letters\/?$/, "dead-letters", () => deadLettersView()],
+    [/^\/submit\/?$/, "submit", (m, q) => submitView(q)],
+  ];
+  let lastPath = null;
+  function route() {
+    const hash = location.hash.replace(/^#/, "") || "/";
+    const [path, query = ""] = hash.split("?");
+    if (view) view.stop();
+    view = null;
+    let section = null;
+    for (const [re, name, make] of ROUTES) {
+      const m = path.match(re);
+      if (m) {
+        section = name;
+        view = make(m, new URLSearchParams(query));
+        break;
+      }
+    }
+    if (!view) view = notFoundView(path);
+    document.querySelectorAll("nav a[data-route]").forEach((a) => {
+      if (a.dataset.route === section) a.setAttribute("aria-current", "page");
+      else a.removeAttribute("aria-current");
+    });
+    if (lastPath !== null && lastPath !== path) {
+      const h1 = $("h1", main());
+      if (h1) { h1.tabIndex = -1; h1.focus({preventScroll: true}); }
+      window.scrollTo(0, 0);
+    }
+    lastPath = path;
+  }
+  function render(title, content) {
+    document.title = `${title} · Jobs`;
+    const el = main();
+    el.innerHTML = fmt(content);
+    el._html = undefined;
+    return el;
+  }
+  document.addEventListener("click", (e) => {
+    const skip = e.target.closest("[data-skip]");
+    if (skip) { e.preventDefault(); main().focus(); return; }
+    const btn = e.target.closest("button[data-action]");
+    if (!btn || !view || !view.actions) return;
+    const action = view.actions[btn.dataset.action];
+    if (action) { e.preventDefault(); action(btn); }
+  });
+
+  function notice(el, kind, content) {
+    el.className = `notice ${kind}`;
+    setHTML(el, content);
+  }
+
+  /** POST /jobs/{id}/cancel from a button; then `after(doc)`. */
+  async function cancelJob(btn, noticeEl, after) {
+    const id = btn.dataset.jobId;
+    btn.disabled = true;
+    try {
+      const doc = await api(`/jobs/${encodeURIComponent(id)}/cancel`, {method: "POST"});
+      notice(noticeEl, "ok", html`Cancel of job ${jobLink(id, "notice-job-link")} accepted: ${
+        badge(doc.status)} ${doc.status === "IN_PROGRESS" ? "(the handler is asked to stop)" : ""}`);
+      if (after) after(doc);
+    } catch (err) {
+      btn.disabled = false;
+      notice(noticeEl, "error", problemHTML(err));
+    }
+  }
+
+  // ---------------------------------------------------------------- overview
+  function overviewView() {
+    const el = render("Overview", html`
+      <h1>Overview</h1>
+      <section class="cards" aria-label="Jobs per status" data-testid="status-cards">
+        ${STATUSES.map((s) => html`<a class="card" href="#/jobs?status=${s}" data-status="${s}"
+          data-testid="count-card-${s}"><div class="label">${LABELS[s]}</div>
+          <div class="value" data-testid="count-${s}">–</div></a>`)}
+      </section>
+      <div class="notice" role="status" aria-live="polite" data-testid="overview-notice"></div>
+      <section class="panel" aria-labelledby="running-h" style="margin-bottom:16px">
+        <div class="panel-head"><h2 id="running-h">Running jobs</h2>
+          <span class="hint" data-testid="running-count"></span></div>
+        <div class="table-wrap"><table data-testid="running-table">
+          <thead><tr><th scope="col">Job</th><th scope="col">Type</th>
+            <th scope="col" style="width:34%">Progress</th><th scope="col" class="num">Attempt</th>
+            <th scope="col">Started</th><th scope="col">Updated</th>
+            <th scope="col"><span class="sr-only">Actions</span></th></tr></thead>
+          <tbody></tbody></table></div>
+      </section>
+      <div class="grid chart-types">
+        <section class="panel chart" aria-labelledby="tp-h">
+          <div class="panel-head"><h2 id="tp-h">Throughput <span class="hint">per minute,
+            last 15 min</span></h2>
+            <div class="legend" aria-hidden="true"><span><i class="c"></i>completed</span>
+              <span><i class="f"></i>failed</span></div></div>
+          <div data-testid="throughput-chart"></div>
+        </section>
+        <section class="panel" aria-labelledby="type-h">
+          <div class="panel-head"><h2 id="type-h">By type</h2></div>
+          <div class="table-wrap"><table class="compact" data-testid="by-type-table">
+            <thead><tr><th scope="col">Type</th>${STATUSES.map((s) => html`<th scope="col"
+              class="num" title="${LABELS[s]}">${SHORT[s]}</th>`)}
+              <th scope="col" class="num">Total</th></tr></thead>
+            <tbody></tbody></table></div>
+        </section>
+      </div>
+      <section class="panel" aria-labelledby="recent-h">
+        <div class="panel-head"><h2 id="recent-h">Recent jobs <span class="hint">20 most recently
+          changed</span></h2><a href="#/jobs">All jobs</a></div>
+        <div class="table-wrap"><table data-testid="recent-table">
+          <thead><tr><th scope="col">Job</th><th scope="col">Type</th><th scope="col">Status</th>
+            <th scope="col" class="num">Attempts</th><th scope="col">Created</th>
+            <th scope="col">Updated</th><th scope="col">Error</th></tr></thead>
+          <tbody></tbody></table></div>
+      </section>`);
+    const noticeEl = $("[data-testid=overview-notice]", el);
+
+    const update = async () => {
+      const stats = await api("/stats");
+      for (const s of STATUSES) setText($(`[data-testid=count-${s}]`, el), stats.counts[s] ?? 0);
+      const running = stats.running || [];
+      setText($("[data-testid=running-count]", el), running.length ? `${running.length} running` : "");
+      patchRows($("[data-testid=running-table] tbody", el), running, {
+        key: (j) => j.job_id, cols: 7, empty: "Nothing is running right now.",
+        attrs: (j) => ({"data-testid": "running-row", "data-job-id": j.job_id}),
+        cells: (j) => [
+          jobLink(j.job_id), {html: html`${j.job_type}`, cls: "nowrap"},
+          progressBar(j.progress, j.progress_message), num(j.attempts),
+          timeCell(j.created_at), timeCell(j.updated_at),
+          j.cancel_requested
+            ? html`<button class="small" disabled data-testid="cancel-button">Cancelling…</button>`
+            : html`<button class="small danger" data-action="cancel" data-job-id="${j.job_id}"
+                data-testid="cancel-button" aria-label="Cancel job ${shortId(j.job_id)} (${
+                j.job_type})">Cancel</button>`,
+        ],
+      });
+      const types = Object.keys(stats.by_type || {}).sort();
+      patchRows($("[data-testid=by-type-table] tbody", el), types, {
+        key: (t) => t, cols: STATUSES.length + 2, empty: "No jobs yet.",
+        attrs: (t) => ({"data-testid": "type-row", "data-job-type": t}),
+        cells: (t) => {
+          const c = stats.by_type[t];
+          const total = Object.values(c).reduce((a, b) => a + b, 0);
+          return [html`<a href="#/jobs?job_type=${encodeURIComponent(t)}">${t}</a>`,
+            ...STATUSES.map((s) => num(c[s] || 0)), {html: String(total), cls: "num"}];
+        },
+      });
+      setHTML($("[data-testid=throughput-chart]", el), throughputChart(stats.throughput || []));
+      patchRows($("[data-testid=recent-table] tbody", el), stats.recent || [], {
+        key: (j) => j.job_id, cols: 7, empty: "No jobs yet: submit one.",
+        attrs: (j) => ({"data-testid": "recent-row", "data-job-id": j.job_id,
+          "data-status": j.status}),
+        cells: (j) => [jobLink(j.job_id), {html: html`${j.job_type}`, cls: "nowrap"},
+          badge(j.status, "recent-status"), num(j.attempts), timeCell(j.created_at),
+          timeCell(j.updated_at), {html: html`<span title="${j.error_message || ""}">${
+            j.error_message || ""}</span>`, cls: "err"}],
+      });
+    };
+    const p = poller(update, REFRESH_MS);
+    return {stop: p.stop, refresh: p.now,
+      actions: {cancel: (btn) => cancelJob(btn, noticeEl, () => p.now())}};
+  }
+
+  /** Grouped bars (completed, failed) per minute for the last 15 minutes, as inline SVG. */
+  function throughputChart(points) {
+    const W = 560; const H = 210; const L = 34; const R = 8; const T = 10; const B = 26;
+    const end = Math.floor(serverNow() / 60000);
+    const slots = [];
+    const byMinute = new Map(points.map((p) => [Math.floor(Date.parse(p.minute) / 60000), p]));
+    for (let m = end - 14; m <= end; m++) {
+      const p = byMinute.get(m) || {};
+      slots.push({minute: m, completed: p.completed || 0, failed: p.failed || 0});
+    }
+    const peak = Math.max(0, ...slots.map((s) => Math.max(s.completed, s.failed)));
+    const niceMax = (v) => {
+      if (v <= 4) return 4;
+      const mag = 10 ** Math.floor(Math.log10(v));
+      return [1, 2, 2.5, 5, 10].map((f) => f * mag).find((c) => c >= v) || 10 * mag;
+    };
+    const max = niceMax(peak);
+    const plotW = W - L - R; const plotH = H - T - B;
+    const y = (v) => T + plotH - (v / max) * plotH;
+    const slotW = plotW / slots.length;
+    const barW = Math.max(2, (slotW - 6) / 2);
+    const totals = slots.reduce((a, s) => [a[0] + s.completed, a[1] + s.failed], [0, 0]);
+    const ticks = [0, max / 2, max];
+    const fmtTick = (v) => (Number.isInteger(v) ? String(v) : v.toFixed(1));
+    const label = (m) => hhmm(new Date(m * 60000));
+    const parts = [];
+    for (const t of ticks) {
+      parts.push(html`<line class="${t ? "gridline" : "axis"}" x1="${L}" x2="${W - R}"
+        y1="${y(t)}" y2="${y(t)}"/><text x="${L - 6}" y="${y(t) + 4}"
+        text-anchor="end">${fmtTick(t)}</text>`);
+    }
+    slots.forEach((s, i) => {
+      const x = L + i * slotW + 3;
+      const tip = `${label(s.minute)}: ${s.completed} completed, ${s.failed} failed`;
+      for (const [kind, v, dx] of [["completed", s.completed, 0], ["failed", s.failed, barW]]) {
+        if (!v) continue;
+        parts.push(html`<rect class="bar-${kind}" x="${(x + dx).toFixed(1)}"
+          y="${y(v).toFixed(1)}" width="${barW.toFixed(1)}"
+          height="${(T + plotH - y(v)).toFixed(1)}" rx="1.5"><title>${tip}</title></rect>`);
+      }
+      if (i % 5 === 0 || i === slots.length - 1) {
+        parts.push(html`<text x="${(L + i * slotW + slotW / 2).toFixed(1)}" y="${H - 8}"
+          text-anchor="middle">${i === slots.length - 1 ? "now" : label(s.minute)}</text>`);
+      }
+    });
+    if (!peak) {
+      parts.push(html`<text x="${L + plotW / 2}" y="${T + plotH / 2}" text-anchor="middle">no
+        attempt finished in the last 15 minutes</text>`);
+    }
+    const desc = `${totals[0]} completed and ${totals[1]} failed attempts in the last 15 minutes`;
+    return html`<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="Throughput chart: ${desc}"
+      data-completed="${totals[0]}" data-failed="${totals[1]}">${parts}</svg>`;
+  }
+
+  // ---------------------------------------------------------------- jobs list
+  function jobsView(query) {
+    const status = query.get("status") || "";
+    const jobType = query.get("job_type") || "";
+    const el = render("Jobs", html`
+      <h1>Jobs</h1>
+      <form class="filters" data-testid="jobs-filters">
+        <div class="field"><label for="flt-status">Status</label>
+          <select id="flt-status" name="status"><option value="">Any</option>
+          ${STATUSES.map((s) => html`<option value="${s}" ${s === status ? raw("selected") : ""}>${
+            LABELS[s]}</option>`)}</select></div>
+        <div class="field"><label for="flt-type">Type</label>
+          <select id="flt-type" name="job_type"><option value="">Any</option>
+          ${jobType ? html`<option value="${jobType}" selected>${jobType}</option>` : ""}</select></div>
+        <button type="button" data-action="refresh">Refresh</button>
+      </form>
+      <div class="notice" role="status" aria-live="polite" data-testid="jobs-notice"></div>
+      <section class="panel">
+        <div class="table-wrap"><table data-testid="jobs-table">
+          <thead><tr><th scope="col">Job</th><th scope="col">Type</th><th scope="col">Status</th>
+            <th scope="col" class="num">Attempts</th><th scope="col">Created</th>
+            <th scope="col">Updated</th><th scope="col">Error</th></tr></thead>
+          <tbody></tbody></table></div>
+        <p class="more" hidden><button type="button" data-action="more"
+          data-testid="jobs-more">Load more</button></p>
+      </section>`);
+    const noticeEl = $("[data-testid=jobs-notice]", el);
+    const typeSelect = $("#flt-type", el);
+    jobTypes().then((types) => {
+      for (const t of types) {
+        if (t.name === jobType) continue;
+        typeSelect.insertAdjacentHTML("beforeend", html`<option value="${t.name}">${t.name}</option>`.s);
+      }
+    }).catch(() => {});
+    const go = () => {
+      const q = new URLSearchParams();
+      if ($("#flt-status", el).value) q.set("status", $("#flt-status", el).value);
+      if (typeSelect.value) q.set("job_type", typeSelect.value);
+      location.hash = `#/jobs${q.toString() ? `?${q}` : ""}`;
+    };
+    $("#flt-status", el).addEventListener("change", go);
+    typeSelect.addEventListener("change", go);
+    let items = [];
+    let cursor = null;
+    let stopped = false;
+    const load = async (more) => {
+      const q = new URLSearchParams({limit: "50"});
+      if (status) q.set("status", status);
+      if (jobType) q.set("job_type", jobType);
+      if (more && cursor) q.set("cursor", cursor);
+      try {
+        const page = await api(`/jobs?${q}`);
+        if (stopped) return;
+        items = more ? items.concat(page.items) : page.items;
+        cursor = page.next_cursor;
+        setHTML(noticeEl, "");
+        noticeEl.className = "notice";
+      } catch (err) {
+        notice(noticeEl, "error", problemHTML(err));
+      }
+      patchRows($("tbody", el), items, {
+        key: (j) => j.job_id, cols: 7, empty: "No jobs match.",
+        attrs: (j) => ({"data-testid": "jobs-row", "data-job-id": j.job_id}),
+        cells: (j) => [jobLink(j.job_id), {html: html`${j.job_type}`, cls: "nowrap"},
+          badge(j.status), num(j.attempts), timeCell(j.created_at), timeCell(j.updated_at),
+          {html: html`<span title="${j.error_message || ""}">${j.error_message || ""}</span>`,
+            cls: "err"}],
+      });
+      $(".more", el).hidden = !cursor;
+    };
+    load(false);
+    return {stop() { stopped = true; }, refresh() { load(false); },
+      actions: {refresh: () => load(false), more: () => load(true)}};
+  }
+
+  // ---------------------------------------------------------------- one job
+  let flash = null;  // a notice carried to the next page (after submit)
+  function jobView(id) {
+    const el = render(`Job ${shortId(id)}`, html`
+      <p class="crumbs"><a href="#/jobs">Jobs</a> / <span data-testid="job-crumb-type"></span></p>
+      <h1><span class="mono" data-testid="job-id">${id}</span>
+        <span data-testid="job-status-wrap"></span>
+        <span class="actions">
+          <button type="button" class="danger" data-action="cancel" data-job-id="${id}"
+            data-testid="job-cancel" hidden>Cancel job</button>
+          <button type="button" class="primary" data-action="replay" data-job-id="${id}"
+            data-testid="job-replay" hidden>Replay</button>
+        </span></h1>
+      <div class="notice" role="status" aria-live="polite" data-testid="job-notice"></div>
+      <div class="grid halves" data-testid="job-body" hidden>
+        <section class="panel" aria-labelledby="facts-h"><h2 id="facts-h">Details</h2>
+          <dl class="facts" data-testid="job-facts"></dl></section>
+        <section class="panel" aria-labelledby="payload-h"><h2 id="payload-h">Payload</h2>
+          <pre class="json" data-testid="job-payload"></pre></section>
+        <section class="panel" aria-labelledby="result-h">
+          <div class="panel-head"><h2 id="result-h">Result</h2>
+            <span data-testid="artifact-wrap"></span></div>
+          <pre class="json" data-testid="job-result"></pre></section>
+        <section class="panel" aria-labelledby="error-h"><h2 id="error-h">Error</h2>
+          <pre class="json error" data-testid="job-error"></pre></section>
+      </div>
+      <section class="panel" aria-labelledby="att-h" data-testid="job-attempts-panel" hidden>
+        <div class="panel-head"><h2 id="att-h">Attempts</h2></div>
+        <div class="table-wrap"><table data-testid="attempts-table">
+          <thead><tr><th scope="col" class="num">#</th><th scope="col">Started</th>
+            <th scope="col">Finished</th><th scope="col" class="num">Duration</th>
+            <th scope="col">Outcome</th><th scope="col">Error</th></tr></thead>
+          <tbody></tbody></table></div>
+      </section>`);
+    const noticeEl = $("[data-testid=job-notice]", el);
+    if (flash) { notice(noticeEl, flash.kind, flash.content); flash = null; }
+    let p = null;
+    let stopped = false;
+    let settled = null;  // version seen terminal once: one more round, then stop polling
+    const update = async () => {
+      let doc;
+      let attempts;
+      try {
+        [doc, attempts] = await Promise.all([
+          api(`/jobs/${encodeURIComponent(id)}`),
+          api(`/jobs/${encodeURIComponent(id)}/attempts`)]);
+      } catch (err) {
+        if (err.status === 404 || err.status === 400) {
+          notice(noticeEl, "error", problemHTML(err));
+          p.stop();
+        }
+        throw err;
+      }
+      if (stopped) return;
+      show(doc, attempts.items || []);
+      if (TERMINAL.has(doc.status)) {
+        if (settled === doc.version) p.stop();
+        settled = doc.version;
+      } else {
+        settled = null;
+      }
+    };
+    const show = (doc, attempts) => {
+      document.title = `${doc.job_type} ${shortId(doc.job_id)} (${doc.status}) · Jobs`;
+      setHTML($("[data-testid=job-status-wrap]", el), badge(doc.status, "job-status"));
+      $("[data-testid=job-cancel]", el).hidden = !CANCELLABLE.has(doc.status) || doc.cancel_requested;
+      $("[data-testid=job-replay]", el).hidden = doc.status !== "DEAD_LETTER";
+      $("[data-testid=job-body]", el).hidden = false;
+      $("[data-testid=job-attempts-panel]", el).hidden = false;
+      const facts = [
+        ["Type", html`<a href="#/jobs?job_type=${encodeURIComponent(doc.job_type)}">${doc.job_type}</a>`],
+        ["Status", html`${LABELS[doc.status] || doc.status}${doc.cancel_requested
+          && !TERMINAL.has(doc.status) ? " · cancel requested" : ""}`],
+        ["Attempts", html`<span data-testid="job-attempts">${doc.attempts}</span>`],
+        ["Retries", `${doc.retries} of ${doc.max_retries}`],
+        ["Progress", doc.status === "IN_PROGRESS" || doc.progress !== null
+          ? progressBar(doc.progress, doc.progress_message) : html`<span class="muted">–</span>`],
+        ["Created", html`${when(doc.created_at)} <span class="muted">(${ago(doc.created_at)})</span>`],
+        ["Updated", html`${when(doc.updated_at)} <span class="muted">(${ago(doc.updated_at)})</span>`],
+      ];
+      if (doc.run_at) facts.push(["Run at", when(doc.run_at)]);
+      if (doc.next_attempt_at) facts.push(["Next attempt", when(doc.next_attempt_at)]);
+      facts.push(["Version", String(doc.version)]);
+      setHTML($("[data-testid=job-facts]", el), facts.map(([k, v]) => html`<dt>${k}</dt><dd>${v}</dd>`));
+      setText($("[data-testid=job-payload]", el), pretty(doc.payload));
+      setText($("[data-testid=job-result]", el), doc.result === null ? "none" : pretty(doc.result));
+      $("[data-testid=job-result]", el).classList.toggle("none", doc.result === null);
+      setText($("[data-testid=job-error]", el), doc.error_message || "none");
+      $("[data-testid=job-error]", el).classList.toggle("none", !doc.error_message);
+      setHTML($("[data-testid=job-crumb-type]", el), html`<a href="#/jobs?job_type=${
+        encodeURIComponent(doc.job_type)}">${doc.job_type}</a>`);
+      const artifact = doc.result && typeof doc.result === "object" && doc.result.artifact;
+      setHTML($("[data-testid=artifact-wrap]", el), artifact && doc.status === "COMPLETED"
+        ? html`<a class="button" href="/jobs/${doc.job_id}/artifact" download
+            data-testid="artifact-link">Download ${artifact}</a>` : "");
+      patchRows($("[data-testid=attempts-table] tbody", el), attempts, {
+        key: (a) => a.attempt, cols: 6, empty: "Not started yet.",
+        attrs: (a) => ({"data-testid": "attempt-row", "data-outcome": a.outcome || "RUNNING"}),
+        cells: (a) => [num(a.attempt), html`<span title="${a.started_at}">${when(a.started_at)}</span>`,
+          a.finished_at ? html`<span title="${a.finished_at}">${when(a.finished_at)}</span>`
+            : html`<span class="muted">running…</span>`,
+          {html: duration(a.started_at, a.finished_at), cls: "num"},
+          a.outcome ? badge(a.outcome) : badge("IN_PROGRESS"),
+          {html: html`<span title="${a.error || ""}">${a.error || ""}</span>`, cls: "err"}],
+      });
+    };
+    p = poller(update, JOB_REFRESH_MS);
+    const restart = () => {
+      settled = null;
+      p.stop();
+      p = poller(update, JOB_REFRESH_MS);
+    };
+    return {
+      stop() { stopped = true; p.stop(); },
+      refresh() { p.now(); },
+      actions: {
+        cancel: (btn) => cancelJob(btn, noticeEl, () => { btn.disabled = false; restart(); }),
+        replay: async (btn) => {
+          btn.disabled = true;
+          try {
+            const doc = await api(`/jobs/${encodeURIComponent(id)}/retry`, {method: "POST"});
+            notice(noticeEl, "ok", html`Replayed: the job is ${badge(doc.status)} again with a
+              fresh retry budget.`);
+          } catch (err) {
+            notice(noticeEl, "error", problemHTML(err));
+          }
+          btn.disabled = false;
+          restart();
+        },
+      },
+    };
+  }
+
+  // ---------------------------------------------------------------- dead letters
+  const watched = new Map();  // job id -> {trail: [status...], attempts, type}
+  function deadLettersView() {
+    const el = render("Dead letters", html`
+      <h1>Dead letters <span class="hint">jobs that kept failing; Replay sends one back to
+        QUEUED with a fresh retry budget</span></h1>
+      <ul class="notice" role="status" aria-live="polite" data-testid="dl-replays"
+        style="list-style:none"></ul>
+      <div class="notice" role="alert" data-testid="dl-error"></div>
+      <section class="panel">
+        <div class="table-wrap"><table data-testid="dl-table">
+          <thead><tr><th scope="col">Dead-lettered</th><th scope="col">Job</th>
+            <th scope="col">Type</th><th scope="col">Reason</th><th scope="col">Last error</th>
+            <th scope="col" class="num">Attempts</th><th scope="col">Replay</th></tr></thead>
+          <tbody></tbody></table></div>
+        <p class="more" hidden><button type="button" data-action="more"
+          data-testid="dl-more">Load more</button></p>
+      </section>`);
+    const errorEl = $("[data-testid=dl-error]", el);
+    let first = [];
+    let older = [];
+    let cursor = null;
+    let stopped = false;
+    const draw = () => {
+      const seen = new Set();
+      const items = first.concat(older).filter((d) => !seen.has(d.dead_letter_id)
+        && seen.add(d.dead_letter_id));
+      patchRows($("tbody", el), items, {
+        key: (d) => d.dead_letter_id, cols: 7, empty: "No dead letters. Everything got done.",
+        attrs: (d) => ({"data-testid": "dl-row", "data-job-id": d.job_id || "",
+          "data-dead-letter-id": d.dead_letter_id, "data-replayed": d.replayed_at ? "true" : "false"}),
+        cells: (d) => {
+          const w = d.job_id && watched.get(d.job_id);
+          const now = w ? w.trail[w.trail.length - 1] : null;
+          let action;
+          if (!d.job_id) action = html`<span class="muted">no job</span>`;
+          else if (!d.replayed_at) {
+            action = html`<button type="button" class="small primary" data-action="replay"
+              data-job-id="${d.job_id}" data-testid="dl-replay"
+              aria-label="Replay job ${shortId(d.job_id)} (${d.job_type || ""})">Replay</button>`;
+          } else {
+            action = html`<span class="muted" title="${d.replayed_at}">replayed ${
+              ago(d.replayed_at)}</span> ${now ? badge(now, "dl-job-status") : ""}`;
+          }
+          return [timeCell(d.dead_lettered_at),
+            d.job_id ? jobLink(d.job_id) : html`<span class="muted">–</span>`,
+            {html: html`${d.job_type || ""}`, cls: "nowrap"}, html`${d.reason}`,
+            {html: html`<span title="${d.last_error || ""}">${d.last_error || ""}</span>`, cls: "err"},
+            {html: html`<span data-testid="dl-attempts">${d.attempts}</span>`, cls: "num"},
+            {html: action, cls: "nowrap"}];
+        },
+      });
+      $(".more", el).hidden = !cursor;
+      setHTML($("[data-testid=dl-replays]", el), [...watched.entries()].map(([id, w]) => html`
+        <li data-testid="dl-replay-trail" data-job-id="${id}" data-status="${w.trail[w.trail.length - 1]}">
+          Replayed job ${jobLink(id, "trail-job-link")} (${w.type}):
+          ${w.trail.map((s, i) => html`${i ? " → " : ""}${badge(s)}`)}
+          ${w.attempts !== null ? html` <span class="muted">· ${w.attempts} attempts</span>` : ""}
+        </li>`));
+      $("[data-testid=dl-replays]", el).hidden = watched.size === 0;
+    };
+    const update = async () => {
+      const page = await api("/dead-letters?limit=50");
+      if (stopped) return;
+      first = page.items;
+      if (!older.length) cursor = page.next_cursor;
+      // follow replayed jobs until they end again
+      await Promise.all([...watched.entries()].map(async ([id, w]) => {
+        const last = w.trail[w.trail.length - 1];
+        if (TERMINAL.has(last) && w.done) return;
+        try {
+          const doc = await api(`/jobs/${encodeURIComponent(id)}`);
+          if (doc.status !== last) w.trail.push(doc.status);
+          w.attempts = doc.attempts;
+          w.done = TERMINAL.has(doc.status);
+        } catch (err) { /* shown by the connection indicator */ }
+      }));
+      if (!stopped) draw();
+    };
+    const p = poller(update, REFRESH_MS);
+    return {
+      stop() { stopped = true; p.stop(); },
+      refresh: p.now,
+      actions: {
+        replay: async (btn) => {
+          const id = btn.dataset.jobId;
+          btn.disabled = true;
+          try {
+            const doc = await api(`/jobs/${encodeURIComponent(id)}/retry`, {method: "POST"});
+            watched.set(id, {trail: [doc.status], attempts: doc.attempts, type: doc.job_type,
+              done: false});
+            errorEl.className = "notice";
+            setHTML(errorEl, "");
+            draw();
+          } catch (err) {
+            btn.disabled = false;
+            notice(errorEl, "error", problemHTML(err));
+          }
+          p.now();
+        },
+        more: async () => {
+          try {
+            const page = await api(`/dead-letters?limit=50&cursor=${encodeURIComponent(cursor)}`);
+            older = older.concat(page.items);
+            cursor = page.next_cursor;
+            draw();
+          } catch (err) {
+            notice(errorEl, "error", problemHTML(err));
+          }
+        },
+      },
+    };
+  }
+
+  // ---------------------------------------------------------------- submit
+  function submitView(query) {
+    const el = render("Submit a job", html`
+      <h1>Submit a job</h1>
+      <div class="grid two">
+        <form class="panel" data-testid="submit-form" novalidate>
+          <div class="field"><label for="f-type">Job type</label>
+            <select id="f-type" name="job_type" data-testid="submit-type" required
+              aria-describedby="f-type-desc"><option value="">loading…</option></select>
+            <span class="hint" id="f-type-desc" data-testid="submit-type-description"></span></div>
+          <div class="field"><label for="f-payload">Payload (JSON)</label>
+            <textarea id="f-payload" name="payload" data-testid="submit-payload" spellcheck="false"
+              aria-describedby="f-payload-hint" class="mono"></textarea>
+            <span class="hint" id="f-payload-hint">Prefilled with the type's example; the server
+              checks it against the type's payload model.</span></div>
+          <div class="field"><label for="f-retries">Max retries <span class="hint">(optional,
+            0-100)</span></label>
+            <input id="f-retries" name="max_retries" type="number" min="0" max="100" inputmode="numeric"
+              data-testid="submit-max-retries" style="width:8em"></div>
+          <div class="notice error" role="alert" data-testid="submit-error"></div>
+          <div class="actions"><button type="submit" class="primary"
+            data-testid="submit-button">Submit job</button></div>
+        </form>
+        <section class="panel" aria-labelledby="schema-h"><h2 id="schema-h">Payload fields</h2>
+          <div data-testid="submit-schema" class="table-wrap"></div></section>
+      </div>`);
+    const select = $("#f-type", el);
+    const textarea = $("#f-payload", el);
+    const errorEl = $("[data-testid=submit-error]", el);
+    let types = [];
+    const chosen = () => types.find((t) => t.name === select.value);
+    const clearError = () => { errorEl.className = "notice error"; setHTML(errorEl, ""); };
+    const describe = () => {
+      const t = chosen();
+      setText($("#f-type-desc", el), t ? t.description : "");
+      if (!t) return;
+      textarea.value = pretty(examplePayload(t));
+      const props = t.payload.properties;
+      const required = new Set(t.payload.required || []);
+      setHTML($("[data-testid=submit-schema]", el), props ? html`<table><thead><tr>
+          <th scope="col">Field</th><th scope="col">Type</th><th scope="col">Required</th>
+          <th scope="col">Description</th></tr></thead><tbody>${Object.entries(props).sort(
+          ([a], [b]) => (required.has(b) - required.has(a)) || a.localeCompare(b)).map(([k, v]) => {
+          const r = t.resolve(v);
+          return html`<tr><td><code>${k}</code></td><td>${typeName(v)}</td><td>${
+            required.has(k) ? "yes" : "no"}</td><td>${r.description || ""}</td></tr>`;
+        })}</tbody></table>`
+        : html`<p class="muted">${t.payload.description || "Free-form payload"}: any JSON object.</p>`);
+    };
+    jobTypes().then((list) => {
+      types = list;
+      const want = query.get("type");
+      select.innerHTML = list.map((t) => html`<option value="${t.name}" ${
+        t.name === want ? raw("selected") : ""}>${t.name}</option>`.s).join("");
+      describe();
+    }).catch((err) => notice(errorEl, "error", problemHTML(err)));
+    select.addEventListener("change", () => { clearError(); describe(); });
+    textarea.addEventListener("input", clearError);
+    $("form", el).addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const btn = $("[data-testid=submit-button]", el);
+      let payload;
+      try {
+        payload = JSON.parse(textarea.value || "{}");
+      } catch (err) {
+        notice(errorEl, "error", html`The payload is not valid JSON: ${err.message}`);
+        textarea.focus();
+        return;
+      }
+      const body = {job_type: select.value, payload};
+      const retries = $("#f-retries", el).value.trim();
+      if (retries !== "") body.max_retries = Number(retries);
+      btn.disabled = true;
+      try {
+        const doc = await api("/jobs", {method: "POST", body});
+        flash = {kind: "ok", content: html`Submitted: job ${doc.job_id} is ${badge(doc.status)}.`};
+        location.hash = `#/jobs/${doc.job_id}`;
+      } catch (err) {
+        notice(errorEl, "error", problemHTML(err));
+        btn.disabled = false;
+      }
+    });
+    return {stop() {}};
+  }
+
+  function notFoundView(path) {
+    render("Not found", html`<h1>Not found</h1><p>No page at <code>${path}</code>.
+      <a href="#/">Back to the overview</a>.</p>`);
+    return {stop() {}};
+  }
+
+  window.addEventListener("hashchange", route);
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", route);
+  else route();
+})();
