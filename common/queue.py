@@ -76,7 +76,8 @@ class Publisher:
             "bootstrap.servers": bootstrap_servers,
             "enable.idempotence": True,
             "acks": "all",
-            "linger.ms": 1,
+            # No linger: a lone submit should not wait; bursts still batch on their own.
+            "linger.ms": 0,
             "socket.connection.setup.timeout.ms": 3000,
             # librdkafka keeps retrying until this; past it the delivery report is an error.
             "message.timeout.ms": int(max(timeout, 1.0) * 1000),

@@ -106,6 +106,8 @@ class Bridge:
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 1000,
             "max.poll.interval.ms": 600000,
+            # Latency: ask the broker to answer a fetch at once rather than after 500 ms.
+            "fetch.wait.max.ms": 10,
         })
         self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
                                    "acks": "all", "linger.ms": 1}) if dlq_topic else None
@@ -150,8 +152,14 @@ class Bridge:
                 if free <= 0:
                     time.sleep(0.002)
                 else:
-                    for msg in self._consumer.consume(num_messages=free, timeout=0.05):
-                        self._accept(msg)
+                    # Block for the first record only, then take what is already here:
+                    # consume(n, timeout) alone would wait for n records or the timeout.
+                    first = self._consumer.poll(0.05)
+                    if first is not None:
+                        self._accept(first)
+                        if free > 1:
+                            for msg in self._consumer.consume(num_messages=free - 1, timeout=0):
+                                self._accept(msg)
                 if time.monotonic() - last_commit >= 0.05:
                     self._commit()
                     last_commit = time.monotonic()

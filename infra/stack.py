@@ -204,7 +204,7 @@ class Stack:
         py = sys.executable
         for name, (target, signature) in FUNCTIONS.items():
             port = services.free_port()
-            threads = "16" if name == "process" else "8"
+            threads = str(max(16, self.bridge_in_flight)) if name == "process" else "8"
             self._child(name, [py, "-m", "functions_framework", "--target", target,
                                "--source", str(ROOT / "functions" / name / "main.py"),
                                "--signature-type", signature, "--host", "127.0.0.1",
