@@ -115,12 +115,13 @@ class Stack:
 
     def __init__(self, data_dir: Path, *, gateway_port: int = 8080, echo: bool = True,
                  env: dict[str, str] | None = None, sweep_interval: float = 1.0,
-                 bridge_in_flight: int = 16) -> None:
+                 bridge_in_flight: int = 16, process_workers: int = 2) -> None:
         self.data_dir = data_dir.resolve()
         self.gateway_port = gateway_port
         self.echo = echo
         self.sweep_interval = sweep_interval
         self.bridge_in_flight = bridge_in_flight
+        self.process_workers = process_workers
         self.env = dict(os.environ if env is None else env)
         self.services: dict[str, services.ServerProcess] = {}
         self.children: dict[str, Child] = {}
@@ -205,10 +206,13 @@ class Stack:
         for name, (target, signature) in FUNCTIONS.items():
             port = services.free_port()
             threads = str(max(16, self.bridge_in_flight)) if name == "process" else "8"
+            # Two worker processes for the worker function: one per core, past the GIL.
+            workers = str(self.process_workers) if name == "process" else "1"
             self._child(name, [py, "-m", "functions_framework", "--target", target,
                                "--source", str(ROOT / "functions" / name / "main.py"),
                                "--signature-type", signature, "--host", "127.0.0.1",
-                               "--port", str(port)], port=port, extra_env={"THREADS": threads})
+                               "--port", str(port)], port=port, extra_env={"THREADS": threads,
+                                                       "WORKERS": workers})
         queue_topic, dlq_topic = list(topics)
         url = self.function_url
         self._child("bridge-q", [py, "-m", "infra.bridge", "--topic", queue_topic,
