@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import json
 import logging
 import os
 import random
@@ -87,10 +88,12 @@ class Bridge:
 
     def __init__(self, *, bootstrap: str, topic: str, group: str, target: str,
                  dlq_topic: str | None, max_in_flight: int = 16, retries: int = 5,
+                 batch_size: int = 1,
                  backoff_base: float = 0.2, backoff_max: float = 10.0,
                  request_timeout: float = 600.0) -> None:
         self.topic = topic
         self.target = target
+        self.batch_size = max(1, batch_size)
         self.dlq_topic = dlq_topic
         self.max_in_flight = max_in_flight
         self.retries = retries
@@ -143,8 +146,6 @@ class Bridge:
                                  on_revoke=self._on_revoke)
         log.info("bridge %s -> %s started", self.topic, self.target)
         last_commit = time.monotonic()
-        # Watermark queries are slow round trips: never on the consuming thread.
-        threading.Thread(target=self._watch_truncation, name="truncation", daemon=True).start()
         try:
             while not self._stopping.is_set():
                 with self._lock:
@@ -156,70 +157,51 @@ class Bridge:
                     # consume(n, timeout) alone would wait for n records or the timeout.
                     first = self._consumer.poll(0.05)
                     if first is not None:
-                        self._accept(first)
+                        ready = [first]
                         if free > 1:
-                            for msg in self._consumer.consume(num_messages=free - 1, timeout=0):
-                                self._accept(msg)
+                            ready += self._consumer.consume(num_messages=free - 1, timeout=0)
+                        self._accept_all(ready)
                 if time.monotonic() - last_commit >= 0.05:
                     self._commit()
                     last_commit = time.monotonic()
         finally:
             self._drain()
 
-    def _accept(self, msg: Message) -> None:
-        err = msg.error()
-        if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error: %s", err)
-            return
-        with self._lock:
-            state = self._partitions.setdefault(msg.partition(), PartitionState())
-            state.pending.add(msg.offset())
-            state.next_offset = max(state.next_offset or 0, msg.offset() + 1)
-            self._in_flight += 1
-        self._pool.submit(self._handle, msg, state)
+    def _accept_all(self, msgs: list[Message]) -> None:
+        accepted: list[tuple[Message, PartitionState]] = []
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err)
+                continue
+            with self._lock:
+                state = self._partitions.setdefault(msg.partition(), PartitionState())
+                state.pending.add(msg.offset())
+                state.next_offset = max(state.next_offset or 0, msg.offset() + 1)
+                self._in_flight += 1
+            accepted.append((msg, state))
+        for i in range(0, len(accepted), self.batch_size):
+            self._pool.submit(self._handle, accepted[i:i + self.batch_size])
 
-    def _handle(self, msg: Message, state: PartitionState) -> None:
+    def _handle(self, batch: list[tuple[Message, PartitionState]]) -> None:
         try:
-            self._deliver_or_dead_letter(msg)
+            if len(batch) == 1:
+                self._deliver_or_dead_letter(batch[0][0])
+            else:
+                self._deliver_batch([msg for msg, _ in batch])
         except Exception:
-            log.exception("record %s/%d@%d not finished; it will be redelivered",
-                          msg.topic(), msg.partition(), msg.offset())
-            self._stopping.set()  # never commit past it: stop, a restart redelivers
+            log.exception("%d record(s) from %s/%d@%d not finished; they will be redelivered",
+                          len(batch), batch[0][0].topic(), batch[0][0].partition(),
+                          batch[0][0].offset())
+            self._stopping.set()  # never commit past them: stop, a restart redelivers
             return
         finally:
             with self._lock:
-                self._in_flight -= 1
+                self._in_flight -= len(batch)
         with self._lock:
-            state.pending.discard(msg.offset())
-
-    def _watch_truncation(self) -> None:
-        while not self._stopping.wait(3.0):
-            self._rewind_truncated()
-
-    def _rewind_truncated(self) -> None:
-        """A broker that lost its log (Tansu's memory storage, on restart) starts offsets at 0
-        again; a consumer positioned past the new end would skip every new record. Rewind."""
-        try:
-            assigned = self._consumer.assignment()
-            positions = self._consumer.position(assigned)
-        except Exception as exc:
-            log.debug("cannot check positions: %s", exc)
-            return
-        for tp in positions:
-            if tp.offset < 0:
-                continue
-            try:
-                low, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(tp.topic, tp.partition), timeout=1, cached=False)
-            except Exception:
-                continue
-            if tp.offset > high:
-                log.warning("partition %d ends at %d but we are at %d: the broker lost its log;"
-                            " rewinding to %d", tp.partition, high, tp.offset, low)
-                with self._lock:
-                    self._partitions[tp.partition] = PartitionState()
-                self._consumer.seek(TopicPartition(tp.topic, tp.partition, low))
+            for msg, state in batch:
+                state.pending.discard(msg.offset())
 
     def _commit(self) -> None:
         with self._lock:
@@ -254,6 +236,30 @@ class Bridge:
         self._stopping.set()
 
     # -- delivery side -------------------------------------------------------------
+
+    def _deliver_batch(self, msgs: list[Message]) -> None:
+        """Several records in one request (CloudEvents batched content mode). The target
+        answers each event's own status; anything not settled falls back to one request
+        per record, with the usual retries."""
+        body = json.dumps([structured_event(msg, self.source) for msg in msgs])
+        results: list[dict[str, Any]] = []
+        try:
+            response = self._http.request(
+                "POST", self.target, body=body.encode(),
+                headers={"content-type": "application/cloudevents-batch+json"})
+            if response.status == 200:
+                results = json.loads(response.data).get("results", [])
+        except (urllib3.exceptions.HTTPError, ValueError, AttributeError) as exc:
+            log.warning("batch delivery failed (%s); delivering one by one", exc)
+        for i, msg in enumerate(msgs):
+            status = results[i].get("status") if i < len(results) else None
+            if isinstance(status, int) and 200 <= status < 300:
+                self.delivered += 1
+            elif isinstance(status, int) and _permanent(status):
+                detail = str(results[i].get("detail", "")).encode()
+                self._dead_letter(msg, Delivery(status, detail, 1))
+            else:
+                self._deliver_or_dead_letter(msg)
 
     def _deliver_or_dead_letter(self, msg: Message) -> None:
         result = self.deliver(msg)
@@ -328,6 +334,22 @@ class Bridge:
                   result.body[:300].decode(errors="replace"))
 
 
+def structured_event(msg: Message, source: str) -> dict[str, Any]:
+    """A record as a structured-mode CloudEvent (for batched delivery)."""
+    headers = cloudevent_headers(msg, source)
+    event: dict[str, Any] = {k[3:]: v for k, v in headers.items() if k.startswith("ce-")}
+    event["datacontenttype"] = headers["content-type"]
+    raw = msg.value() or b""
+    try:
+        event["data"] = json.loads(raw) if "json" in headers["content-type"] else None
+    except ValueError:
+        event["data"] = None
+    if event["data"] is None and raw:
+        event.pop("data")
+        event["data_base64"] = base64.b64encode(raw).decode()
+    return event
+
+
 def _permanent(status: int) -> bool:
     return 400 <= status < 500 and status not in (408, 429)
 
@@ -342,12 +364,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dlq-topic", help="where undeliverable records go")
     parser.add_argument("--max-in-flight", type=int, default=16)
     parser.add_argument("--retries", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="records per request (CloudEvents batched content mode); 1 ="
+                             " one binary-mode event per request, as a Knative KafkaSource")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bridge[%(process)d] %(message)s")
     bridge = Bridge(bootstrap=args.bootstrap, topic=args.topic,
                     group=args.group or f"bridge-{args.topic}", target=args.target,
                     dlq_topic=args.dlq_topic, max_in_flight=args.max_in_flight,
-                    retries=args.retries)
+                    retries=args.retries, batch_size=args.batch_size)
     signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
     signal.signal(signal.SIGINT, lambda *_: bridge.stop())
     bridge.run()

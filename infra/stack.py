@@ -36,7 +36,8 @@ TOPICS = {"job-queue": 4, "job-dlq": 2}
 FUNCTIONS = {
     "submit": ("submit_job", "http"),
     "status": ("get_job_status", "http"),
-    "process": ("process_job", "cloudevent"),
+    # the batch-capable target of the same function: see functions/process/main.py
+    "process": ("process_job_batch", "http"),
     "dlq": ("record_dead_letter", "cloudevent"),
     "sweeper": ("sweep_jobs", "http"),
 }
@@ -115,13 +116,15 @@ class Stack:
 
     def __init__(self, data_dir: Path, *, gateway_port: int = 8080, echo: bool = True,
                  env: dict[str, str] | None = None, sweep_interval: float = 1.0,
-                 bridge_in_flight: int = 16, process_workers: int = 2) -> None:
+                 bridge_in_flight: int = 64, process_workers: int = 2,
+                 batch_size: int = 16) -> None:
         self.data_dir = data_dir.resolve()
         self.gateway_port = gateway_port
         self.echo = echo
         self.sweep_interval = sweep_interval
         self.bridge_in_flight = bridge_in_flight
         self.process_workers = process_workers
+        self.batch_size = batch_size
         self.env = dict(os.environ if env is None else env)
         self.services: dict[str, services.ServerProcess] = {}
         self.children: dict[str, Child] = {}
@@ -218,7 +221,8 @@ class Stack:
         self._child("bridge-q", [py, "-m", "infra.bridge", "--topic", queue_topic,
                                  "--target", url("process"), "--dlq-topic", dlq_topic,
                                  "--group", "process", "--max-in-flight",
-                                 str(self.bridge_in_flight)])
+                                 str(self.bridge_in_flight), "--batch-size",
+                                 str(self.batch_size)])
         self._child("bridge-d", [py, "-m", "infra.bridge", "--topic", dlq_topic,
                                  "--target", url("dlq"), "--group", "dlq"])
         self._child("gateway", [py, "-m", "infra.gateway", "--port", str(self.gateway_port),

@@ -24,6 +24,8 @@ def _reset_clients() -> None:
     clients._marks.clear()
     cache._caches.clear()
     db._databases.clear()
+    for publisher in queue._publishers.values():
+        publisher.close()  # else librdkafka keeps reconnecting to a stopped broker
     queue._publishers.clear()
 
 

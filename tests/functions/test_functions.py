@@ -128,3 +128,31 @@ def test_submit_answers_problem_json_for_every_kind_of_bad_input(function_env):
         assert reply.status_code == status, (body, reply.json)
         assert reply.content_type == "application/problem+json"
         assert reply.json["status"] == status and reply.json["detail"]
+
+
+def test_the_batch_target_answers_each_event_of_a_batch_in_order(function_env):
+    good = submit("ECHO", {"message": "in a batch"})
+    batch = [
+        {"specversion": "1.0", "id": "a", "type": "t", "source": "/tests",
+         "datacontenttype": "application/json", "data": {"job_id": good, "job_type": "ECHO"}},
+        {"specversion": "1.0", "id": "b", "type": "t", "source": "/tests",
+         "datacontenttype": "application/json", "data": {"no": "job"}},
+        {"specversion": "1.0", "id": "c", "type": "t", "source": "/tests",
+         "data_base64": "bm90IGpzb24="},
+    ]
+    reply = client("process", "process_job_batch").post(
+        "/", json=batch, headers={"Content-Type": "application/cloudevents-batch+json"})
+    assert reply.status_code == 200
+    assert [(r["id"], r["status"]) for r in reply.json["results"]] == [
+        ("a", 200), ("b", 400), ("c", 400)]
+    status = client("status", "get_job_status").get(f"/jobs/{good}").json
+    assert status["status"] == "COMPLETED"
+
+
+def test_the_batch_target_also_takes_one_binary_mode_event(function_env):
+    job_id = submit("ECHO", {"message": "single"})
+    headers, body = job_event(job_id, "ECHO")
+    batch_client = client("process", "process_job_batch")
+    assert batch_client.post("/", headers=headers, data=body).status_code == 200
+    bad_headers, bad_body = job_event(str(uuid.uuid4()), "ECHO")
+    assert batch_client.post("/", headers=bad_headers, data=bad_body).status_code == 400

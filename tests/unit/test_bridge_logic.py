@@ -51,3 +51,23 @@ def test_the_commit_point_never_passes_an_unfinished_record():
     assert state.commit_point() == 10
     state.pending.discard(10)
     assert state.commit_point() == 13
+
+
+def test_a_record_becomes_a_structured_event_for_batches_json_or_base64():
+    from infra.bridge import structured_event
+
+    class Record(FakeRecord):
+        def __init__(self, value, headers):
+            super().__init__(headers)
+            self._value = value
+
+        def value(self):
+            return self._value
+
+    ce = [("ce_specversion", b"1.0"), ("ce_id", b"j"), ("ce_type", b"t"), ("ce_source", b"/s"),
+          ("content-type", b"application/json")]
+    event = structured_event(Record(b'{"job_id": "x"}', ce), "/src")
+    assert event["id"] == "j" and event["data"] == {"job_id": "x"}
+    garbage = structured_event(Record(b"\x00not json", []), "/src")
+    assert garbage["id"] == "partition:2/offset:41" and "data" not in garbage
+    assert garbage["data_base64"] == "AG5vdCBqc29u"
