@@ -41,10 +41,12 @@ def summary(name: str, result: dict[str, Any]) -> str:
                 f" verified completed: {result['verified_completed']})")
     if name == "w2":
         return (f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
-                f"max {result['max_ms']:.1f} ms ({result['polls_per_job_mean']:.0f} polls/job)")
+                f"max {result['max_ms']:.1f} ms ({result['polls_per_job_mean']:.0f} polls/job, "
+                f"{result['poll_gap_mean_ms']:.1f} ms apart)")
     if name == "w3":
         return (f"{result['ops_per_s']:.0f} lookups/s, p50 {result['p50_ms']:.2f} ms, "
-                f"p99 {result['p99_ms']:.2f} ms")
+                f"p99 {result['p99_ms']:.2f} ms" +
+                (f" ({result['partial']})" if result.get("partial") else ""))
     if name == "w4":
         return (f"{result['jobs']} jobs dead in {result['seconds']:.2f} s "
                 f"(verified dead: {result['verified_dead']})")

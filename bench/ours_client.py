@@ -28,7 +28,7 @@ class Ours:
     name = "ours"
     completed_state = "COMPLETED"
     w1_stop = ("API: GET /jobs?status=<every state but COMPLETED>&job_type=NOOP&limit=1 "
-               "answers no item (all 5,000 were accepted before polling started)")
+               "answers no item (polled after every job was accepted)")
     w4_stop = ("API: GET /jobs?status=<every state but DEAD_LETTER>&job_type=ALWAYS_FAIL"
                "&limit=1 answers no item")
 

@@ -126,27 +126,48 @@ class Proc:
         self._log.close()
 
 
-class RssSampler:
-    """Every 100 ms, the RSS of each process under the roots `roots()` names (name -> pid).
-    Process trees are rescanned every second (and when a root changes)."""
+class Sampler:
+    """Every 100 ms, the RSS of each process under the roots `roots()` names (name -> pid);
+    process trees are rescanned every second (and when a root changes). Also the CPU time
+    of those processes, of this process and of the whole machine, so that the share of the
+    CPUs that something else on the machine used meanwhile can be reported (noise)."""
 
     def __init__(self, roots: Callable[[], dict[str, int | None]], interval: float = 0.1
                  ) -> None:
         self.roots, self.interval = roots, interval
+        self.extra: dict[str, int] = {}  # more roots, added while running (the driver)
         self.peak_process: dict[str, int] = {}
         self.peak_total: dict[str, int] = {}
         self.max_processes: dict[str, int] = {}
-        self.samples = 0
+        self._cpu_first: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Sampler:
+        self._t0 = time.monotonic()
+        self._created_after = time.time()
+        self._busy0 = self._machine_busy()
+        self._self0 = self._own_cpu()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+        self._wall = time.monotonic() - self._t0
+        self._busy = self._machine_busy() - self._busy0
+        self._self = self._own_cpu() - self._self0
+
+    @staticmethod
+    def _machine_busy() -> float:
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    @staticmethod
+    def _own_cpu() -> float:
+        t = psutil.Process().cpu_times()
+        return t.user + t.system
 
     def _run(self) -> None:
         trees: dict[str, list[psutil.Process]] = {}
@@ -154,7 +175,7 @@ class RssSampler:
         last_scan = 0.0
         while not self._stop.wait(self.interval):
             try:
-                roots = self.roots()
+                roots = {**self.roots(), **self.extra}
             except Exception:
                 continue
             now = time.monotonic()
@@ -171,19 +192,34 @@ class RssSampler:
                 sizes = []
                 for proc in procs:
                     with contextlib.suppress(psutil.Error):
-                        sizes.append(proc.memory_info().rss)
-                if sizes:
+                        with proc.oneshot():
+                            sizes.append(proc.memory_info().rss)
+                            cpu = proc.cpu_times()
+                        used = cpu.user + cpu.system
+                        if proc.pid not in self._cpu_first:
+                            new = proc.create_time() >= self._created_after
+                            self._cpu_first[proc.pid] = 0.0 if new else used
+                        self._cpu_last[proc.pid] = used
+                if sizes and name not in self.extra:
                     self.peak_process[name] = max(self.peak_process.get(name, 0), max(sizes))
                     self.peak_total[name] = max(self.peak_total.get(name, 0), sum(sizes))
                     self.max_processes[name] = max(self.max_processes.get(name, 0), len(sizes))
-            self.samples += 1
 
-    def report(self) -> dict[str, dict[str, float]]:
+    def rss(self) -> dict[str, dict[str, float]]:
         mb = 1024 * 1024
         return {name: {"peak_process_mb": round(self.peak_process[name] / mb, 1),
                        "peak_total_mb": round(self.peak_total[name] / mb, 1),
                        "processes": self.max_processes[name]}
                 for name in sorted(self.peak_process)}
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds of the bench's processes and of the rest of the machine meanwhile."""
+        ours = sum(self._cpu_last[p] - self._cpu_first[p] for p in self._cpu_last) + self._self
+        ncpu = len(os.sched_getaffinity(0))
+        other = max(0.0, self._busy - ours)
+        return {"wall_s": round(self._wall, 1), "bench_cpu_s": round(ours, 1),
+                "other_cpu_s": round(other, 1),
+                "other_cpu_pct": round(100 * other / (self._wall * ncpu), 1)}
 
 
 # --- environment ------------------------------------------------------------------------------
@@ -201,7 +237,10 @@ def ensure_peers_venv() -> None:
         subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True,
                        timeout=300)
     pip = [str(PEERS_PY), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, *REQUIREMENTS], check=True, timeout=600)
+    done = subprocess.run([*pip, *REQUIREMENTS], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip install into {PEERS_VENV} failed:\n{done.stdout}"
+                           f"{done.stderr}"[-3000:])
     stamp.write_text(wanted)
     say(f"  done in {time.monotonic() - started:.0f} s")
 
@@ -252,11 +291,35 @@ def valkey_version() -> str:
     return out.split("v=")[1].split()[0] if "v=" in out else out.strip()
 
 
+def wait_quiet(limit: float, window: float = 2.0, threshold: float = 15.0) -> None:
+    """Wait (at most `limit` s) for a `window` in which the machine's CPUs are under
+    `threshold` % busy; between systems nothing of ours runs, so that is other load."""
+    started = time.monotonic()
+    ncpu = len(os.sched_getaffinity(0))
+    told = False
+    while True:
+        before = Sampler._machine_busy()
+        time.sleep(window)
+        busy = 100 * (Sampler._machine_busy() - before) / (window * ncpu)
+        waited = time.monotonic() - started
+        if busy < threshold:
+            if told:
+                say(f"(quiet after {waited:.0f} s)")
+            return
+        if waited > limit:
+            say(f"(still {busy:.0f}% busy with other work after {waited:.0f} s; going on)")
+            return
+        if not told:
+            say(f"(waiting up to {limit:.0f} s for a quiet machine: {busy:.0f}% busy with "
+                "other work)")
+            told = True
+
+
 # --- one system -------------------------------------------------------------------------------
 
 
 def run_driver(system: str, python: Path, env: dict[str, str], args: argparse.Namespace,
-               run_dir: Path, budget: float, extra: list[str],
+               run_dir: Path, budget: float, extra: list[str], sampler: Sampler,
                watch: list[Proc] | None = None) -> dict[str, Any]:
     """bench/driver.py for one system; returns its JSON (what it wrote, even after a kill)."""
     out = run_dir / f"{system}.json"
@@ -264,6 +327,7 @@ def run_driver(system: str, python: Path, env: dict[str, str], args: argparse.Na
             "--out", str(out), "--budget", str(max(10.0, budget)), *extra]
     driver = Proc(f"driver-{system}", argv, env=env, cwd=BENCH, log_path=run_dir /
                   f"driver-{system}.log", echo=True)
+    sampler.extra["driver"] = driver.pid
     hard_end = time.monotonic() + budget + 45
     failure = None
     try:
@@ -310,10 +374,11 @@ def run_peer(name: str, args: argparse.Namespace, run_dir: Path, budget: float,
     def roots() -> dict[str, int | None]:
         return {"redis": redis.pid, **{w.name: w.pid for w in workers}}
 
-    with RssSampler(roots) as sampler:
+    with Sampler(roots) as sampler:
         result = run_driver(name, PEERS_PY, env, args, run_dir,
-                            budget - (time.monotonic() - t0) - 15, [], watch=workers)
-    result["rss"] = sampler.report()
+                            budget - (time.monotonic() - t0) - 15, [], sampler, watch=workers)
+    result["rss"] = sampler.rss()
+    result["cpu"] = sampler.cpu()
     result["workers"] = peer.workers
     return result
 
@@ -340,15 +405,19 @@ def run_ours(args: argparse.Namespace, run_dir: Path, budget: float,
         return pids
 
     driver_env = {**os.environ, "PYTHONPATH": str(BENCH), "PYTHONUNBUFFERED": "1"}
-    with RssSampler(roots) as sampler:
+    with Sampler(roots) as sampler:
         result = run_driver("ours", Path(sys.executable), driver_env, args, run_dir,
                             budget - (time.monotonic() - t0) - 30,
-                            ["--url", ours.gateway_url])
-    result["rss"] = sampler.report()
+                            ["--url", ours.gateway_url], sampler)
+    result["rss"] = sampler.rss()
+    result["cpu"] = sampler.cpu()
     result["stack_start_s"] = round(started, 1)
     result["restarts"] = {n: c.restarts for n, c in ours.children.items() if c.restarts}
-    result["workers"] = ("infra.stack.Stack as `make run` starts it: one process per function"
-                         " (process: 16 threads), 2 bridges, gateway")
+    threads = ours.children["process"].env.get("THREADS", "?") if "process" in ours.children \
+        else "?"
+    result["workers"] = (f"infra.stack.Stack as `make run` starts it: a process per function"
+                         f" ('process': {threads} threads), bridges (job-queue: "
+                         f"{ours.bridge_in_flight} in flight), gateway")
     return result
 
 
@@ -385,7 +454,7 @@ def cell(result: dict[str, Any] | None, workload: str, field: str) -> tuple[floa
     value = w.get(field)
     if value is None:
         return None, "-"
-    return float(value), fmt(float(value))
+    return float(value), fmt(float(value)) + ("*" if w.get("partial") else "")
 
 
 def fmt(value: float) -> str:
@@ -486,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default bench/results/bench-<timestamp>.json)")
     parser.add_argument("--budget", type=float, default=14 * 60,
                         help="seconds for the whole run (default 840)")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="before each system, wait up to this long for a moment when "
+                             "other processes use under 15%% of the CPUs (a shared machine)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the data directories and logs of the run")
     args = parser.parse_args(argv)
@@ -503,9 +575,13 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = RESULTS / "tmp" / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
+    machine["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
     say(f"bench ({args.mode}) on {machine.get('cpu_model', '?')}, nproc {machine['nproc']}, "
         f"RAM {machine.get('ram_gib', '?')} GiB, Python {machine['python']}; "
         f"systems: {', '.join(chosen)}; logs under {run_dir.relative_to(ROOT)}")
+    if machine["loadavg_at_start"][0] > 1.0:
+        say(f"WARNING: load average {machine['loadavg_at_start']}: the machine is busy with "
+            "something else; figures will be noisy (see 'other processes' per system)")
     versions: dict[str, Any] = {"ours": our_versions()}
     results: dict[str, dict[str, Any]] = {}
     ok = False
@@ -520,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
             for i, system in enumerate(order):
                 left = len(order) - i - 1
                 budget = end - time.monotonic() - RESERVE[args.mode] * left
+                if args.wait_quiet > 0:
+                    wait_quiet(min(args.wait_quiet, max(0.0, budget - 60)))
+                    budget = end - time.monotonic() - RESERVE[args.mode] * left
                 say(f"\n=== {system} (budget {budget:.0f} s) ===")
                 if budget < 30:
                     results[system] = {"failure": "no time left in the budget"}
@@ -539,7 +618,13 @@ def main(argv: list[str] | None = None) -> int:
         say("\ninterrupted: every process started has been stopped")
         return 130
     finally:
-        if not args.keep and ok:
+        trouble = not ok or any(
+            "failure" in r or any("error" in w or "partial" in w
+                                  for w in r.get("workloads", {}).values())
+            for r in results.values())
+        if args.keep or trouble:
+            say(f"logs and data of this run kept in {run_dir}")
+        else:
             shutil.rmtree(run_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 (RESULTS / "tmp").rmdir()
@@ -575,8 +660,20 @@ def main(argv: list[str] | None = None) -> int:
         w1 = r.get("workloads", {}).get("w1", {})
         if "stop_condition" in w1:
             say(f"            W1 stop condition: {w1['stop_condition']}")
+        w4 = r.get("workloads", {}).get("w4", {})
+        if "stop_condition" in w4:
+            say(f"            W4 stop condition: {w4['stop_condition']}")
+        cpu = r.get("cpu")
+        if cpu:
+            warn = "  <-- NOISY: something else was busy" if cpu["other_cpu_pct"] > 10 else ""
+            say(f"            CPU: bench {cpu['bench_cpu_s']} CPU-s in {cpu['wall_s']} s; "
+                f"other processes on the machine: {cpu['other_cpu_pct']}% of the CPUs{warn}")
     say("Ratios: " + table["ratio_convention"] + "\n")
     say(render_table(table))
+    partial = [f"{s} {w.upper()}: {r['partial']}" for s in table["systems"]
+               for w, r in results[s].get("workloads", {}).items() if r.get("partial")]
+    if partial:
+        say("* partial, measured over what finished before the timeout: " + "; ".join(partial))
     say("")
     say(render_rss(results))
     path = args.json or RESULTS / f"bench-{stamp}.json"

@@ -14,7 +14,6 @@ from typing import Any
 
 from celery import Celery
 from celery.result import AsyncResult
-
 from workloads import RemainingTracker
 
 REDIS_URL = os.environ["BENCH_REDIS_URL"]

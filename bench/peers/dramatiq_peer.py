@@ -16,7 +16,6 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.message import Message
 from dramatiq.results import ResultFailure, ResultMissing, Results
 from dramatiq.results.backends.redis import RedisBackend
-
 from workloads import RemainingTracker
 
 REDIS_URL = os.environ["BENCH_REDIS_URL"]

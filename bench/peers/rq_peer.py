@@ -13,7 +13,6 @@ from typing import Any
 from redis import Redis
 from rq import Queue, Retry, Worker
 from rq.job import Job, JobStatus
-
 from workloads import RemainingTracker
 
 REDIS_URL = os.environ["BENCH_REDIS_URL"]
