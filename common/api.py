@@ -71,7 +71,7 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
               _max_retries(sub, settings.max_retries), fingerprint)
              for sub, key, fingerprint in zip(submissions, keys, prints, strict=True)]
     db = clients.database()
-    created = jobs.create_jobs(db, items)
+    created = jobs.create_jobs(db, items, clients.writer())
     # A delayed job (run_at in the future) is published by the sweeper once it is due.
     for row, is_new in created:
         if is_new:

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ class StatusCache:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             health_check_interval=0,
-            retry_on_timeout=False,
+            # No client-side retries (redis-py retries 3 times with backoff by default):
+            # a write either lands now or is queued for repair; a read falls back at once.
+            retry=Retry(NoBackoff(), 0),
         )
         self._put = self._client.register_script(_PUT_IF_NEWER)
         self._down_until = 0.0

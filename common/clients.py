@@ -6,7 +6,7 @@ import logging
 import threading
 
 from common.cache import StatusCache, get_cache
-from common.db import Database, get_database, migrate
+from common.db import Database, GroupCommitter, get_database, migrate
 from common.handlers import load_handlers
 from common.jobs import PublishMarks
 from common.processing import Processor
@@ -35,6 +35,17 @@ def database() -> Database:
 
 
 _marks: dict[str, PublishMarks] = {}
+_writers: dict[str, GroupCommitter] = {}
+
+
+def writer() -> GroupCommitter:
+    """The process-wide group committer: concurrent single statements share a commit."""
+    s = get_settings()
+    db = database()
+    with _lock:
+        if s.database_url not in _writers:
+            _writers[s.database_url] = GroupCommitter(db)
+        return _writers[s.database_url]
 
 
 def publish_marks() -> PublishMarks:

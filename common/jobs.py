@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from common.cache import StatusCache
-from common.db import Connection, Database, rows_as_dicts
+from common.db import Connection, Database, GroupCommitter, rows_as_dicts
 from common.errors import ApiError
 from common.lifecycle import transition, transition_sql
 from common.models import JobStatus, JobSubmission
@@ -64,35 +64,43 @@ def _iso(value: datetime | None) -> str | None:
 def create_jobs(
     db: Database,
     submissions: list[tuple[JobSubmission, dict[str, Any], str | None, int, str]],
+    writer: GroupCommitter | None = None,
 ) -> list[tuple[dict[str, Any], bool]]:
     """Insert jobs as QUEUED in one statement; return (row, created) for each, in order.
 
     Each item is (submission, validated payload, idempotency key, max retries,
     request fingerprint). A key seen before with the same request returns the existing
-    job (created=False); with another request it is a 409.
+    job (created=False); with another request it is a 409. With a `writer`, the insert
+    shares its commit with concurrent submits.
     """
     ids = [str(uuid.uuid4()) for _ in submissions]
-    with db.transaction() as conn:
-        inserted = rows_as_dicts(conn, conn.run(
-            "INSERT INTO jobs (job_id, job_type, payload_json, max_retries, idempotency_key,"
-            " request_hash, run_at, next_attempt_at)"
-            " SELECT id, type, payload, max, key, hash, run_at,"
-            " CASE WHEN run_at > now() THEN run_at END"
-            " FROM unnest(CAST(:ids AS uuid[]), CAST(:job_types AS text[]),"
-            " CAST(:payloads AS jsonb[]), CAST(:maxes AS int[]), CAST(:keys AS text[]),"
-            " CAST(:hashes AS text[]), CAST(:run_ats AS timestamptz[]))"
-            " AS s(id, type, payload, max, key, hash, run_at)"
-            " ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
-            ids=ids, job_types=[s.job_type for s, *_ in submissions],
-            payloads=[json.dumps(p) for _, p, *_ in submissions],
-            maxes=[m for *_, m, _ in submissions], keys=[k for _, _, k, _, _ in submissions],
-            hashes=[h for *_, h in submissions],
-            run_ats=[s.run_at.isoformat() if s.run_at else None for s, *_ in submissions]))
-        by_id = {str(row["job_id"]): row for row in inserted}
-        missing = [k for (_, _, k, _, _), i in zip(submissions, ids, strict=True)
-                   if i not in by_id]
-        existing = {}
-        if missing:
+    statement = (
+        "INSERT INTO jobs (job_id, job_type, payload_json, max_retries, idempotency_key,"
+        " request_hash, run_at, next_attempt_at)"
+        " SELECT id, type, payload, max, key, hash, run_at,"
+        " CASE WHEN run_at > now() THEN run_at END"
+        " FROM unnest(CAST(:ids AS uuid[]), CAST(:job_types AS text[]),"
+        " CAST(:payloads AS jsonb[]), CAST(:maxes AS int[]), CAST(:keys AS text[]),"
+        " CAST(:hashes AS text[]), CAST(:run_ats AS timestamptz[]))"
+        " AS s(id, type, payload, max, key, hash, run_at)"
+        " ON CONFLICT (idempotency_key) DO NOTHING RETURNING *")
+    params = dict(
+        ids=ids, job_types=[s.job_type for s, *_ in submissions],
+        payloads=[json.dumps(p) for _, p, *_ in submissions],
+        maxes=[m for *_, m, _ in submissions], keys=[k for _, _, k, _, _ in submissions],
+        hashes=[h for *_, h in submissions],
+        run_ats=[s.run_at.isoformat() if s.run_at else None for s, *_ in submissions])
+    # One statement: atomic on its own, whether in autocommit or in a group commit.
+    if writer is not None:
+        inserted = writer.run(statement, **params)
+    else:
+        with db.connection() as conn:
+            inserted = rows_as_dicts(conn, conn.run(statement, **params))
+    by_id = {str(row["job_id"]): row for row in inserted}
+    missing = [k for (_, _, k, _, _), i in zip(submissions, ids, strict=True) if i not in by_id]
+    existing = {}
+    if missing:
+        with db.connection() as conn:
             existing = {row["idempotency_key"]: row for row in rows_as_dicts(conn, conn.run(
                 "SELECT * FROM jobs WHERE idempotency_key = ANY(CAST(:keys AS text[]))",
                 keys=missing))}
@@ -273,8 +281,13 @@ def repair_cache(db: Database, cache: StatusCache, limit: int = 1000) -> int:
             " FOR UPDATE OF cache_repairs SKIP LOCKED", limit=limit))
         if not rows or not cache.put([document(row) for row in rows]):
             return 0
-        conn.run("DELETE FROM cache_repairs WHERE job_id = ANY(CAST(:ids AS uuid[]))",
-                 ids=[str(row["job_id"]) for row in rows])
+        # Forget a repair only if the job has not moved on since we read it: a newer
+        # state whose own cache write failed meanwhile must still be repaired.
+        conn.run("DELETE FROM cache_repairs r USING jobs j, unnest(CAST(:ids AS uuid[]),"
+                 " CAST(:versions AS bigint[])) AS w(id, v) WHERE r.job_id = w.id"
+                 " AND j.job_id = w.id AND j.version <= w.v",
+                 ids=[str(row["job_id"]) for row in rows],
+                 versions=[row["version"] for row in rows])
     return len(rows)
 
 

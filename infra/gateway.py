@@ -177,15 +177,19 @@ def create_gateway(upstreams: dict[str, str], *, max_body: int | None = None) ->
         url = upstreams[upstream] + route_path
         if request.query_string:
             url += "?" + request.query_string.decode("latin-1")
+        stream = route_path.endswith("/artifact")  # files stream; JSON answers are small
         try:
             upstream_response = http.request(request.method, url, body=body, headers=headers,
-                                             preload_content=False)
+                                             preload_content=not stream)
         except urllib3.exceptions.HTTPError as exc:
             log.warning("%s unreachable: %s", upstream, exc)
             return problem(503, "Service unavailable",
                            f"the {upstream} function is not answering", **{"Retry-After": "2"})
         out_headers = [(k, v) for k, v in upstream_response.headers.items()
                        if k.lower() not in HOP_BY_HOP]
+        if not stream:
+            return flask.Response(upstream_response.data, status=upstream_response.status,
+                                  headers=out_headers)
         return flask.Response(upstream_response.stream(65536), status=upstream_response.status,
                               headers=out_headers, direct_passthrough=True)
 
@@ -250,13 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--submit", default=os.environ.get("JOBS_SUBMIT_URL"), required=False)
     parser.add_argument("--status", default=os.environ.get("JOBS_STATUS_URL"), required=False)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     app = create_gateway({"submit": args.submit, "status": args.status})
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             self.cfg.set("bind", f"{args.host}:{args.port}")
-            self.cfg.set("workers", 1)
+            self.cfg.set("workers", args.workers)
             self.cfg.set("threads", args.threads)
             self.cfg.set("loglevel", "warning")
             self.cfg.set("timeout", 0)

@@ -209,8 +209,9 @@ class Stack:
         for name, (target, signature) in FUNCTIONS.items():
             port = services.free_port()
             threads = str(max(16, self.bridge_in_flight)) if name == "process" else "8"
-            # Two worker processes for the worker function: one per core, past the GIL.
-            workers = str(self.process_workers) if name == "process" else "1"
+            # Two worker processes for the busy functions: one per core, past the GIL.
+            workers = str(self.process_workers) if name in ("process", "submit", "status") \
+                else "1"
             self._child(name, [py, "-m", "functions_framework", "--target", target,
                                "--source", str(ROOT / "functions" / name / "main.py"),
                                "--signature-type", signature, "--host", "127.0.0.1",
@@ -226,7 +227,8 @@ class Stack:
         self._child("bridge-d", [py, "-m", "infra.bridge", "--topic", dlq_topic,
                                  "--target", url("dlq"), "--group", "dlq"])
         self._child("gateway", [py, "-m", "infra.gateway", "--port", str(self.gateway_port),
-                                "--submit", url("submit"), "--status", url("status")],
+                                "--submit", url("submit"), "--status", url("status"),
+                                "--workers", str(self.process_workers)],
                     port=self.gateway_port)
         for child in self.children.values():
             child.start()

@@ -22,6 +22,7 @@ def _reset_clients() -> None:
     clients._ready.clear()
     clients._processor = None
     clients._marks.clear()
+    clients._writers.clear()
     cache._caches.clear()
     db._databases.clear()
     for publisher in queue._publishers.values():
