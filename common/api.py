@@ -88,7 +88,8 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
             log.warning("accepted %d job(s) but could not enqueue them now (%s);"
                         " the sweeper will publish them", len(new_rows), exc.detail)
         else:
-            clients.publish_marks().add([str(row["job_id"]) for row in new_rows])
+            clients.publish_marks().add([(str(row["job_id"]), row["attempts"])
+                                         for row in new_rows])
     rows = [row for row, _ in created]
     jobs.cache_rows(db, clients.cache(), rows)
     return [jobs.document(row) for row in rows], enqueued
@@ -205,7 +206,7 @@ def replay(job_id: str) -> dict[str, Any]:
                       ce_id=f"{job_id}:replay-{row['attempts']}", source="/jobs/retry")
     try:
         clients.publisher().publish([event])
-        jobs.mark_published(db, [job_id])
+        jobs.mark_published(db, [(job_id, row["attempts"])])
     except ServiceUnavailable as exc:
         log.warning("replayed job %s not enqueued now (%s); the sweeper will", job_id, exc)
     jobs.cache_rows(db, clients.cache(), [row])

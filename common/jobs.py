@@ -128,13 +128,14 @@ class PublishMarks:
     def __init__(self, db: Database, interval: float = 0.02) -> None:
         self.db = db
         self.interval = interval
-        self._pending: list[str] = []
+        self._pending: list[tuple[str, int]] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def add(self, job_ids: list[str]) -> None:
+    def add(self, published: list[tuple[str, int]]) -> None:
+        """Queue (job id, attempts when published) marks."""
         with self._lock:
-            self._pending.extend(job_ids)
+            self._pending.extend(published)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="publish-marks",
                                                 daemon=True)
@@ -152,11 +153,17 @@ class PublishMarks:
                     log.warning("could not mark %d job(s) published: %s", len(batch), exc)
 
 
-def mark_published(db: Database, job_ids: list[str]) -> None:
-    """Record that a job's message reached the broker (the sweeper re-sends unmarked ones)."""
-    if job_ids:
-        db.run("UPDATE jobs SET published_at = now() WHERE job_id = ANY(CAST(:ids AS uuid[]))",
-               ids=job_ids)
+def mark_published(db: Database, published: list[tuple[str, int]]) -> None:
+    """Record that a job's message reached the broker (the sweeper re-sends unmarked ones).
+
+    Each item is (job id, attempts when published): a mark that arrives after the job
+    moved on (claimed, failed, waiting for a retry of its own) must not hide that retry.
+    """
+    if published:
+        db.run("UPDATE jobs SET published_at = now() FROM unnest(CAST(:ids AS uuid[]),"
+               " CAST(:ns AS int[])) AS p(id, n) WHERE jobs.job_id = p.id"
+               " AND jobs.attempts = p.n AND jobs.status IN ('QUEUED', 'RETRYING')",
+               ids=[job_id for job_id, _ in published], ns=[n for _, n in published])
 
 
 def get_job(conn: Connection, job_id: str) -> dict[str, Any] | None:

@@ -90,6 +90,7 @@ class Processor:
         self._heartbeat: threading.Thread | None = None
         self.outcome_patience = 300.0  # how long to keep trying to record an outcome
         self.writer = GroupCommitter(db)
+        self.marks = jobs.PublishMarks(db)
 
     # -- leases ----------------------------------------------------------------------
 
@@ -314,7 +315,7 @@ class Processor:
                           ce_id=f"{job_id}:retry-{row['retries'] + 1}", source="/jobs/process")
         try:
             self.publisher.publish([event])
-            jobs.mark_published(self.db, [job_id])
+            self.marks.add([(job_id, row["attempts"])])
         except Exception as exc:  # the sweeper publishes it later from PostgreSQL
             log.warning("could not requeue job %s now (%s); the sweeper will", job_id, exc)
 
