@@ -145,12 +145,8 @@ def cancel(job_id: str) -> dict[str, Any]:
         if row is None:
             row = jobs.request_cancel(conn, job_id)
         if row is None:
-            current = jobs.get_job(conn, job_id)
-            if current is None:
-                raise ApiError(404, "Job not found", f"no job {job_id}")
-            raise ApiError(409, "Job already ended",
-                           f"job {job_id} is {current['status']}; only waiting or running jobs"
-                           " can be cancelled")
+            raise jobs.refuse_move(conn, job_id, "Job already ended",
+                                   "only waiting or running jobs can be cancelled")
     jobs.cache_rows(db, clients.cache(), [row])
     return jobs.document(row)
 

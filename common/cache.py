@@ -114,12 +114,6 @@ class StatusCache:
             if isinstance(result, Exception):
                 raise result
 
-    def forget(self, job_id: str) -> None:
-        try:
-            self._client.delete(cache_key(job_id))
-        except redis.RedisError as exc:
-            self._trip(exc)
-
     def ping(self) -> bool:
         try:
             return bool(self._client.ping())

@@ -91,12 +91,8 @@ def replay(conn: Connection, job_id: str) -> dict[str, Any]:
                      values={"retries": 0, "result_json": None, "next_attempt_at": None,
                              "published_at": None, "lease_expires_at": None})
     if row is None:
-        current = jobs.get_job(conn, job_id)
-        if current is None:
-            raise ApiError(404, "Job not found", f"no job {job_id}")
-        raise ApiError(409, "Job is not dead-lettered",
-                       f"job {job_id} is {current['status']}; only DEAD_LETTER jobs can be"
-                       " replayed")
+        raise jobs.refuse_move(conn, job_id, "Job is not dead-lettered",
+                               "only DEAD_LETTER jobs can be replayed")
     conn.run("UPDATE dead_letters SET replayed_at = now()"
              " WHERE job_id = CAST(:id AS uuid) AND replayed_at IS NULL", id=job_id)
     return row

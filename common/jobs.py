@@ -166,6 +166,14 @@ def mark_published(db: Database, published: list[tuple[str, int]]) -> None:
                ids=[job_id for job_id, _ in published], ns=[n for _, n in published])
 
 
+def refuse_move(conn: Connection, job_id: str, title: str, allowed: str) -> ApiError:
+    """The error for a move a job cannot make: 404 if it does not exist, else 409."""
+    current = get_job(conn, job_id)
+    if current is None:
+        return ApiError(404, "Job not found", f"no job {job_id}")
+    return ApiError(409, title, f"job {job_id} is {current['status']}; {allowed}")
+
+
 def get_job(conn: Connection, job_id: str) -> dict[str, Any] | None:
     rows = rows_as_dicts(conn, conn.run(
         "SELECT * FROM jobs WHERE job_id = CAST(:id AS uuid)", id=job_id))

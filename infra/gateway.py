@@ -235,7 +235,11 @@ def readiness(upstreams: dict[str, str]) -> dict[str, dict[str, Any]]:
             checks[name] = {"ok": False, "error": str(exc)[:300]}
 
     check("postgresql", lambda: clients.database().run("SELECT 1"))
-    check("redis", lambda: clients.cache()._client.ping())
+    def redis_ping() -> None:
+        if not clients.cache().ping():
+            raise RuntimeError("no answer to PING")
+
+    check("redis", redis_ping)
     check("kafka", lambda: AdminClient({
         "bootstrap.servers": settings.kafka_bootstrap_servers}).list_topics(timeout=2))
     for name, url in upstreams.items():
