@@ -6,10 +6,10 @@ import logging
 import queue
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pg8000.native
@@ -18,6 +18,7 @@ from pg8000.exceptions import DatabaseError, InterfaceError
 from common.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Any constant works; it only has to be the same in every process that migrates.
 MIGRATION_LOCK_KEY = 0x6A6F6273  # "jobs"
@@ -262,13 +263,19 @@ class GroupCommitter:
 
     def run(self, sql: str, **params: Any) -> list[dict[str, Any]]:
         """Execute `sql` in the next group commit; return its rows as dicts once committed."""
+        return self.call(lambda conn: rows_as_dicts(conn, conn.run(sql, **params)))
+
+    def call(self, work: Callable[[Connection], T]) -> T:
+        """Run `work(conn)` inside the next group commit; return its result once committed.
+        `work` may run twice (its group failed and is replayed one by one): it must only
+        touch the database."""
         self._ensure_started()
-        op = _Op(sql, params)
+        op = _Op(work)
         self._queue.put(op)
         op.done.wait()
         if op.error is not None:
             raise op.error
-        return op.rows
+        return op.result
 
     def _ensure_started(self) -> None:
         if self._thread is None:
@@ -291,7 +298,7 @@ class GroupCommitter:
     def _commit(self, batch: list[_Op]) -> None:
         try:
             with self.db.transaction() as conn:
-                results = [rows_as_dicts(conn, conn.run(op.sql, **op.params)) for op in batch]
+                results = [op.work(conn) for op in batch]
         except ServiceUnavailable as exc:
             for op in batch:
                 op.finish(error=exc)
@@ -303,22 +310,20 @@ class GroupCommitter:
                 return
             batch[0].finish(error=sys.exc_info()[1])
             return
-        for op, rows in zip(batch, results, strict=True):
-            op.finish(rows=rows)
+        for op, result in zip(batch, results, strict=True):
+            op.finish(result=result)
 
 
 class _Op:
-    __slots__ = ("sql", "params", "rows", "error", "done")
+    __slots__ = ("work", "result", "error", "done")
 
-    def __init__(self, sql: str, params: dict[str, Any]) -> None:
-        self.sql = sql
-        self.params = params
-        self.rows: list[dict[str, Any]] = []
+    def __init__(self, work: Callable[[Connection], Any]) -> None:
+        self.work = work
+        self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
 
-    def finish(self, rows: list[dict[str, Any]] | None = None,
-               error: BaseException | None = None) -> None:
-        self.rows = rows or []
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.result = result
         self.error = error
         self.done.set()

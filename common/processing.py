@@ -291,10 +291,9 @@ class Processor:
         policy = policy_for(self.settings, jt)
         delay_floor = error.delay if isinstance(error, RetryableError) else None
         def write() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-            with self.db.transaction() as conn:
-                return record_failure(
-                    conn, job_id, attempt, message, policy,
-                    permanent=isinstance(error, PermanentError), delay_floor=delay_floor)
+            return self.writer.call(lambda conn: record_failure(
+                conn, job_id, attempt, message, policy,
+                permanent=isinstance(error, PermanentError), delay_floor=delay_floor))
 
         row, dead_letter = self._record(write)
         if row is None:
