@@ -79,7 +79,11 @@ def problem(status: int, title: str, detail: str, **headers: str) -> flask.Respo
 def create_gateway(upstreams: dict[str, str], *, max_body: int | None = None) -> flask.Flask:
     """The gateway app, forwarding to `upstreams` ({"submit": url, "status": url})."""
     app = flask.Flask("gateway", static_folder=None)  # /static/ is the dashboard's, below
-    http = urllib3.PoolManager(maxsize=64, block=False, retries=False,
+    # A pooled connection the function closed while idle (gunicorn's keep-alive is 2 s)
+    # fails on reuse: retry reads only where a repeat is harmless (GET), connects always.
+    retries = urllib3.Retry(total=2, connect=2, read=1, redirect=0, status=0, other=0,
+                            allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False)
+    http = urllib3.PoolManager(maxsize=64, block=False, retries=retries,
                                timeout=urllib3.Timeout(connect=2.0, read=30.0))
     assets = swagger_dir()
     limit = max_body or clients.settings().max_body_bytes

@@ -33,7 +33,11 @@ class Api:
 
     def __init__(self, base_url: str) -> None:
         self.base = base_url.rstrip("/")
-        self.http = urllib3.PoolManager(maxsize=32, retries=False,
+        # GETs are retried once when a kept-alive connection was closed under us, as any
+        # HTTP client does; POSTs never, so the tests see exactly what they sent.
+        retries = urllib3.Retry(total=1, connect=1, read=1, redirect=0, status=0, other=0,
+                                allowed_methods=frozenset({"GET"}), raise_on_status=False)
+        self.http = urllib3.PoolManager(maxsize=32, retries=retries,
                                         timeout=urllib3.Timeout(connect=5, read=30))
 
     def request(self, method: str, path: str, *, json_body: Any = None, body: bytes | None = None,
