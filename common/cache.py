@@ -41,7 +41,7 @@ class StatusCache:
     costs one timeout per cooldown instead of one per request.
     """
 
-    def __init__(self, url: str, *, timeout: float = 0.25, ttl: int = 7 * 24 * 3600,
+    def __init__(self, url: str, *, timeout: float = 0.5, ttl: int = 7 * 24 * 3600,
                  cooldown: float = 2.0) -> None:
         self.ttl = ttl
         self.cooldown = cooldown
@@ -50,9 +50,10 @@ class StatusCache:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             health_check_interval=0,
-            # No client-side retries (redis-py retries 3 times with backoff by default):
-            # a write either lands now or is queued for repair; a read falls back at once.
-            retry=Retry(NoBackoff(), 0),
+            # One immediate retry absorbs a scheduling hiccup on a busy machine; redis-py's
+            # default (3 retries with backoff) would stall a caller for seconds on a hung
+            # server. After that a write is queued for repair and a read falls back.
+            retry=Retry(NoBackoff(), 1),
         )
         self._put = self._client.register_script(_PUT_IF_NEWER)
         self._down_until = 0.0
@@ -125,7 +126,7 @@ _caches: dict[str, StatusCache] = {}
 _caches_lock = threading.Lock()
 
 
-def get_cache(url: str, timeout: float = 0.25, ttl: int = 7 * 24 * 3600) -> StatusCache:
+def get_cache(url: str, timeout: float = 0.5, ttl: int = 7 * 24 * 3600) -> StatusCache:
     """The process-wide cache client for `url`, created on first use (no I/O here)."""
     with _caches_lock:
         cache = _caches.get(url)

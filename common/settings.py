@@ -32,7 +32,7 @@ class Settings(BaseModel):
     artifact_dir: Path = DEFAULT_DATA_DIR / "artifacts"
     max_body_bytes: int = 256 * 1024
     publish_timeout_seconds: float = Field(5.0, gt=0)
-    redis_timeout_seconds: float = Field(0.25, gt=0)
+    redis_timeout_seconds: float = Field(0.5, gt=0)
     cache_ttl_seconds: int = 7 * 24 * 3600
     requeue_after_seconds: float = Field(30.0, gt=0)
 
