@@ -15,7 +15,7 @@ from typing import Any
 from common.cache import StatusCache
 from common.db import Connection, Database, GroupCommitter, rows_as_dicts
 from common.errors import ApiError
-from common.lifecycle import transition, transition_sql
+from common.lifecycle import transition_sql
 from common.models import JobStatus, JobSubmission
 
 S = JobStatus
@@ -39,8 +39,8 @@ def document(row: dict[str, Any]) -> dict[str, Any]:
         "retries": row["retries"],
         "max_retries": row["max_retries"],
         "attempts": row["attempts"],
-        "payload": _json(row["payload_json"]),
-        "result": _json(row["result_json"]),
+        "payload": json_value(row["payload_json"]),
+        "result": json_value(row["result_json"]),
         "error_message": row["error_message"],
         "next_attempt_at": _iso(row["next_attempt_at"]),
         "run_at": _iso(row.get("run_at")),
@@ -53,7 +53,8 @@ def document(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _json(value: Any) -> Any:
+def json_value(value: Any) -> Any:
+    """A JSON column's value, decoded if the driver handed back text."""
     return json.loads(value) if isinstance(value, str) else value
 
 
@@ -246,16 +247,9 @@ def claim(conn: Connection, job_id: str, lease_seconds: float,
                      " published_at = NULL WHERE job_id = CAST(:id AS uuid)"
                      " AND status IN ('QUEUED', 'RETRYING')", id=job_id)
             return None
-    row = transition(
-        conn, job_id, S.IN_PROGRESS,
-        expressions=_CLAIM_EXPRESSIONS,
-        where="(next_attempt_at IS NULL OR next_attempt_at <= now())",
-        params={"lease": float(lease_seconds)},
-    )
-    if row is not None:
-        conn.run("INSERT INTO job_attempts (job_id, attempt) VALUES (CAST(:id AS uuid), :n)"
-                 " ON CONFLICT DO NOTHING", id=job_id, n=row["attempts"])
-    return row
+    sql, params = claim_sql(job_id, lease_seconds)
+    rows = rows_as_dicts(conn, conn.run(sql, **params))
+    return rows[0] if rows else None
 
 
 def finish_attempt(conn: Connection, job_id: str, attempt: int, outcome: str,

@@ -259,7 +259,7 @@ class Processor:
         return Outcome(job_id, "cancelled", row["status"], message)
 
     def _run(self, jt: JobType, row: dict[str, Any], ctx: JobContext, timeout: float) -> Any:
-        payload = parse_or_permanent(jt, jobs._json(row["payload_json"]))
+        payload = parse_or_permanent(jt, jobs.json_value(row["payload_json"]))
         # copy_context: the handler's own log lines carry the job id and attempt too
         future = self._executor.submit(contextvars.copy_context().run, jt.run, payload, ctx)
         try:
