@@ -15,7 +15,7 @@ from typing import Any
 from common.cache import StatusCache
 from common.db import Connection, Database, GroupCommitter, rows_as_dicts
 from common.errors import ApiError
-from common.lifecycle import transition_sql
+from common.lifecycle import transition_many_sql, transition_sql
 from common.models import JobStatus, JobSubmission
 
 S = JobStatus
@@ -356,3 +356,35 @@ def complete_sql(job_id: str, attempt: int, result: Any) -> tuple[str, dict[str,
             " outcome = 'COMPLETED', error = NULL FROM moved WHERE job_attempts.job_id ="
             " moved.job_id AND job_attempts.attempt = moved.attempts) SELECT * FROM moved",
             params)
+
+
+def claim_many_sql(job_ids: list[str], lease_seconds: float) -> tuple[str, dict[str, Any]]:
+    """`claim_sql` for many jobs in one statement; returns the rows of those claimed."""
+    update, params = transition_many_sql(
+        S.IN_PROGRESS, {"id": job_ids}, expressions=_CLAIM_EXPRESSIONS,
+        where="(jobs.next_attempt_at IS NULL OR jobs.next_attempt_at <= now())",
+        params={"lease": float(lease_seconds)})
+    return (f"WITH moved AS ({update}), attempt AS (INSERT INTO job_attempts (job_id, attempt)"
+            " SELECT job_id, attempts FROM moved ON CONFLICT DO NOTHING) SELECT * FROM moved",
+            params)
+
+
+def complete_many_sql(done: list[tuple[str, int, Any]]) -> tuple[str, dict[str, Any]]:
+    """`complete_sql` for many (job id, attempt, result) in one statement; returns the rows
+    of those moved (an attempt that lost its job is left out)."""
+    update, params = transition_many_sql(
+        S.COMPLETED, {"id": [d[0] for d in done], "attempt": [d[1] for d in done],
+                      "result": [d[2] for d in done]},
+        sources=[S.IN_PROGRESS], values={"result_json": "result"},
+        expressions={"lease_expires_at": "NULL", "error_message": "NULL"})
+    return (f"WITH moved AS ({update}), finished AS (UPDATE job_attempts SET finished_at = now(),"
+            " outcome = 'COMPLETED', error = NULL FROM moved WHERE job_attempts.job_id ="
+            " moved.job_id AND job_attempts.attempt = moved.attempts) SELECT * FROM moved",
+            params)
+
+
+def get_jobs(conn: Connection, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The rows of those of `job_ids` that exist, by job id."""
+    rows = rows_as_dicts(conn, conn.run(
+        "SELECT * FROM jobs WHERE job_id = ANY(CAST(:ids AS uuid[]))", ids=job_ids))
+    return {str(row["job_id"]): row for row in rows}

@@ -131,3 +131,69 @@ def transition_sql(
         "RETURNING *"
     )
     return sql, bound
+
+
+#: PostgreSQL array types of the per-row values `transition_many_sql` takes.
+ROW_TYPES = {"id": "uuid", "attempt": "int", "result": "jsonb", "message": "text"}
+
+
+def transition_many_sql(
+    target: JobStatus,
+    rows: Mapping[str, list[Any]],
+    *,
+    sources: Iterable[JobStatus] | None = None,
+    values: Mapping[str, str] | None = None,
+    expressions: Mapping[str, str] | None = None,
+    where: str | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """`transition_sql` for many jobs in one statement.
+
+    `rows` holds one list per field of `ROW_TYPES`, all of the same length: `id` is
+    required; with `attempt`, each write is fenced to that job's attempt. `values` maps a
+    column to the row field it takes (`{"result_json": "result"}`). Returns the moved jobs'
+    rows (`RETURNING jobs.*`); a job missing from them was not in one of `sources`.
+    """
+    allowed = sources_of(target)
+    chosen = frozenset(sources) if sources is not None else allowed
+    if not chosen <= allowed or not chosen:
+        raise IllegalTransition(
+            f"{sorted(s.value for s in chosen)} -> {target.value} is not a job transition"
+        )
+    values = dict(values or {})
+    expressions = dict(expressions or {})
+    unknown = (set(values) | set(expressions)) - SETTABLE
+    if unknown:
+        raise ValueError(f"transition cannot set {sorted(unknown)}")
+    fields = list(rows)
+    if "id" not in rows or set(fields) - ROW_TYPES.keys() or set(values.values()) - set(fields):
+        raise ValueError(f"rows must have `id` and only fields of {sorted(ROW_TYPES)}")
+    if len({len(column) for column in rows.values()}) > 1:
+        raise ValueError("every row field needs one value per job")
+
+    bound: dict[str, Any] = dict(params or {})
+    bound.update(target=target.value, sources=[s.value for s in chosen])
+    arrays = []
+    for name in fields:
+        arrays.append(f"CAST(:r_{name} AS {ROW_TYPES[name]}[])")
+        column = list(rows[name])
+        if name == "id":
+            column = [str(v) for v in column]
+        elif ROW_TYPES[name] == "jsonb":
+            column = [None if v is None else json.dumps(v) for v in column]
+        bound[f"r_{name}"] = column
+    assignments = ["status = CAST(:target AS job_status)", "version = jobs.version + 1",
+                   "updated_at = now()"]
+    assignments += [f"{column} = r.r_{field}" for column, field in values.items()]
+    assignments += [f"{column} = {expression}" for column, expression in expressions.items()]
+    conditions = ["jobs.job_id = r.r_id", "jobs.status = ANY(CAST(:sources AS job_status[]))"]
+    if "attempt" in rows:
+        conditions.append("jobs.attempts = r.r_attempt")
+    if where:
+        conditions.append(where)
+    sql = (
+        f"UPDATE jobs SET {', '.join(assignments)} FROM unnest({', '.join(arrays)})"
+        f" AS r({', '.join('r_' + name for name in fields)})"
+        f" WHERE {' AND '.join(conditions)} RETURNING jobs.*"
+    )
+    return sql, bound

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -77,7 +78,7 @@ class Processor:
     """Executes job messages; one per process, shared by the request threads."""
 
     def __init__(self, settings: Settings, db: Database, cache: StatusCache,
-                 publisher: Publisher, max_workers: int = 64) -> None:
+                 publisher: Publisher, max_workers: int = 256) -> None:
         self.settings = settings
         self.db = db
         self.cache = cache
@@ -87,6 +88,9 @@ class Processor:
         # job id -> (attempt, context) of this process's running attempts, for the heartbeat
         self._running: dict[str, tuple[int, JobContext]] = {}
         self._running_lock = threading.Lock()
+        # Deliveries of types with a concurrency limit, within a batch (see handle_batch).
+        self._solo = concurrent.futures.ThreadPoolExecutor(
+            max_workers=16, thread_name_prefix="limited")
         self._heartbeat: threading.Thread | None = None
         self.outcome_patience = 300.0  # how long to keep trying to record an outcome
         self.writer = GroupCommitter(db)
@@ -151,50 +155,70 @@ class Processor:
 
     def handle(self, message: JobMessage) -> Outcome:
         """Process one delivery of `message`; safe to call twice for the same message."""
-        job_id = str(message.job_id)
-        self._start_heartbeat()
-        declared = get_job_type(message.job_type)
-        limit = (message.job_type, declared.concurrency) if declared and declared.concurrency \
-            else None
-        if limit is None:
-            # The common case: one statement, committed together with concurrent claims.
-            sql, params = jobs.claim_sql(job_id, self.settings.lease_seconds)
-            claimed = self.writer.run(sql, **params)
-            row = claimed[0] if claimed else None
-            current = row
-            if row is None:
+        result = self.handle_batch([message])[0]
+        if isinstance(result, PoisonMessage):
+            raise result
+        return result
+
+    def handle_batch(self, messages: list[JobMessage]) -> list[Outcome | PoisonMessage]:
+        """Process several deliveries at once, each with the guarantees of `handle`: one
+        statement claims them all, their handlers run side by side, one statement records
+        the completions (one transaction the failures), one round trip caches each step.
+        Answers in the order of `messages`; a PoisonMessage for a job that does not exist."""
+        results: list[Outcome | PoisonMessage | None] = [None] * len(messages)
+        positions: dict[str, list[int]] = {}  # job id -> where its deliveries are
+        limited: list[int] = []
+        for i, message in enumerate(messages):
+            declared = get_job_type(message.job_type)
+            if declared is not None and declared.concurrency:
+                limited.append(i)
+            else:
+                positions.setdefault(str(message.job_id), []).append(i)
+        # Types with a concurrency limit claim under a lock, one job at a time, meanwhile.
+        solo = {i: self._solo.submit(self._handle_limited, messages[i]) for i in limited}
+        if positions:
+            self._start_heartbeat()
+            sql, params = jobs.claim_many_sql(list(positions), self.settings.lease_seconds)
+            claimed = {str(row["job_id"]): row for row in self.writer.run(sql, **params)}
+            current: dict[str, dict[str, Any]] = {}
+            if len(claimed) < len(positions):
                 with self.db.connection() as conn:
-                    current = jobs.get_job(conn, job_id)
-        else:
-            with self.db.transaction() as conn:
-                row = jobs.claim(conn, job_id, self.settings.lease_seconds, concurrency=limit)
-                current = row or jobs.get_job(conn, job_id)
-        if current is None:
-            raise PoisonMessage(f"no job {job_id} in PostgreSQL")
-        if row is None and limit and current["status"] in ("QUEUED", "RETRYING"):
+                    current = jobs.get_jobs(conn, [j for j in positions if j not in claimed])
+            self._cache(list(claimed.values()))
+            for job_id, where in positions.items():
+                # A job's first delivery runs it; any other is a duplicate, answered as such.
+                for i in where[1:] if job_id in claimed else where:
+                    results[i] = _not_waiting(job_id, claimed.get(job_id) or current.get(job_id))
+            for outcome in self._attempts(list(claimed.values())):
+                results[positions[outcome.job_id][0]] = outcome
+        for i, future in solo.items():
+            try:
+                results[i] = future.result()
+            except PoisonMessage as exc:
+                results[i] = exc
+        assert all(r is not None for r in results), "every delivery gets an answer"
+        return results  # type: ignore[return-value]
+
+    def _handle_limited(self, message: JobMessage) -> Outcome:
+        """A delivery of a type with a concurrency limit: claimed only if a slot is free."""
+        job_id = str(message.job_id)
+        declared = get_job_type(message.job_type)
+        assert declared is not None and declared.concurrency
+        limit = (message.job_type, declared.concurrency)
+        self._start_heartbeat()
+        with self.db.transaction() as conn:
+            row = jobs.claim(conn, job_id, self.settings.lease_seconds, concurrency=limit)
+            current = row or jobs.get_job(conn, job_id)
+        if row is None and current is not None and current["status"] in ("QUEUED", "RETRYING"):
             log.info("job %s waits: %s already runs %d at once", job_id, *limit)
             return Outcome(job_id, "deferred", current["status"], "type at its concurrency limit")
         if row is None:
-            # A duplicate or late delivery: the job is already further along.
-            log.info("job %s is %s; delivery ignored", job_id, current["status"])
-            return Outcome(job_id, "ignored", current["status"], "job is not waiting to run")
+            result = _not_waiting(job_id, current)
+            if isinstance(result, PoisonMessage):
+                raise result
+            return result
         self._cache([row])
-        attempt = row["attempts"]
-        token = job_context.set({"job_id": job_id, "attempt": attempt,
-                                 "job_type": row["job_type"]})
-        ctx = JobContext(
-            job_id=row["job_id"], job_type=row["job_type"], attempt=attempt,
-            retries=row["retries"], artifact_dir=self.settings.artifact_dir,
-            progress_sink=lambda fraction, text: self._progress(job_id, attempt, fraction, text),
-        )
-        with self._running_lock:
-            self._running[job_id] = (attempt, ctx)
-        try:
-            return self._attempt(row, ctx)
-        finally:
-            with self._running_lock:
-                self._running.pop(job_id, None)
-            job_context.reset(token)
+        return self._attempts([row])[0]
 
     def _cache(self, rows: list[dict[str, Any]]) -> None:
         jobs.cache_rows(self.db, self.cache, rows)
@@ -209,39 +233,86 @@ class Processor:
         if row is not None:
             self._cache([row])
 
-    def _attempt(self, row: dict[str, Any], ctx: JobContext) -> Outcome:
+    def _start(self, row: dict[str, Any]) -> _Running:
+        """Start the handler of a claimed job in the handler pool, under its time limit."""
         job_id, attempt = str(row["job_id"]), row["attempts"]
         jt = get_job_type(row["job_type"])  # the job's own type, whatever the message said
+        ctx = JobContext(
+            job_id=row["job_id"], job_type=row["job_type"], attempt=attempt,
+            retries=row["retries"], artifact_dir=self.settings.artifact_dir,
+            progress_sink=lambda fraction, text: self._progress(job_id, attempt, fraction, text),
+        )
+        with self._running_lock:
+            self._running[job_id] = (attempt, ctx)
         timeout = _pick(jt.timeout_seconds if jt else None, self.settings.handler_timeout_seconds)
-        log.info("job %s attempt %d started (%s)", job_id, attempt, row["job_type"])
-
-        error: BaseException | None = None
-        result: Any = None
-        started = time.monotonic()
+        running = _Running(row, jt, ctx, time.monotonic(), time.monotonic() + timeout, timeout)
+        # The handler's own log lines carry the job id and attempt (a context per job).
+        context = contextvars.copy_context()
+        context.run(job_context.set, {"job_id": job_id, "attempt": attempt,
+                                      "job_type": row["job_type"]})
         try:
             if jt is None:
                 raise PermanentError(f"no handler for job type {row['job_type']!r} in this worker")
-            result = self._run(jt, row, ctx, timeout)
-        except Exception as exc:  # every handler failure is an attempt outcome
-            error = exc
-        elapsed = time.monotonic() - started
-        if error is None:
-            outcome = self._complete(job_id, attempt, result)
-        elif ctx.stop_reason == "cancelled":
-            outcome = self._cancelled(job_id, attempt, describe(error))
-        else:
-            outcome = self._fail(row, jt, attempt, error)
-        job_type = row["job_type"]
-        metrics.ATTEMPT_SECONDS.labels(job_type, outcome.outcome).observe(elapsed)
-        counter = {"completed": metrics.COMPLETED, "dead_lettered": metrics.DEAD_LETTERED,
-                   "cancelled": metrics.CANCELLED}.get(outcome.outcome)
-        if counter is not None:
-            counter.labels(job_type).inc()
-        if error is not None and outcome.outcome in ("retrying", "dead_lettered"):
-            metrics.FAILED.labels(job_type).inc()
-        return outcome
+            payload = parse_or_permanent(jt, jobs.json_value(row["payload_json"]))
+            running.future = self._executor.submit(context.run, jt.run, payload, ctx)
+        except Exception as exc:
+            running.error = exc
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("job %s attempt %d started (%s)", job_id, attempt, row["job_type"])
+        return running
 
-    def _cancelled(self, job_id: str, attempt: int, message: str) -> Outcome:
+    def _finish(self, running: _Running) -> None:
+        """Wait for a started handler until its deadline; sets its result or error."""
+        if running.future is not None:
+            try:
+                running.result = running.future.result(
+                    timeout=max(0.0, running.deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                # Threads cannot be killed: tell the handler to stop, and fence its late
+                # result out by the attempt number.
+                running.ctx.request_stop("timeout")
+                running.error = HandlerTimeout(
+                    f"handler ran past its time limit of {running.timeout:g}s")
+            except Exception as exc:  # every handler failure is an attempt outcome
+                running.error = exc
+        running.elapsed = time.monotonic() - running.started
+        with self._running_lock:
+            self._running.pop(str(running.row["job_id"]), None)
+
+    def _attempts(self, claimed: list[dict[str, Any]]) -> list[Outcome]:
+        """Run the handlers of claimed jobs and record every outcome; in the same order."""
+        started = [self._start(row) for row in claimed]
+        for running in started:
+            self._finish(running)
+        done = [r for r in started if r.error is None]
+        cancelled = [r for r in started if r.error is not None and
+                     r.ctx.stop_reason == "cancelled"]
+        failed = [r for r in started if r.error is not None and r not in cancelled]
+        outcomes: dict[str, Outcome] = {}
+        rows: list[dict[str, Any]] = []
+        if done:
+            outcomes.update(self._complete(done, rows))
+        for running in cancelled:
+            outcomes[str(running.row["job_id"])] = self._cancelled(running, rows)
+        if failed:
+            outcomes.update(self._fail(failed, rows))
+        self._cache(rows)
+        for running in started:
+            job_type = running.row["job_type"]
+            outcome = outcomes[str(running.row["job_id"])]
+            metrics.ATTEMPT_SECONDS.labels(job_type, outcome.outcome).observe(running.elapsed)
+            counter = {"completed": metrics.COMPLETED, "dead_lettered": metrics.DEAD_LETTERED,
+                       "cancelled": metrics.CANCELLED}.get(outcome.outcome)
+            if counter is not None:
+                counter.labels(job_type).inc()
+            if running.error is not None and outcome.outcome in ("retrying", "dead_lettered"):
+                metrics.FAILED.labels(job_type).inc()
+        return [outcomes[str(r["job_id"])] for r in claimed]
+
+    def _cancelled(self, running: _Running, rows: list[dict[str, Any]]) -> Outcome:
+        job_id, attempt = str(running.row["job_id"]), running.ctx.attempt
+        message = describe(running.error) if running.error else "cancelled"
+
         def write() -> dict[str, Any] | None:
             with self.db.transaction() as conn:
                 row = transition(conn, job_id, S.CANCELLED, sources=[S.IN_PROGRESS],
@@ -254,69 +325,82 @@ class Processor:
         row = self._record(write)
         if row is None:
             return self._fenced(job_id, attempt)
-        self._cache([row])
-        log.info("job %s attempt %d stopped after a cancel request", job_id, attempt)
+        rows.append(row)
+        with job_context_of(row):
+            log.info("job %s attempt %d stopped after a cancel request", job_id, attempt)
         return Outcome(job_id, "cancelled", row["status"], message)
 
-    def _run(self, jt: JobType, row: dict[str, Any], ctx: JobContext, timeout: float) -> Any:
-        payload = parse_or_permanent(jt, jobs.json_value(row["payload_json"]))
-        # copy_context: the handler's own log lines carry the job id and attempt too
-        future = self._executor.submit(contextvars.copy_context().run, jt.run, payload, ctx)
+    def _complete(self, done: list[_Running], rows: list[dict[str, Any]]) -> dict[str, Outcome]:
+        sql, params = jobs.complete_many_sql(
+            [(str(r.row["job_id"]), r.ctx.attempt, r.result) for r in done])
+        moved = {str(row["job_id"]): row for row in self._record(
+            lambda: self.writer.run(sql, **params))}
+        rows.extend(moved.values())
+        outcomes = {}
+        for running in done:
+            job_id, attempt = str(running.row["job_id"]), running.ctx.attempt
+            row = moved.get(job_id)
+            if row is None:
+                outcomes[job_id] = self._fenced(job_id, attempt)
+                continue
+            with job_context_of(row):
+                log.info("job %s attempt %d completed in %.3fs", job_id, attempt,
+                         running.elapsed)
+            outcomes[job_id] = Outcome(job_id, "completed", row["status"])
+        return outcomes
+
+    def _fail(self, failed: list[_Running], rows: list[dict[str, Any]]) -> dict[str, Outcome]:
+        """Record failed attempts (one transaction for all): RETRYING or DEAD_LETTER each;
+        then dead letters go to the DLQ topic and zero-backoff retries to the queue."""
+        plans = []
+        for running in failed:
+            error = running.error
+            assert error is not None
+            policy = policy_for(self.settings, running.jt)
+            delay_floor = error.delay if isinstance(error, RetryableError) else None
+            plans.append((str(running.row["job_id"]), running.ctx.attempt, describe(error),
+                          policy, isinstance(error, PermanentError), delay_floor))
+
+        def write(conn: Connection) -> list[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
+            return [record_failure(conn, job_id, attempt, message, policy, permanent=permanent,
+                                   delay_floor=floor)
+                    for job_id, attempt, message, policy, permanent, floor in plans]
+
+        recorded = self._record(lambda: self.writer.call(write))
+        outcomes = {}
+        dead_letters, requeue = [], []
+        for (job_id, attempt, message, policy, _, floor), (row, dead_letter) in zip(
+                plans, recorded, strict=True):
+            if row is None:
+                outcomes[job_id] = self._fenced(job_id, attempt)
+                continue
+            rows.append(row)
+            with job_context_of(row):
+                log.warning("job %s attempt %d failed: %s -> %s", job_id, attempt, message,
+                            row["status"])
+            if dead_letter is not None:
+                dead_letters.append(dead_letter)
+                outcomes[job_id] = Outcome(job_id, "dead_lettered", row["status"], message)
+                continue
+            if policy.base_seconds == 0 and not floor:
+                # No backoff: hand the retry to the queue now, not at the sweeper's next tick.
+                requeue.append(row)
+            outcomes[job_id] = Outcome(job_id, "retrying", row["status"], message)
+        if dead_letters:
+            publish_dead_letters(self.publisher, self.settings, dead_letters)
+        if requeue:
+            self._requeue(requeue)
+        return outcomes
+
+    def _requeue(self, rows: list[dict[str, Any]]) -> None:
+        events = [job_event(self.settings.queue_topic, str(row["job_id"]), row["job_type"],
+                            ce_id=f"{row['job_id']}:retry-{row['retries'] + 1}",
+                            source="/jobs/process") for row in rows]
         try:
-            return future.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            # Threads cannot be killed: tell the handler to stop, and fence its late result
-            # out by the attempt number.
-            ctx.request_stop("timeout")
-            raise HandlerTimeout(f"handler ran past its time limit of {timeout:g}s") from None
-
-    def _complete(self, job_id: str, attempt: int, result: Any) -> Outcome:
-        sql, params = jobs.complete_sql(job_id, attempt, result)
-
-        def write() -> dict[str, Any] | None:
-            rows = self.writer.run(sql, **params)
-            return rows[0] if rows else None
-
-        row = self._record(write)
-        if row is None:
-            return self._fenced(job_id, attempt)
-        self._cache([row])
-        log.info("job %s attempt %d completed", job_id, attempt)
-        return Outcome(job_id, "completed", row["status"])
-
-    def _fail(self, claimed: dict[str, Any], jt: JobType | None, attempt: int,
-              error: BaseException) -> Outcome:
-        job_id = str(claimed["job_id"])
-        message = describe(error)
-        policy = policy_for(self.settings, jt)
-        delay_floor = error.delay if isinstance(error, RetryableError) else None
-        def write() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-            return self.writer.call(lambda conn: record_failure(
-                conn, job_id, attempt, message, policy,
-                permanent=isinstance(error, PermanentError), delay_floor=delay_floor))
-
-        row, dead_letter = self._record(write)
-        if row is None:
-            return self._fenced(job_id, attempt)
-        self._cache([row])
-        log.warning("job %s attempt %d failed: %s -> %s", job_id, attempt, message, row["status"])
-        if dead_letter is not None:
-            publish_dead_letter(self.publisher, self.settings, dead_letter)
-            return Outcome(job_id, "dead_lettered", row["status"], message)
-        if policy.base_seconds == 0 and not delay_floor:
-            # No backoff: hand the retry to the queue now rather than at the sweeper's next tick.
-            self._requeue(row)
-        return Outcome(job_id, "retrying", row["status"], message)
-
-    def _requeue(self, row: dict[str, Any]) -> None:
-        job_id = str(row["job_id"])
-        event = job_event(self.settings.queue_topic, job_id, row["job_type"],
-                          ce_id=f"{job_id}:retry-{row['retries'] + 1}", source="/jobs/process")
-        try:
-            self.publisher.publish([event])
-            self.marks.add([(job_id, row["attempts"])])
-        except Exception as exc:  # the sweeper publishes it later from PostgreSQL
-            log.warning("could not requeue job %s now (%s); the sweeper will", job_id, exc)
+            self.publisher.publish(events)
+            self.marks.add([(str(row["job_id"]), row["attempts"]) for row in rows])
+        except Exception as exc:  # the sweeper publishes them later from PostgreSQL
+            log.warning("could not requeue %d job(s) now (%s); the sweeper will", len(rows), exc)
 
     def _fenced(self, job_id: str, attempt: int) -> Outcome:
         log.warning("job %s attempt %d lost its lease; its outcome was not recorded",
@@ -364,19 +448,54 @@ def record_failure(
     return row, None
 
 
-def publish_dead_letter(publisher: Publisher, settings: Settings,
-                        dead_letter: dict[str, Any]) -> None:
-    """Put a dead letter on the DLQ topic; its row is already committed with the job."""
-    event = Event(
+def publish_dead_letters(publisher: Publisher, settings: Settings,
+                         dead_letters: list[dict[str, Any]]) -> None:
+    """Put dead letters on the DLQ topic; their rows are already committed with the jobs."""
+    events = [Event(
         topic=settings.dlq_topic,
         key=str(dead_letter["job_id"]),
         ce_id=dead_letter["dead_letter_id"],
         ce_type=DEAD_LETTER_EVENT_TYPE,
         ce_source="/jobs/process",
         data=dead_letter,
-    )
+    ) for dead_letter in dead_letters]
     try:
-        publisher.publish([event])
+        publisher.publish(events)
     except Exception as exc:
-        log.error("dead letter %s recorded but not published to %s: %s",
-                  dead_letter["dead_letter_id"], settings.dlq_topic, exc)
+        log.error("dead letter(s) %s recorded but not published to %s: %s",
+                  ", ".join(d["dead_letter_id"] for d in dead_letters), settings.dlq_topic, exc)
+
+
+def _not_waiting(job_id: str, current: dict[str, Any] | None) -> Outcome | PoisonMessage:
+    """The answer to a delivery of a job that is not waiting to run (or does not exist)."""
+    if current is None:
+        return PoisonMessage(f"no job {job_id} in PostgreSQL")
+    log.info("job %s is %s; delivery ignored", job_id, current["status"])
+    return Outcome(job_id, "ignored", current["status"], "job is not waiting to run")
+
+
+@contextlib.contextmanager
+def job_context_of(row: dict[str, Any]) -> Iterator[None]:
+    """Log lines within name the job and attempt of `row`."""
+    token = job_context.set({"job_id": str(row["job_id"]), "attempt": row["attempts"],
+                             "job_type": row["job_type"]})
+    try:
+        yield
+    finally:
+        job_context.reset(token)
+
+
+@dataclass
+class _Running:
+    """A claimed job's attempt, from its handler's start to its outcome."""
+
+    row: dict[str, Any]
+    jt: JobType | None
+    ctx: JobContext
+    started: float
+    deadline: float
+    timeout: float
+    future: concurrent.futures.Future[Any] | None = None
+    result: Any = None
+    error: BaseException | None = None
+    elapsed: float = 0.0

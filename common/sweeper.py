@@ -14,7 +14,7 @@ from common.cache import StatusCache
 from common.db import Database, rows_as_dicts
 from common.errors import ServiceUnavailable
 from common.handlers import get_job_type
-from common.processing import policy_for, publish_dead_letter, record_failure
+from common.processing import policy_for, publish_dead_letters, record_failure
 from common.queue import Publisher, job_event
 from common.settings import Settings
 
@@ -65,8 +65,8 @@ def reclaim_expired(db: Database, cache: StatusCache, publisher: Publisher,
             if letter is not None:
                 letters.append(letter)
     jobs.cache_rows(db, cache, rows)
-    for letter in letters:
-        publish_dead_letter(publisher, settings, letter)
+    if letters:
+        publish_dead_letters(publisher, settings, letters)
     if rows:
         log.warning("reclaimed %d job(s) from expired leases", len(rows))
     return len(rows)

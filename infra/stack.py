@@ -116,8 +116,8 @@ class Stack:
 
     def __init__(self, data_dir: Path, *, gateway_port: int = 8080, echo: bool = True,
                  env: dict[str, str] | None = None, sweep_interval: float = 1.0,
-                 bridge_in_flight: int = 64, process_workers: int = 2,
-                 batch_size: int = 16) -> None:
+                 bridge_in_flight: int = 256, process_workers: int = 2,
+                 batch_size: int = 64) -> None:
         self.data_dir = data_dir.resolve()
         self.gateway_port = gateway_port
         self.echo = echo

@@ -6,7 +6,6 @@ request (CloudEvents batched content mode) and answers each event's status; the 
 bridge uses it for throughput (`--batch-size`).
 """
 
-import concurrent.futures
 import logging
 from typing import Any
 
@@ -25,21 +24,38 @@ configure_logging("process")
 
 log = logging.getLogger(__name__)
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
-_batch_pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="batch")
+
+
+def run_events(events: list[tuple[str, Any]]) -> list[tuple[int, str]]:
+    """(HTTP status, detail) for each (event id, data): 200 recorded, 400 never
+    processable, 503 to deliver again later (every event of the batch, then)."""
+    answers: list[tuple[int, str] | None] = [None] * len(events)
+    messages, where = [], []
+    for i, (event_id, data) in enumerate(events):
+        try:
+            messages.append(parse_message(data))
+            where.append(i)
+        except PoisonMessage as exc:
+            log.error("poison record %s: %s", event_id, exc)
+            answers[i] = (400, str(exc))
+    try:
+        outcomes = clients.processor().handle_batch(messages) if messages else []
+    except ServiceUnavailable as exc:
+        log.warning("%d record(s) not processed, %s", len(messages), exc)
+        outcomes = [exc] * len(messages)
+    for i, outcome in zip(where, outcomes, strict=True):
+        if isinstance(outcome, PoisonMessage):
+            log.error("poison record %s: %s", events[i][0], outcome)
+            answers[i] = (400, str(outcome))
+        elif isinstance(outcome, ServiceUnavailable):
+            answers[i] = (503, str(outcome))
+        else:
+            answers[i] = (200, outcome.outcome)
+    return [a for a in answers if a is not None]
 
 
 def run_event(event_id: str, data: Any) -> tuple[int, str]:
-    """(HTTP status, detail) for one event: 200 recorded, 400 never processable, 503 later."""
-    try:
-        outcome = clients.processor().handle(parse_message(data))
-    except PoisonMessage as exc:
-        log.error("poison record %s: %s", event_id, exc)
-        return 400, str(exc)
-    except ServiceUnavailable as exc:
-        log.warning("record %s not processed, %s", event_id, exc)
-        return 503, str(exc)
-    log.info("record %s: job %s %s", event_id, outcome.job_id, outcome.outcome)
-    return 200, outcome.outcome
+    return run_events([(event_id, data)])[0]
 
 
 @functions_framework.cloud_event
@@ -69,11 +85,7 @@ def process_job_batch(request: flask.Request) -> flask.Response:
     if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
         return problem(ApiError(400, "Not a CloudEvents batch",
                                 "the body must be a JSON array of structured events"))
-    futures = [_batch_pool.submit(run_event, str(e.get("id")),
-                                  e.get("data", b"<binary data>"))
-               for e in events]
-    results = []
-    for event, future in zip(events, futures, strict=True):
-        status, detail = future.result()
-        results.append({"id": event.get("id"), "status": status, "detail": detail})
+    answers = run_events([(str(e.get("id")), e.get("data", b"<binary data>")) for e in events])
+    results = [{"id": event.get("id"), "status": status, "detail": detail}
+               for event, (status, detail) in zip(events, answers, strict=True)]
     return json_response({"results": results})
