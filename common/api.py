@@ -77,22 +77,28 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
         if is_new:
             metrics.SUBMITTED.labels(row["job_type"]).inc()
     new_rows = [row for row, is_new in created if is_new and row["next_attempt_at"] is None]
-    enqueued = True
-    if new_rows:
-        events = [job_event(settings.queue_topic, row["job_id"], row["job_type"])
-                  for row in new_rows]
+    events = [job_event(settings.queue_topic, row["job_id"], row["job_type"])
+              for row in new_rows]
+    refusal: ServiceUnavailable | None = None
+    acknowledged = None
+    try:
+        acknowledged = clients.publisher().send(events)
+    except ServiceUnavailable as exc:
+        refusal = exc
+    # The cache write overlaps the broker's acknowledgement.
+    docs = jobs.cache_rows(db, clients.cache(), [row for row, _ in created])
+    if acknowledged is not None:
         try:
-            clients.publisher().publish(events)
+            acknowledged()
         except ServiceUnavailable as exc:
-            enqueued = False
-            log.warning("accepted %d job(s) but could not enqueue them now (%s);"
-                        " the sweeper will publish them", len(new_rows), exc.detail)
-        else:
-            clients.publish_marks().add([(str(row["job_id"]), row["attempts"])
-                                         for row in new_rows])
-    rows = [row for row, _ in created]
-    jobs.cache_rows(db, clients.cache(), rows)
-    return [jobs.document(row) for row in rows], enqueued
+            refusal = exc
+    if refusal is not None:
+        log.warning("accepted %d job(s) but could not enqueue them now (%s);"
+                    " the sweeper will publish them", len(new_rows), refusal.detail)
+    elif new_rows:
+        clients.publish_marks().add([(str(row["job_id"]), row["attempts"])
+                                     for row in new_rows])
+    return docs, refusal is None
 
 
 def _max_retries(submission: JobSubmission, default: int) -> int:

@@ -19,15 +19,22 @@ KEY_PREFIX = "jobs:status:"
 
 # Write only if the cached version is older: a late writer can never overwrite a newer
 # state, whatever order the functions' writes arrive in.
+# Many documents per call (KEYS[i] takes ARGV[2i] as version and ARGV[2i+1] as document;
+# ARGV[1] is the TTL): one command for a whole batch.
 _PUT_IF_NEWER = """
-local current = redis.call('HGET', KEYS[1], 'v')
-if current and tonumber(current) >= tonumber(ARGV[1]) then
-  return 0
+local written = 0
+for i, key in ipairs(KEYS) do
+  local version = tonumber(ARGV[2 * i])
+  local current = redis.call('HGET', key, 'v')
+  if not current or tonumber(current) < version then
+    redis.call('HSET', key, 'v', ARGV[2 * i], 'doc', ARGV[2 * i + 1])
+    redis.call('EXPIRE', key, ARGV[1])
+    written = written + 1
+  end
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'doc', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
+return written
 """
+PUT_CHUNK = 500  # documents per script call: Redis runs each call without interruption
 
 
 def cache_key(job_id: str) -> str:
@@ -108,9 +115,13 @@ class StatusCache:
         # EVALSHA in a plain pipeline: one round trip (redis-py's Script objects would add
         # a SCRIPT EXISTS round trip to every pipeline).
         pipe = self._client.pipeline(transaction=False)
-        for doc in docs:
-            pipe.evalsha(self._put.sha, 1, cache_key(str(doc["job_id"])), int(doc["version"]),
-                         json.dumps(doc, default=str), self.ttl)
+        for start in range(0, len(docs), PUT_CHUNK):
+            chunk = docs[start:start + PUT_CHUNK]
+            args: list[Any] = [self.ttl]
+            for doc in chunk:
+                args += (int(doc["version"]), json.dumps(doc, default=str))
+            pipe.evalsha(self._put.sha, len(chunk),
+                         *[cache_key(str(doc["job_id"])) for doc in chunk], *args)
         for result in pipe.execute(raise_on_error=False):
             if isinstance(result, Exception):
                 raise result

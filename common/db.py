@@ -161,10 +161,18 @@ class Database:
                     self._close_quietly(conn)
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """A connection inside BEGIN ... COMMIT, rolled back on any exception."""
+    def transaction(self, durable: bool = True) -> Iterator[Connection]:
+        """A connection inside BEGIN ... COMMIT, rolled back on any exception.
+
+        `durable=False` commits without waiting for the WAL flush (synchronous_commit off
+        for this transaction only): as atomic and as visible at once, but a crash of
+        PostgreSQL itself in the next fraction of a second may forget it. Only for writes
+        whose loss is harmless; a later durable commit makes it durable too (WAL order).
+        """
         with self.connection(begin=True) as conn:
             try:
+                if not durable:
+                    conn.run("SET LOCAL synchronous_commit TO OFF")
                 yield conn
             except BaseException:
                 try:
@@ -270,9 +278,10 @@ class GroupCommitter:
     one bad statement never fails the others.
     """
 
-    def __init__(self, db: Database, max_batch: int = 64) -> None:
+    def __init__(self, db: Database, max_batch: int = 64, durable: bool = True) -> None:
         self.db = db
         self.max_batch = max_batch
+        self.durable = durable
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -313,7 +322,7 @@ class GroupCommitter:
 
     def _commit(self, batch: list[_Op]) -> None:
         try:
-            with self.db.transaction() as conn:
+            with self.db.transaction(self.durable) as conn:
                 results = [op.work(conn) for op in batch]
         except ServiceUnavailable as exc:
             for op in batch:

@@ -161,10 +161,16 @@ def mark_published(db: Database, published: list[tuple[str, int]]) -> None:
     moved on (claimed, failed, waiting for a retry of its own) must not hide that retry.
     """
     if published:
-        db.run("UPDATE jobs SET published_at = now() FROM unnest(CAST(:ids AS uuid[]),"
-               " CAST(:ns AS int[])) AS p(id, n) WHERE jobs.job_id = p.id"
-               " AND jobs.attempts = p.n AND jobs.status IN ('QUEUED', 'RETRYING')",
-               ids=[job_id for job_id, _ in published], ns=[n for _, n in published])
+        # SKIP LOCKED: a locked job is being claimed (a mark would not apply anyway), and
+        # waiting for it could deadlock with a multi-row claim.
+        published = sorted(published)
+        with db.transaction(durable=False) as conn:  # a lost mark costs one duplicate
+            conn.run("UPDATE jobs SET published_at = now() WHERE job_id IN (SELECT job_id"
+                     " FROM jobs JOIN unnest(CAST(:ids AS uuid[]), CAST(:ns AS int[]))"
+                     " AS p(id, n) ON jobs.job_id = p.id AND jobs.attempts = p.n"
+                     " WHERE jobs.status IN ('QUEUED', 'RETRYING')"
+                     " FOR UPDATE OF jobs SKIP LOCKED)",
+                     ids=[job_id for job_id, _ in published], ns=[n for _, n in published])
 
 
 def refuse_move(conn: Connection, job_id: str, title: str, allowed: str) -> ApiError:
@@ -267,16 +273,19 @@ def attempt_history(conn: Connection, job_id: str) -> list[dict[str, Any]]:
             for r in rows]
 
 
-def cache_rows(db: Database, cache: StatusCache, rows: list[dict[str, Any]]) -> None:
-    """Write job documents to the cache; if Redis cannot take them, queue a repair in
-    PostgreSQL so the sweeper writes them later (the cache must not stay stale)."""
-    if not rows or cache.put([document(row) for row in rows]):
-        return
+def cache_rows(db: Database, cache: StatusCache,
+               rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Write job documents to the cache and return them; if Redis cannot take them, queue a
+    repair in PostgreSQL so the sweeper writes them later (the cache must not stay stale)."""
+    docs = [document(row) for row in rows]
+    if not rows or cache.put(docs):
+        return docs
     try:
         db.run("INSERT INTO cache_repairs (job_id) SELECT unnest(CAST(:ids AS uuid[]))"
                " ON CONFLICT DO NOTHING", ids=[str(row["job_id"]) for row in rows])
     except Exception as exc:  # PostgreSQL down too: nothing more we can do here
         log.warning("could not queue a cache repair for %d job(s): %s", len(rows), exc)
+    return docs
 
 
 def repair_cache(db: Database, cache: StatusCache, limit: int = 1000) -> int:

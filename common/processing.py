@@ -94,6 +94,10 @@ class Processor:
         self._heartbeat: threading.Thread | None = None
         self.outcome_patience = 300.0  # how long to keep trying to record an outcome
         self.writer = GroupCommitter(db)
+        # Claims commit without waiting for the WAL flush: if PostgreSQL itself crashes
+        # within a fraction of a second, the attempt is forgotten and the job runs again
+        # (it was never reported done). The outcome's durable commit flushes the claim too.
+        self.claims = GroupCommitter(db, durable=False)
         self.marks = jobs.PublishMarks(db)
 
     # -- leases ----------------------------------------------------------------------
@@ -178,8 +182,9 @@ class Processor:
         solo = {i: self._solo.submit(self._handle_limited, messages[i]) for i in limited}
         if positions:
             self._start_heartbeat()
-            sql, params = jobs.claim_many_sql(list(positions), self.settings.lease_seconds)
-            claimed = {str(row["job_id"]): row for row in self.writer.run(sql, **params)}
+            # Sorted: concurrent multi-row writes lock rows in the same order.
+            sql, params = jobs.claim_many_sql(sorted(positions), self.settings.lease_seconds)
+            claimed = {str(row["job_id"]): row for row in self.claims.run(sql, **params)}
             current: dict[str, dict[str, Any]] = {}
             if len(claimed) < len(positions):
                 with self.db.connection() as conn:
@@ -331,8 +336,8 @@ class Processor:
         return Outcome(job_id, "cancelled", row["status"], message)
 
     def _complete(self, done: list[_Running], rows: list[dict[str, Any]]) -> dict[str, Outcome]:
-        sql, params = jobs.complete_many_sql(
-            [(str(r.row["job_id"]), r.ctx.attempt, r.result) for r in done])
+        sql, params = jobs.complete_many_sql(sorted(
+            ((str(r.row["job_id"]), r.ctx.attempt, r.result) for r in done), key=lambda d: d[0]))
         moved = {str(row["job_id"]): row for row in self._record(
             lambda: self.writer.run(sql, **params))}
         rows.extend(moved.values())
@@ -353,7 +358,7 @@ class Processor:
         """Record failed attempts (one transaction for all): RETRYING or DEAD_LETTER each;
         then dead letters go to the DLQ topic and zero-backoff retries to the queue."""
         plans = []
-        for running in failed:
+        for running in sorted(failed, key=lambda r: str(r.row["job_id"])):
             error = running.error
             assert error is not None
             policy = policy_for(self.settings, running.jt)

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -119,8 +119,15 @@ class Publisher:
 
         Raises ServiceUnavailable if any was not confirmed within the timeout.
         """
+        self.send(events, timeout)()
+
+    def send(self, events: Sequence[Event], timeout: float | None = None
+             ) -> Callable[[], None]:
+        """Hand `events` to the producer; returns the wait for the broker's acknowledgement
+        (which raises ServiceUnavailable as `publish` does), so the caller can do other
+        work meanwhile."""
         if not events:
-            return
+            return lambda: None
         self._renew_if_fatal()
         deadline = time.monotonic() + (timeout or self.timeout)
         done = threading.Event()
@@ -156,14 +163,18 @@ class Publisher:
                     time.sleep(0.005)
                 except KafkaException as exc:
                     raise ServiceUnavailable("kafka", str(exc)) from exc
-        if not done.wait(max(0.0, deadline - time.monotonic())):
-            # A producer stuck after a broker restart (its idempotence state is gone on the
-            # broker) may never recover by itself: start the next publish with a fresh one.
-            self._fatal = "delivery not confirmed in time"
-            raise ServiceUnavailable("kafka", "delivery not confirmed in time")
-        if errors:
-            self._fatal = errors[0]
-            raise ServiceUnavailable("kafka", errors[0])
+
+        def wait() -> None:
+            if not done.wait(max(0.0, deadline - time.monotonic())):
+                # A producer stuck after a broker restart (its idempotence state is gone on
+                # the broker) may never recover by itself: the next publish builds a new one.
+                self._fatal = "delivery not confirmed in time"
+                raise ServiceUnavailable("kafka", "delivery not confirmed in time")
+            if errors:
+                self._fatal = errors[0]
+                raise ServiceUnavailable("kafka", errors[0])
+
+        return wait
 
     def close(self) -> None:
         self._closed.set()

@@ -33,7 +33,11 @@ WHERE (
          OR published_at < now() - make_interval(secs => :stale))
 ) OR (
     status = 'RETRYING' AND next_attempt_at <= now()
-    AND (published_at IS NULL OR published_at < now() - make_interval(secs => :stale))
+    -- a retry that waited out its backoff is ours to publish; one without backoff was
+    -- handed to the queue by `process` itself (its mark may lag), so give it the grace
+    AND ((published_at IS NULL AND (next_attempt_at > updated_at
+                                    OR updated_at < now() - make_interval(secs => :grace)))
+         OR published_at < now() - make_interval(secs => :stale))
 )
 ORDER BY next_attempt_at NULLS FIRST, created_at
 LIMIT :limit

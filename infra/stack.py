@@ -226,15 +226,22 @@ class Stack:
                                  str(self.batch_size)])
         self._child("bridge-d", [py, "-m", "infra.bridge", "--topic", dlq_topic,
                                  "--target", url("dlq"), "--group", "dlq"])
-        self._child("gateway", [py, "-m", "infra.gateway", "--port", str(self.gateway_port),
-                                "--submit", url("submit"), "--status", url("status"),
+        # The gateway: an asyncio front on the public port (job lookups, API routing) and
+        # the Flask app behind it for everything else (OpenAPI, Swagger UI, dashboard...).
+        app_port = services.free_port()
+        self._child("gateway-app", [py, "-m", "infra.gateway", "--port", str(app_port),
+                                    "--submit", url("submit"), "--status", url("status"),
+                                    "--workers", "1"], port=app_port)
+        self._child("gateway", [py, "-m", "infra.edge", "--port", str(self.gateway_port),
+                                "--app", url("gateway-app"), "--submit", url("submit"),
+                                "--status", url("status"),
                                 "--workers", str(self.process_workers)],
                     port=self.gateway_port)
         for child in self.children.values():
             child.start()
         self._record_pids()
         self._wait_http(f"{self.gateway_url}/healthz", 60)
-        for name in ("submit", "status", "process", "dlq", "sweeper"):
+        for name in ("submit", "status", "process", "dlq", "sweeper", "gateway-app"):
             self._wait_port(self.children[name].port or 0, 60)
         self._spawn(self._supervise)
         self._spawn(self._tick_sweeper)
@@ -370,8 +377,8 @@ class Stack:
 
     def stop(self) -> None:
         self._stop.set()
-        order = ["gateway", "bridge-q", "bridge-d", "submit", "status", "process", "dlq",
-                 "sweeper"]
+        order = ["gateway", "gateway-app", "bridge-q", "bridge-d", "submit", "status",
+                 "process", "dlq", "sweeper"]
         for name in order:
             if name in self.children:
                 self.children[name].stopping = True

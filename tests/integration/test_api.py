@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from common.cache import StatusCache
+from tests.support.client import Api
 
 pytestmark = pytest.mark.integration
 
@@ -135,8 +136,27 @@ def test_status_is_served_from_the_cache_and_filled_on_a_miss(api, stack):
     key = f"jobs:status:{job_id}"
     assert json.loads(client.hget(key, "doc"))["status"] == "COMPLETED"
     client.delete(key)
-    assert api.job(job_id)["status"] == "COMPLETED"
+    # The status function itself (the gateway may answer from its memory of final jobs).
+    status_function = Api(stack.function_url("status"))
+    assert status_function.job(job_id)["status"] == "COMPLETED"
     assert client.hget(key, "doc") is not None
+
+
+def test_the_gateway_remembers_only_final_documents(api, stack):
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    done = api.wait_status(api.submit("ECHO", {"message": "final"}).json["job_id"])
+    assert done["status"] == "COMPLETED"
+    assert api.job(done["job_id"]) == done  # looked up once more: now in memory too
+    client.delete(f"jobs:status:{done['job_id']}")
+    assert api.job(done["job_id"]) == done  # a final document never changes
+    # A job in any other state is read from Redis every time: a change shows at once.
+    waiting = api.submit("ECHO", {"message": "later"}, run_at="2099-01-01T00:00:00Z").json
+    assert api.job(waiting["job_id"])["status"] == "QUEUED"
+    key = f"jobs:status:{waiting['job_id']}"
+    changed = {**json.loads(client.hget(key, "doc")), "progress_message": "seen"}
+    client.hset(key, "doc", json.dumps(changed))
+    assert api.job(waiting["job_id"])["progress_message"] == "seen"
+    api.request("POST", f"/jobs/{waiting['job_id']}/cancel")
 
 
 def test_status_and_submit_keep_working_with_redis_stopped(api, stack):
