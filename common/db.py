@@ -80,8 +80,9 @@ def timestamptz_in(text: str) -> datetime | str:
 class Database:
     """A thread-safe pool of pg8000 connections to one DSN."""
 
-    def __init__(self, dsn: str, size: int = 64) -> None:
+    def __init__(self, dsn: str, size: int = 64, session_sql: tuple[str, ...] = ()) -> None:
         self.dsn = dsn
+        self.session_sql = session_sql  # run on every new connection
         self._kwargs = connect_kwargs(dsn)
         self._idle: queue.LifoQueue[Connection] = queue.LifoQueue()
         self._size = size
@@ -95,6 +96,14 @@ class Database:
                 raise ServiceUnavailable("postgresql", str(exc)) from exc
             raise
         conn.register_in_adapter(TIMESTAMPTZ_OID, timestamptz_in)
+        try:
+            for statement in self.session_sql:
+                conn.run(statement)
+        except Exception as exc:
+            self._close_quietly(conn)
+            if is_connection_error(exc):
+                raise ServiceUnavailable("postgresql", str(exc)) from exc
+            raise
         return conn
 
     def _checkout(self, begin: bool) -> Connection:
@@ -279,23 +288,26 @@ class GroupCommitter:
     """
 
     def __init__(self, db: Database, max_batch: int = 64, durable: bool = True) -> None:
-        self.db = db
+        # Not durable: commits do not wait for the WAL flush (see Database.transaction),
+        # set once per connection of a small pool of its own.
+        self.db = db if durable else Database(
+            db.dsn, size=4, session_sql=("SET synchronous_commit TO OFF",))
         self.max_batch = max_batch
-        self.durable = durable
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def run(self, sql: str, **params: Any) -> list[dict[str, Any]]:
         """Execute `sql` in the next group commit; return its rows as dicts once committed."""
-        return self.call(lambda conn: rows_as_dicts(conn, conn.run(sql, **params)))
+        return self.call(lambda conn: rows_as_dicts(conn, conn.run(sql, **params)),
+                         single=True)
 
-    def call(self, work: Callable[[Connection], T]) -> T:
+    def call(self, work: Callable[[Connection], T], *, single: bool = False) -> T:
         """Run `work(conn)` inside the next group commit; return its result once committed.
         `work` may run twice (its group failed and is replayed one by one): it must only
-        touch the database."""
+        touch the database. `single`: it is one statement (atomic without a transaction)."""
         self._ensure_started()
-        op = _Op(work)
+        op = _Op(work, single)
         self._queue.put(op)
         op.done.wait()
         if op.error is not None:
@@ -322,8 +334,13 @@ class GroupCommitter:
 
     def _commit(self, batch: list[_Op]) -> None:
         try:
-            with self.db.transaction(self.durable) as conn:
-                results = [op.work(conn) for op in batch]
+            if len(batch) == 1 and batch[0].single:
+                # Nothing to group with: one statement in autocommit, two round trips fewer.
+                with self.db.connection() as conn:
+                    results = [batch[0].work(conn)]
+            else:
+                with self.db.transaction() as conn:
+                    results = [op.work(conn) for op in batch]
         except ServiceUnavailable as exc:
             for op in batch:
                 op.finish(error=exc)
@@ -340,10 +357,11 @@ class GroupCommitter:
 
 
 class _Op:
-    __slots__ = ("work", "result", "error", "done")
+    __slots__ = ("work", "single", "result", "error", "done")
 
-    def __init__(self, work: Callable[[Connection], Any]) -> None:
+    def __init__(self, work: Callable[[Connection], Any], single: bool = False) -> None:
         self.work = work
+        self.single = single
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()

@@ -88,6 +88,8 @@ class Processor:
         # job id -> (attempt, context) of this process's running attempts, for the heartbeat
         self._running: dict[str, tuple[int, JobContext]] = {}
         self._running_lock = threading.Lock()
+        self._background = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="cache-claims")
         # Deliveries of types with a concurrency limit, within a batch (see handle_batch).
         self._solo = concurrent.futures.ThreadPoolExecutor(
             max_workers=16, thread_name_prefix="limited")
@@ -189,7 +191,9 @@ class Processor:
             if len(claimed) < len(positions):
                 with self.db.connection() as conn:
                     current = jobs.get_jobs(conn, [j for j in positions if j not in claimed])
-            self._cache(list(claimed.values()))
+            # IN_PROGRESS reaches the cache meanwhile; a versioned write, so the outcome's
+            # own write always wins, whichever lands first.
+            self._background.submit(self._cache, list(claimed.values()))
             for job_id, where in positions.items():
                 # A job's first delivery runs it; any other is a duplicate, answered as such.
                 for i in where[1:] if job_id in claimed else where:

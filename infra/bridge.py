@@ -88,7 +88,7 @@ class Bridge:
 
     def __init__(self, *, bootstrap: str, topic: str, group: str, target: str,
                  dlq_topic: str | None, max_in_flight: int = 16, retries: int = 5,
-                 batch_size: int = 1,
+                 batch_size: int = 1, fetch_wait_ms: int = 10,
                  backoff_base: float = 0.2, backoff_max: float = 10.0,
                  request_timeout: float = 600.0) -> None:
         self.topic = topic
@@ -109,8 +109,10 @@ class Bridge:
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 1000,
             "max.poll.interval.ms": 600000,
-            # Latency: ask the broker to answer a fetch at once rather than after 500 ms.
-            "fetch.wait.max.ms": 10,
+            # Latency: the broker answers a fetch only when this runs out (Tansu does not
+            # wake a waiting fetch when a record arrives), so a busy topic wants it short;
+            # each idle fetch costs the broker CPU, so a quiet topic wants it long.
+            "fetch.wait.max.ms": fetch_wait_ms,
         })
         self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
                                    "acks": "all", "linger.ms": 1}) if dlq_topic else None
@@ -367,12 +369,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=1,
                         help="records per request (CloudEvents batched content mode); 1 ="
                              " one binary-mode event per request, as a Knative KafkaSource")
+    parser.add_argument("--fetch-wait-ms", type=int, default=10,
+                        help="longest a fetch waits for records (latency vs idle broker CPU)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bridge[%(process)d] %(message)s")
     bridge = Bridge(bootstrap=args.bootstrap, topic=args.topic,
                     group=args.group or f"bridge-{args.topic}", target=args.target,
                     dlq_topic=args.dlq_topic, max_in_flight=args.max_in_flight,
-                    retries=args.retries, batch_size=args.batch_size)
+                    retries=args.retries, batch_size=args.batch_size,
+                    fetch_wait_ms=args.fetch_wait_ms)
     signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
     signal.signal(signal.SIGINT, lambda *_: bridge.stop())
     bridge.run()

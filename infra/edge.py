@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -30,14 +31,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
-import redis.asyncio as aredis
 
 from common.cache import cache_key
 from common.settings import get_settings
-from infra.gateway import COMPILED, JOB_PATH
+from infra.gateway import COMPILED
 
 log = logging.getLogger("edge")
 
+JOB_URL = re.compile(rb"/jobs/[0-9a-fA-F-]{36}\Z")  # a job document, no query string
 FINAL = frozenset({"COMPLETED", "CANCELLED"})  # states no transition leaves (lifecycle)
 MEMORY_ITEMS = 20_000  # final documents kept per process (a few KB each at most)
 UPSTREAM_IDLE = 1.0  # seconds: reuse an upstream connection only if idle less (gunicorn: 2 s)
@@ -76,12 +77,96 @@ class Request:
         self.keep_alive = True
 
 
+class RedisReader:
+    """HGET over one pipelined connection: the edge's only Redis command, without a client
+    library's per-call overhead. Any error or timeout drops the connection (a reply that
+    comes late could otherwise answer the wrong request); the next call reconnects."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 6379
+        self.password = parts.password
+        self.db = int(parts.path.strip("/") or 0)
+        self.timeout = timeout
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: collections.deque[asyncio.Future[bytes | None]] = collections.deque()
+        self._connecting = asyncio.Lock()
+
+    @staticmethod
+    def command(*args: bytes) -> bytes:
+        return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+    async def _connect(self) -> asyncio.StreamWriter:
+        async with self._connecting:
+            if self._writer is not None:
+                return self._writer
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), self.timeout)
+            setup = []
+            if self.password:
+                setup.append(self.command(b"AUTH", self.password.encode()))
+            if self.db:
+                setup.append(self.command(b"SELECT", str(self.db).encode()))
+            for command in setup:
+                writer.write(command)
+                reply = await asyncio.wait_for(reader.readline(), self.timeout)
+                if not reply.startswith(b"+"):
+                    writer.close()
+                    raise OSError(f"redis refused the connection setup: {reply[:100]!r}")
+            self._writer = writer
+            asyncio.get_running_loop().create_task(self._read_replies(reader, writer))
+            return writer
+
+    async def _read_replies(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    raise OSError("redis closed the connection")
+                if line[:1] == b"$":
+                    size = int(line[1:])
+                    value = None if size < 0 else (await reader.readexactly(size + 2))[:-2]
+                    result: BaseException | bytes | None = value
+                elif line[:1] == b"-":
+                    result = OSError(line[1:].strip().decode(errors="replace"))
+                else:
+                    result = OSError(f"unexpected redis reply {line[:50]!r}")
+                future = self._pending.popleft()
+                if not future.done():
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        except Exception as exc:
+            self._drop(writer, exc)
+
+    def _drop(self, writer: asyncio.StreamWriter, exc: BaseException) -> None:
+        if self._writer is writer:
+            self._writer = None
+        writer.close()
+        while self._pending:
+            future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(OSError(f"redis connection lost: {exc}"))
+
+    async def hget(self, key: str, field: str) -> bytes | None:
+        writer = self._writer or await self._connect()
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._pending.append(future)
+        writer.write(self.command(b"HGET", key.encode(), field.encode()))
+        try:
+            return await asyncio.wait_for(future, self.timeout)
+        except TimeoutError:
+            self._drop(writer, TimeoutError("no reply in time"))
+            raise
+
+
 class Documents:
     """The two lookup tiers of job documents: final ones in memory, then Redis."""
 
     def __init__(self, redis_url: str, timeout: float = 0.5, cooldown: float = 2.0) -> None:
-        self.redis = aredis.Redis.from_url(redis_url, socket_timeout=timeout,
-                                           socket_connect_timeout=timeout, retry=None)
+        self.redis = RedisReader(redis_url, timeout)
         self.memory: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self.cooldown = cooldown
         self._down_until = 0.0
@@ -93,8 +178,8 @@ class Documents:
         if time.monotonic() < self._down_until:
             return None
         try:
-            doc = await self.redis.hget(cache_key(job_id), "doc")  # type: ignore[misc]
-        except (aredis.RedisError, OSError) as exc:  # the status function will answer
+            doc = await self.redis.hget(cache_key(job_id), "doc")
+        except (OSError, TimeoutError, ValueError) as exc:  # the status function answers
             log.warning("redis lookup failed (%s); going to the status function", exc)
             self._down_until = time.monotonic() + self.cooldown
             return None
@@ -162,6 +247,15 @@ class Edge:
         self.documents = Documents(redis_url)
         self.max_body = max_body
 
+    def remembered(self, request: Request) -> bytes | None:
+        """The document of a final job this process holds in memory, if that is asked."""
+        if request.method != b"GET" or not JOB_URL.match(request.url):
+            return None
+        doc = self.documents.memory.get(request.url[len(b"/jobs/"):].decode().lower())
+        if doc is not None:
+            self.count_hit()
+        return doc
+
     def route(self, method: bytes, path: str) -> Upstream:
         wanted = "GET" if method == b"HEAD" else method.decode("latin-1")
         for route_method, pattern, name in COMPILED:
@@ -175,14 +269,13 @@ class Edge:
             conn.write(problem(413, "Body too large", f"request body exceeds {self.max_body}"
                                " bytes", close=True))
             return False
-        url = httptools.parse_url(request.url)
-        path = (url.path or b"/").decode("latin-1")
-        if request.method == b"GET" and not url.query and JOB_PATH.match(path):
-            doc = await self.documents.get(path[len("/jobs/"):].lower())
+        if request.method == b"GET" and JOB_URL.match(request.url):
+            doc = await self.documents.get(request.url[len(b"/jobs/"):].decode().lower())
             if doc is not None:
                 conn.write(json_response(doc))
                 self.count_hit()
                 return request.keep_alive
+        path = (httptools.parse_url(request.url).path or b"/").decode("latin-1")
         return await self.proxy(self.route(request.method, path), request, conn)
 
     async def proxy(self, upstream: Upstream, request: Request, conn: ClientConnection) -> bool:
@@ -329,8 +422,19 @@ class ClientConnection(asyncio.Protocol):
                 self.current.body = bytearray()
 
     def on_message_complete(self) -> None:
-        if not self.refused:
-            self._enqueue(self.current)
+        if self.refused:
+            return
+        request = self.current
+        if not self.queue and (self.worker is None or self.worker.done()):
+            # The hot path, answered at once when nothing is ahead of it: a final job's
+            # document this process remembers (no task, no await).
+            doc = self.edge.remembered(request)
+            if doc is not None:
+                self.write(json_response(doc))
+                if not request.keep_alive:
+                    self._close()
+                return
+        self._enqueue(request)
 
     def _enqueue(self, request: Request) -> None:
         self.queue.append(request)

@@ -225,7 +225,8 @@ class Stack:
                                  str(self.bridge_in_flight), "--batch-size",
                                  str(self.batch_size)])
         self._child("bridge-d", [py, "-m", "infra.bridge", "--topic", dlq_topic,
-                                 "--target", url("dlq"), "--group", "dlq"])
+                                 "--target", url("dlq"), "--group", "dlq",
+                                 "--fetch-wait-ms", "250"])  # dead letters are not urgent
         # The gateway: an asyncio front on the public port (job lookups, API routing) and
         # the Flask app behind it for everything else (OpenAPI, Swagger UI, dashboard...).
         app_port = services.free_port()
