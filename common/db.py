@@ -336,8 +336,14 @@ class GroupCommitter:
         try:
             if len(batch) == 1 and batch[0].single:
                 # Nothing to group with: one statement in autocommit, two round trips fewer.
-                with self.db.connection() as conn:
-                    results = [batch[0].work(conn)]
+                try:
+                    with self.db.connection() as conn:
+                        results = [batch[0].work(conn)]
+                except ServiceUnavailable:
+                    # A pooled connection that died with a server restart (the pool is
+                    # dropped then): once more on a fresh one, as `Database.run` does.
+                    with self.db.connection() as conn:
+                        results = [batch[0].work(conn)]
             else:
                 with self.db.transaction() as conn:
                     results = [op.work(conn) for op in batch]

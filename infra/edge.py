@@ -42,6 +42,7 @@ JOB_URL = re.compile(rb"/jobs/[0-9a-fA-F-]{36}\Z")  # a job document, no query s
 FINAL = frozenset({"COMPLETED", "CANCELLED"})  # states no transition leaves (lifecycle)
 MEMORY_ITEMS = 20_000  # final documents kept per process (a few KB each at most)
 UPSTREAM_IDLE = 1.0  # seconds: reuse an upstream connection only if idle less (gunicorn: 2 s)
+IDLE_UPSTREAM_CONNECTIONS = 32
 UPSTREAM_TIMEOUT = 60.0  # seconds without a byte from an upstream before giving up
 DROPPED_HEADERS = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                    b"te", b"trailer", b"upgrade", b"expect", b"content-length", b"host"}
@@ -220,6 +221,9 @@ class Upstream:
         return await asyncio.open_connection(self.host, self.port)
 
     def release(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self.idle) >= IDLE_UPSTREAM_CONNECTIONS:
+            writer.close()  # after a burst: keep a few, not one per request that was in flight
+            return
         self.idle.append((reader, writer, time.monotonic()))
 
 
