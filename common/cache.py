@@ -16,19 +16,29 @@ from redis.retry import Retry
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "jobs:status:"
+FINAL_CHANNEL = "jobs:final"
+# States no transition leaves (see common.lifecycle.TRANSITIONS): their documents never
+# change, so a reader may keep them.
+FINAL_STATES = frozenset({"COMPLETED", "CANCELLED"})
 
 # Write only if the cached version is older: a late writer can never overwrite a newer
 # state, whatever order the functions' writes arrive in.
-# Many documents per call (KEYS[i] takes ARGV[2i] as version and ARGV[2i+1] as document;
-# ARGV[1] is the TTL): one command for a whole batch.
+# Many documents per call (KEYS[i] takes ARGV[3i-1] as version, ARGV[3i] as document and
+# ARGV[3i+1] = "1" if the job is final; ARGV[1] is the TTL): one command for a batch.
+# A final document, which never changes again, is also announced on FINAL_CHANNEL as
+# "<job id> <document>", so that readers may keep it (the gateway's front does).
 _PUT_IF_NEWER = """
 local written = 0
 for i, key in ipairs(KEYS) do
-  local version = tonumber(ARGV[2 * i])
+  local version = tonumber(ARGV[3 * i - 1])
   local current = redis.call('HGET', key, 'v')
   if not current or tonumber(current) < version then
-    redis.call('HSET', key, 'v', ARGV[2 * i], 'doc', ARGV[2 * i + 1])
+    redis.call('HSET', key, 'v', ARGV[3 * i - 1], 'doc', ARGV[3 * i])
     redis.call('EXPIRE', key, ARGV[1])
+    if ARGV[3 * i + 1] == '1' then
+      redis.call('PUBLISH', '""" + FINAL_CHANNEL + """', string.sub(key, """ + str(
+    len(KEY_PREFIX) + 1) + """) .. ' ' .. ARGV[3 * i])
+    end
     written = written + 1
   end
 end
@@ -119,7 +129,8 @@ class StatusCache:
             chunk = docs[start:start + PUT_CHUNK]
             args: list[Any] = [self.ttl]
             for doc in chunk:
-                args += (int(doc["version"]), json.dumps(doc, default=str))
+                args += (int(doc["version"]), json.dumps(doc, default=str),
+                         "1" if doc.get("status") in FINAL_STATES else "0")
             pipe.evalsha(self._put.sha, len(chunk),
                          *[cache_key(str(doc["job_id"])) for doc in chunk], *args)
         for result in pipe.execute(raise_on_error=False):

@@ -32,14 +32,13 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from common.cache import cache_key
+from common.cache import FINAL_CHANNEL, FINAL_STATES, cache_key
 from common.settings import get_settings
 from infra.gateway import COMPILED
 
 log = logging.getLogger("edge")
 
 JOB_URL = re.compile(rb"/jobs/[0-9a-fA-F-]{36}\Z")  # a job document, no query string
-FINAL = frozenset({"COMPLETED", "CANCELLED"})  # states no transition leaves (lifecycle)
 MEMORY_ITEMS = 20_000  # final documents kept per process (a few KB each at most)
 UPSTREAM_IDLE = 1.0  # seconds: reuse an upstream connection only if idle less (gunicorn: 2 s)
 IDLE_UPSTREAM_CONNECTIONS = 32
@@ -164,9 +163,15 @@ class RedisReader:
 
 
 class Documents:
-    """The two lookup tiers of job documents: final ones in memory, then Redis."""
+    """The two lookup tiers of job documents: final ones in memory, then Redis.
+
+    The memory learns a final document from the first lookup that finds it in Redis, and
+    ahead of any lookup from the cache's announcements of final documents (FINAL_CHANNEL,
+    published by the same script call that stores them); a missed announcement only
+    means that lookup goes to Redis."""
 
     def __init__(self, redis_url: str, timeout: float = 0.5, cooldown: float = 2.0) -> None:
+        self.redis_url = redis_url
         self.redis = RedisReader(redis_url, timeout)
         self.memory: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self.cooldown = cooldown
@@ -184,11 +189,56 @@ class Documents:
             log.warning("redis lookup failed (%s); going to the status function", exc)
             self._down_until = time.monotonic() + self.cooldown
             return None
-        if doc is not None and _status(doc) in FINAL:
-            self.memory[job_id] = doc
-            if len(self.memory) > MEMORY_ITEMS:
-                self.memory.popitem(last=False)
+        if doc is not None and _status(doc) in FINAL_STATES:
+            self.remember(job_id, doc)
         return doc
+
+    def remember(self, job_id: str, doc: bytes) -> None:
+        self.memory[job_id] = doc
+        if len(self.memory) > MEMORY_ITEMS:
+            self.memory.popitem(last=False)
+
+    async def listen(self) -> None:
+        """Keep the memory fed from FINAL_CHANNEL, reconnecting after any trouble."""
+        reader = RedisReader(self.redis_url, timeout=5.0)
+        while True:
+            writer = None
+            try:
+                stream, writer = await asyncio.open_connection(reader.host, reader.port)
+                if reader.password:
+                    writer.write(reader.command(b"AUTH", reader.password.encode()))
+                    if not (await stream.readline()).startswith(b"+"):
+                        raise OSError("redis refused AUTH")
+                writer.write(reader.command(b"SUBSCRIBE", FINAL_CHANNEL.encode()))
+                while True:
+                    message = [await _bulk(stream) for _ in range(_array_size(
+                        await stream.readline()))]
+                    if len(message) == 3 and message[0] == b"message" and message[2]:
+                        job_id, _, doc = message[2].partition(b" ")
+                        self.remember(job_id.decode(), doc)
+            except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+                log.warning("final-document announcements interrupted (%s); resubscribing",
+                            exc)
+            finally:
+                if writer is not None:
+                    writer.close()
+            await asyncio.sleep(1.0)
+
+
+def _array_size(line: bytes) -> int:
+    if not line.startswith(b"*"):
+        raise ValueError(f"unexpected redis reply {line[:50]!r}")
+    return int(line[1:])
+
+
+async def _bulk(stream: asyncio.StreamReader) -> bytes:
+    line = await stream.readline()
+    if line.startswith(b"$"):
+        size = int(line[1:])
+        return b"" if size < 0 else (await stream.readexactly(size + 2))[:-2]
+    if line.startswith(b":"):
+        return line[1:].strip()
+    raise ValueError(f"unexpected redis reply {line[:50]!r}")
 
 
 def _status(doc: bytes) -> str | None:
@@ -496,6 +546,7 @@ def serve(sock: socket.socket, edge_args: dict[str, Any]) -> None:
 
     async def main() -> None:
         edge = Edge(**edge_args, count_hit=hits.inc)
+        listener = asyncio.get_running_loop().create_task(edge.documents.listen())
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -504,6 +555,7 @@ def serve(sock: socket.socket, edge_args: dict[str, Any]) -> None:
                                           backlog=1024)
         async with server:
             await stop.wait()
+        listener.cancel()
 
     asyncio.run(main())
 

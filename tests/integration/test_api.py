@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from common.cache import StatusCache
-from tests.support.client import Api
+from tests.support.client import Api, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -195,3 +195,17 @@ def test_health_and_readiness_report_each_dependency(api):
     ready = api.request("GET", "/readyz").json
     assert ready["ready"] is True
     assert {"postgresql", "redis", "kafka"} <= set(ready["checks"])
+
+
+def test_a_final_document_is_announced_to_the_gateway_before_anyone_asks(api, stack):
+    job_id = api.submit("ECHO", {"message": "announced"}).json["job_id"]
+    status_function = Api(stack.function_url("status"))  # not the gateway: it must not learn
+    wait_for(lambda: status_function.job(job_id)["status"] == "COMPLETED", timeout=30)
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    key = f"jobs:status:{job_id}"
+
+    def answered_from_memory() -> bool:
+        client.delete(key)  # a lookup that reached Redis or PostgreSQL would refill it
+        return api.job(job_id)["status"] == "COMPLETED" and client.hget(key, "doc") is None
+
+    wait_for(answered_from_memory, timeout=10)

@@ -62,3 +62,9 @@ def test_the_budget_is_spent_after_max_retries_and_a_job_can_override_it():
     policy = RetryPolicy(max_retries=3)
     assert not policy.exhausted(2) and policy.exhausted(3)
     assert policy.exhausted(0, max_retries=0) and not policy.exhausted(5, max_retries=10)
+
+
+def test_the_cache_calls_final_exactly_the_states_no_transition_leaves():
+    from common.cache import FINAL_STATES
+
+    assert {s.value for s, targets in TRANSITIONS.items() if not targets} == FINAL_STATES
