@@ -134,7 +134,8 @@ def transition_sql(
 
 
 #: PostgreSQL array types of the per-row values `transition_many_sql` takes.
-ROW_TYPES = {"id": "uuid", "attempt": "int", "result": "jsonb", "message": "text"}
+ROW_TYPES = {"id": "uuid", "attempt": "int", "result": "jsonb", "message": "text",
+             "delay": "float8"}
 
 
 def transition_many_sql(

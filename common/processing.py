@@ -8,7 +8,6 @@ import contextvars
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -17,11 +16,11 @@ from pydantic import ValidationError
 
 from common import jobs, metrics
 from common.cache import StatusCache
-from common.db import Connection, Database, GroupCommitter
+from common.db import Connection, Database, GroupCommitter, rows_as_dicts
 from common.deadletters import record_dead_letter
 from common.errors import HandlerTimeout, PermanentError, RetryableError, ServiceUnavailable
 from common.handlers import JobContext, JobType, get_job_type, parse_or_permanent
-from common.lifecycle import transition
+from common.lifecycle import transition, transition_many_sql
 from common.logs import job_context
 from common.models import JobMessage, JobStatus
 from common.queue import DEAD_LETTER_EVENT_TYPE, Event, Publisher, job_event
@@ -362,24 +361,22 @@ class Processor:
         """Record failed attempts (one transaction for all): RETRYING or DEAD_LETTER each;
         then dead letters go to the DLQ topic and zero-backoff retries to the queue."""
         plans = []
-        for running in sorted(failed, key=lambda r: str(r.row["job_id"])):
+        for running in failed:
             error = running.error
             assert error is not None
-            policy = policy_for(self.settings, running.jt)
-            delay_floor = error.delay if isinstance(error, RetryableError) else None
-            plans.append((str(running.row["job_id"]), running.ctx.attempt, describe(error),
-                          policy, isinstance(error, PermanentError), delay_floor))
+            plans.append(Failure(
+                str(running.row["job_id"]), running.ctx.attempt, describe(error),
+                policy_for(self.settings, running.jt), isinstance(error, PermanentError),
+                error.delay if isinstance(error, RetryableError) else None))
 
         def write(conn: Connection) -> list[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
-            return [record_failure(conn, job_id, attempt, message, policy, permanent=permanent,
-                                   delay_floor=floor)
-                    for job_id, attempt, message, policy, permanent, floor in plans]
+            return record_failures(conn, plans)
 
         recorded = self._record(lambda: self.writer.call(write))
         outcomes = {}
         dead_letters, requeue = [], []
-        for (job_id, attempt, message, policy, _, floor), (row, dead_letter) in zip(
-                plans, recorded, strict=True):
+        for plan, (row, dead_letter) in zip(plans, recorded, strict=True):
+            job_id, attempt, message = plan.job_id, plan.attempt, plan.message
             if row is None:
                 outcomes[job_id] = self._fenced(job_id, attempt)
                 continue
@@ -391,7 +388,7 @@ class Processor:
                 dead_letters.append(dead_letter)
                 outcomes[job_id] = Outcome(job_id, "dead_lettered", row["status"], message)
                 continue
-            if policy.base_seconds == 0 and not floor:
+            if plan.policy.base_seconds == 0 and not plan.delay_floor:
                 # No backoff: hand the retry to the queue now, not at the sweeper's next tick.
                 requeue.append(row)
             outcomes[job_id] = Outcome(job_id, "retrying", row["status"], message)
@@ -421,11 +418,24 @@ def describe(error: BaseException) -> str:
     """`Type: message` of an exception, bounded in size."""
     text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     if not isinstance(error, HandlerTimeout | PermanentError | RetryableError):
-        frames = traceback.extract_tb(error.__traceback__)
-        if frames:
-            last = frames[-1]
-            text += f" (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno})"
+        tb = error.__traceback__  # the innermost frame, without reading source files
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            text += f" (at {tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno})"
     return text[:MAX_ERROR_CHARS]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed attempt to record: what went wrong, and the job's retry policy."""
+
+    job_id: str
+    attempt: int
+    message: str
+    policy: RetryPolicy
+    permanent: bool = False
+    delay_floor: float | None = None
 
 
 def record_failure(
@@ -437,24 +447,53 @@ def record_failure(
     Returns (new row, dead letter or None); (None, None) if the attempt no longer
     owns the job. Runs inside the caller's transaction.
     """
-    failed = transition(conn, job_id, S.FAILED, sources=[S.IN_PROGRESS], attempt=attempt,
-                        values={"error_message": message, "lease_expires_at": None})
-    if failed is None:
-        return None, None
-    jobs.finish_attempt(conn, job_id, attempt, S.FAILED.value, message)
-    if permanent or policy.exhausted(failed["retries"], failed["max_retries"]):
-        row = transition(conn, job_id, S.DEAD_LETTER, sources=[S.FAILED])
-        assert row is not None  # same transaction: nobody else can have moved it
-        reason = "permanent error" if permanent else "retries exhausted"
-        return row, record_dead_letter(conn, row, reason, message)
-    delay = policy.delay(failed["retries"], delay_floor)
-    row = transition(
-        conn, job_id, S.RETRYING, sources=[S.FAILED],
-        expressions={"next_attempt_at": "now() + make_interval(secs => :delay)",
-                     "published_at": "NULL"},
-        params={"delay": delay},
-    )
-    return row, None
+    return record_failures(conn, [Failure(job_id, attempt, message, policy, permanent,
+                                          delay_floor)])[0]
+
+
+def record_failures(conn: Connection, failures: list[Failure]
+                    ) -> list[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
+    """`record_failure` for many attempts in a few statements, whatever their number (one
+    per step of the graph, plus a dead-letter row each). Answers in the order given."""
+    if not failures:
+        return []
+    ordered = sorted(failures, key=lambda f: f.job_id)  # concurrent writers lock in one order
+    sql, params = transition_many_sql(
+        S.FAILED, {"id": [f.job_id for f in ordered], "attempt": [f.attempt for f in ordered],
+                   "message": [f.message for f in ordered]},
+        sources=[S.IN_PROGRESS], values={"error_message": "message"},
+        expressions={"lease_expires_at": "NULL"})
+    failed = {str(row["job_id"]): row for row in rows_as_dicts(conn, conn.run(sql, **params))}
+    owned = [f for f in ordered if f.job_id in failed]
+    if not owned:
+        return [(None, None)] * len(failures)
+    conn.run("UPDATE job_attempts SET finished_at = now(), outcome = 'FAILED', error = r.e"
+             " FROM unnest(CAST(:ids AS uuid[]), CAST(:ns AS int[]), CAST(:es AS text[]))"
+             " AS r(id, n, e) WHERE job_attempts.job_id = r.id AND job_attempts.attempt = r.n",
+             ids=[f.job_id for f in owned], ns=[f.attempt for f in owned],
+             es=[f.message for f in owned])
+    dead = [f for f in owned if f.permanent or f.policy.exhausted(
+        failed[f.job_id]["retries"], failed[f.job_id]["max_retries"])]
+    retry = [f for f in owned if f not in dead]
+    results: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] = {}
+    if dead:
+        sql, params = transition_many_sql(S.DEAD_LETTER, {"id": [f.job_id for f in dead]},
+                                          sources=[S.FAILED])
+        moved = {str(r["job_id"]): r for r in rows_as_dicts(conn, conn.run(sql, **params))}
+        for f in dead:
+            row = moved[f.job_id]  # same transaction: nobody else can have moved it
+            reason = "permanent error" if f.permanent else "retries exhausted"
+            results[f.job_id] = (row, record_dead_letter(conn, row, reason, f.message))
+    if retry:
+        sql, params = transition_many_sql(
+            S.RETRYING, {"id": [f.job_id for f in retry], "delay": [
+                f.policy.delay(failed[f.job_id]["retries"], f.delay_floor) for f in retry]},
+            sources=[S.FAILED],
+            expressions={"next_attempt_at": "now() + make_interval(secs => r.r_delay)",
+                         "published_at": "NULL"})
+        for row in rows_as_dicts(conn, conn.run(sql, **params)):
+            results[str(row["job_id"])] = (row, None)
+    return [results.get(f.job_id, (None, None)) for f in failures]
 
 
 def publish_dead_letters(publisher: Publisher, settings: Settings,
