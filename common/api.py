@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import uuid
 from typing import Any
@@ -59,23 +60,26 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
     """
     clients.handlers()
     settings = clients.settings()
+    # The fingerprint tells a retried request from another one under the same key; without
+    # a key there is nothing to compare it with.
+    prints: list[str | None]
     if batch:
-        whole = jobs.request_fingerprint(*submissions)
         keys = [f"batch:{idempotency_key}:{i}" if idempotency_key else None
                 for i in range(len(submissions))]
-        prints = [f"{whole}:{i}" for i in range(len(submissions))]
+        whole = jobs.request_fingerprint(*submissions) if idempotency_key else None
+        prints = [f"{whole}:{i}" if whole else None for i in range(len(submissions))]
     else:
         keys = [idempotency_key]
-        prints = [jobs.request_fingerprint(submissions[0])]
+        prints = [jobs.request_fingerprint(submissions[0]) if idempotency_key else None]
     items = [(sub, validate_payload(sub.job_type, sub.payload), key,
               _max_retries(sub, settings.max_retries), fingerprint)
              for sub, key, fingerprint in zip(submissions, keys, prints, strict=True)]
     db = clients.database()
     created = jobs.create_jobs(db, items, clients.writer())
     # A delayed job (run_at in the future) is published by the sweeper once it is due.
-    for row, is_new in created:
-        if is_new:
-            metrics.SUBMITTED.labels(row["job_type"]).inc()
+    submitted = collections.Counter(row["job_type"] for row, is_new in created if is_new)
+    for job_type, count in submitted.items():
+        metrics.SUBMITTED.labels(job_type).inc(count)
     new_rows = [row for row, is_new in created if is_new and row["next_attempt_at"] is None]
     events = [job_event(settings.queue_topic, row["job_id"], row["job_type"])
               for row in new_rows]

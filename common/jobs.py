@@ -64,7 +64,7 @@ def _iso(value: datetime | None) -> str | None:
 
 def create_jobs(
     db: Database,
-    submissions: list[tuple[JobSubmission, dict[str, Any], str | None, int, str]],
+    submissions: list[tuple[JobSubmission, dict[str, Any], str | None, int, str | None]],
     writer: GroupCommitter | None = None,
 ) -> list[tuple[dict[str, Any], bool]]:
     """Insert jobs as QUEUED in one statement; return (row, created) for each, in order.
