@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -78,8 +79,7 @@ class JobType:
 
     def run(self, payload: Any, ctx: JobContext) -> Any:
         """Call the handler with the payload, and the context if it takes one."""
-        params = inspect.signature(self.func).parameters
-        if len(params) >= 2:
+        if _takes_context(self.func):
             return self.func(payload, ctx)
         return self.func(payload)
 
@@ -88,6 +88,11 @@ class JobType:
         if self.payload_model is None:
             return payload
         return self.payload_model.model_validate(payload)
+
+
+@functools.lru_cache(maxsize=1024)
+def _takes_context(func: Callable[..., Any]) -> bool:
+    return len(inspect.signature(func).parameters) >= 2
 
 
 _registry: dict[str, JobType] = {}
