@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import contextvars
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 S = JobStatus
 T = TypeVar("T")
 MAX_ERROR_CHARS = 4000
+CLAIM_CACHE_DELAY = 0.02  # seconds: a job done sooner never shows IN_PROGRESS in the cache
 
 
 class PoisonMessage(ValueError):
@@ -87,6 +89,8 @@ class Processor:
         # job id -> (attempt, context) of this process's running attempts, for the heartbeat
         self._running: dict[str, tuple[int, JobContext]] = {}
         self._running_lock = threading.Lock()
+        # job id -> attempt of attempts that just ended, whose IN_PROGRESS need not be cached
+        self._done_recently: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._background = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="cache-claims")
         # Deliveries of types with a concurrency limit, within a batch (see handle_batch).
@@ -190,9 +194,11 @@ class Processor:
             if len(claimed) < len(positions):
                 with self.db.connection() as conn:
                     current = jobs.get_jobs(conn, [j for j in positions if j not in claimed])
-            # IN_PROGRESS reaches the cache meanwhile; a versioned write, so the outcome's
-            # own write always wins, whichever lands first.
-            self._background.submit(self._cache, list(claimed.values()))
+            # IN_PROGRESS reaches the cache meanwhile, a moment later, for the jobs still
+            # running then (a short job's outcome is the only write it needs). A versioned
+            # write: the outcome's own write wins, whichever lands first.
+            self._background.submit(self._cache_running, list(claimed.values()),
+                                    time.monotonic() + CLAIM_CACHE_DELAY)
             for job_id, where in positions.items():
                 # A job's first delivery runs it; any other is a duplicate, answered as such.
                 for i in where[1:] if job_id in claimed else where:
@@ -227,6 +233,13 @@ class Processor:
             return result
         self._cache([row])
         return self._attempts([row])[0]
+
+    def _cache_running(self, rows: list[dict[str, Any]], at: float) -> None:
+        time.sleep(max(0.0, at - time.monotonic()))
+        with self._running_lock:
+            running = [row for row in rows if self._done_recently.pop(str(row["job_id"]), None)
+                       != row["attempts"]]
+        self._cache(running)
 
     def _cache(self, rows: list[dict[str, Any]]) -> None:
         jobs.cache_rows(self.db, self.cache, rows)
@@ -285,7 +298,11 @@ class Processor:
                 running.error = exc
         running.elapsed = time.monotonic() - running.started
         with self._running_lock:
-            self._running.pop(str(running.row["job_id"]), None)
+            job_id = str(running.row["job_id"])
+            self._running.pop(job_id, None)
+            self._done_recently[job_id] = running.ctx.attempt
+            if len(self._done_recently) > 10_000:  # those whose claim was cached already
+                self._done_recently.popitem(last=False)
 
     def _attempts(self, claimed: list[dict[str, Any]]) -> list[Outcome]:
         """Run the handlers of claimed jobs and record every outcome; in the same order."""
