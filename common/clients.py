@@ -84,3 +84,30 @@ def processor() -> Processor:
                 handlers()
                 _processor = Processor(get_settings(), database(), cache(), publisher())
     return _processor
+
+
+def warm_up_after_fork(*, publish: bool = True, process: bool = False) -> None:
+    """Build this process's clients in the background in each worker process a server
+    forks (`os.register_at_fork`), so that a worker's first request does not pay for its
+    connections and the broker's metadata. Trouble is only logged: requests build what
+    they need anyway."""
+    def warm() -> None:
+        try:
+            handlers()
+            db = database()
+            with db.connection() as conn:
+                conn.run("SELECT 1")
+            cache().ping()
+            if publish:
+                publisher().warm(get_settings().queue_topic)
+            if process:
+                processor()
+        except Exception as exc:
+            log.info("warm-up incomplete (%s); the first request finishes it", exc)
+
+    def start() -> None:
+        threading.Thread(target=warm, name="warm-up", daemon=True).start()
+
+    import os
+
+    os.register_at_fork(after_in_child=start)

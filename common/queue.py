@@ -114,6 +114,10 @@ class Publisher:
         old.purge(in_queue=True, in_flight=True)
         old.flush(0)
 
+    def warm(self, topic: str, timeout: float = 5.0) -> None:
+        """Fetch the topic's metadata now rather than on the first send."""
+        self._producer.list_topics(topic, timeout=timeout)
+
     def publish(self, events: Sequence[Event], timeout: float | None = None) -> None:
         """Send `events` and wait until the broker acknowledged all of them.
 

@@ -21,6 +21,7 @@ from common.logs import configure_logging
 from common.processing import PoisonMessage, parse_message
 
 configure_logging("process")
+clients.warm_up_after_fork(process=True)
 
 log = logging.getLogger(__name__)
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"

@@ -18,6 +18,7 @@ from common.http import (
 from common.logs import configure_logging
 
 configure_logging("status")
+clients.warm_up_after_fork(publish=False)
 
 
 def get_one(request: flask.Request, job_id: str) -> flask.Response:

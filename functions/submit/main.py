@@ -10,6 +10,7 @@ from common.logs import configure_logging
 from common.models import JobSubmission
 
 configure_logging("submit")
+clients.warm_up_after_fork()
 
 
 def create(request: flask.Request) -> flask.Response:
