@@ -6,6 +6,7 @@ import logging
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -66,6 +67,7 @@ def is_connection_error(exc: BaseException) -> bool:
 
 
 TIMESTAMPTZ_OID = 1184
+PING_AFTER_IDLE = 2.0  # seconds: a pooled connection idle longer is checked before use
 
 
 def timestamptz_in(text: str) -> datetime | str:
@@ -84,7 +86,8 @@ class Database:
         self.dsn = dsn
         self.session_sql = session_sql  # run on every new connection
         self._kwargs = connect_kwargs(dsn)
-        self._idle: queue.LifoQueue[Connection] = queue.LifoQueue()
+        # (connection, when it was returned): the most recently used first
+        self._idle: queue.LifoQueue[tuple[Connection, float]] = queue.LifoQueue()
         self._size = size
         self._lock = threading.Lock()
 
@@ -109,17 +112,18 @@ class Database:
     def _checkout(self, begin: bool) -> Connection:
         """A connection from the pool (or a new one), optionally inside BEGIN.
 
-        An idle connection may have died with a server restart; when BEGIN shows that,
-        the whole idle pool is dropped and a fresh connection is used instead.
+        An idle connection may have died with a server restart; when BEGIN (or, for one
+        idle a while, a ping) shows that, the whole idle pool is dropped and a fresh
+        connection is used instead.
         """
         try:
-            conn, pooled = self._idle.get_nowait(), True
+            (conn, since), pooled = self._idle.get_nowait(), True
         except queue.Empty:
-            conn, pooled = self._connect(), False
-        if not begin:
+            conn, since, pooled = self._connect(), 0.0, False
+        if not begin and (not pooled or time.monotonic() - since < PING_AFTER_IDLE):
             return conn
         try:
-            conn.run("BEGIN")
+            conn.run("BEGIN" if begin else "SELECT 1")
             return conn
         except Exception as exc:
             self._close_quietly(conn)
@@ -129,6 +133,8 @@ class Database:
                 raise ServiceUnavailable("postgresql", str(exc)) from exc
         self.close()
         conn = self._connect()
+        if not begin:
+            return conn
         try:
             conn.run("BEGIN")
         except Exception as exc:
@@ -165,7 +171,7 @@ class Database:
         finally:
             if healthy:
                 if self._idle.qsize() < self._size:
-                    self._idle.put(conn)
+                    self._idle.put((conn, time.monotonic()))
                 else:
                     self._close_quietly(conn)
 
@@ -203,7 +209,7 @@ class Database:
     def close(self) -> None:
         while True:
             try:
-                self._close_quietly(self._idle.get_nowait())
+                self._close_quietly(self._idle.get_nowait()[0])
             except queue.Empty:
                 return
 
