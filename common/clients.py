@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 
@@ -104,6 +105,9 @@ def warm_up_after_fork(*, publish: bool = True, process: bool = False) -> None:
                 processor()
         except Exception as exc:
             log.info("warm-up incomplete (%s); the first request finishes it", exc)
+        # What exists now lives as long as the process: keep it out of the collector's
+        # full passes, which otherwise walk it all and stall requests now and then.
+        gc.freeze()
 
     def start() -> None:
         threading.Thread(target=warm, name="warm-up", daemon=True).start()

@@ -18,6 +18,7 @@ from common.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 SPECVERSION = "1.0"
+SPECVERSION_BYTES = SPECVERSION.encode()
 JOB_EVENT_TYPE = "dev.jobs.job.ready"
 DEAD_LETTER_EVENT_TYPE = "dev.jobs.job.dead_lettered"
 
@@ -34,14 +35,15 @@ class Event:
     data: dict[str, Any]
     extensions: tuple[tuple[str, str], ...] = ()
 
-    def headers(self) -> list[tuple[str, str | bytes | None]]:
-        """Kafka binary content mode: attributes as `ce_*` headers, data as the value."""
+    def headers(self, time: bytes | None = None) -> list[tuple[str, str | bytes | None]]:
+        """Kafka binary content mode: attributes as `ce_*` headers, data as the value.
+        `time` (ISO 8601) defaults to now; a batch sent at once may share one."""
         headers: list[tuple[str, str | bytes | None]] = [
-            ("ce_specversion", SPECVERSION.encode()),
+            ("ce_specversion", SPECVERSION_BYTES),
             ("ce_id", self.ce_id.encode()),
             ("ce_type", self.ce_type.encode()),
             ("ce_source", self.ce_source.encode()),
-            ("ce_time", datetime.now(UTC).isoformat().encode()),
+            ("ce_time", time or datetime.now(UTC).isoformat().encode()),
             ("content-type", b"application/json"),
         ]
         headers.extend((f"ce_{name}", value.encode()) for name, value in self.extensions)
@@ -149,6 +151,7 @@ class Publisher:
                 if pending[0] == 0:
                     done.set()
 
+        sent_at = datetime.now(UTC).isoformat().encode()
         for event in events:
             while True:
                 try:
@@ -156,7 +159,7 @@ class Publisher:
                         event.topic,
                         key=event.key.encode(),
                         value=event.value(),
-                        headers=event.headers(),
+                        headers=event.headers(sent_at),
                         on_delivery=on_delivery,
                     )
                     break
