@@ -105,15 +105,20 @@ class Database:
                 raise ServiceUnavailable("postgresql", str(exc)) from exc
             raise
         conn.register_in_adapter(TIMESTAMPTZ_OID, timestamptz_in)
+        for statement in self.session_sql:
+            self._run_fresh(conn, statement)
+        return conn
+
+    def _run_fresh(self, conn: Connection, statement: str) -> None:
+        """`statement` on a connection just opened: if it fails the connection is closed,
+        and a lost server is ServiceUnavailable."""
         try:
-            for statement in self.session_sql:
-                conn.run(statement)
+            conn.run(statement)
         except Exception as exc:
             self._close_quietly(conn)
             if is_connection_error(exc):
                 raise ServiceUnavailable("postgresql", str(exc)) from exc
             raise
-        return conn
 
     def _checkout(self, begin: bool) -> Connection:
         """A connection from the pool (or a new one), optionally inside BEGIN.
@@ -139,15 +144,8 @@ class Database:
                 raise ServiceUnavailable("postgresql", str(exc)) from exc
         self.close()
         conn = self._connect()
-        if not begin:
-            return conn
-        try:
-            conn.run("BEGIN")
-        except Exception as exc:
-            self._close_quietly(conn)
-            if is_connection_error(exc):
-                raise ServiceUnavailable("postgresql", str(exc)) from exc
-            raise
+        if begin:
+            self._run_fresh(conn, "BEGIN")
         return conn
 
     @contextmanager
@@ -205,12 +203,18 @@ class Database:
 
     def run(self, sql: str, **params: Any) -> list[list[Any]]:
         """One statement in autocommit mode; tried twice if the first connection was dead."""
+        return self.autocommit(lambda conn: conn.run(sql, **params) or [])
+
+    def autocommit(self, work: Callable[[Connection], T]) -> T:
+        """`work(conn)` outside a transaction (one statement); done once more on a fresh
+        connection if the pooled one had died with a server restart (the pool is dropped
+        then)."""
         try:
             with self.connection() as conn:
-                return conn.run(sql, **params) or []
+                return work(conn)
         except ServiceUnavailable:
             with self.connection() as conn:
-                return conn.run(sql, **params) or []
+                return work(conn)
 
     def close(self) -> None:
         while True:
@@ -348,14 +352,7 @@ class GroupCommitter:
         try:
             if len(batch) == 1 and batch[0].single:
                 # Nothing to group with: one statement in autocommit, two round trips fewer.
-                try:
-                    with self.db.connection() as conn:
-                        results = [batch[0].work(conn)]
-                except ServiceUnavailable:
-                    # A pooled connection that died with a server restart (the pool is
-                    # dropped then): once more on a fresh one, as `Database.run` does.
-                    with self.db.connection() as conn:
-                        results = [batch[0].work(conn)]
+                results = [self.db.autocommit(batch[0].work)]
             else:
                 with self.db.transaction() as conn:
                     results = [op.work(conn) for op in batch]

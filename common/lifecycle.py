@@ -60,6 +60,22 @@ def check(source: JobStatus, target: JobStatus) -> None:
         raise IllegalTransition(f"{source.value} -> {target.value} is not a job transition")
 
 
+def _checked(target: JobStatus, sources: Iterable[JobStatus] | None,
+             columns: Mapping[str, Any]) -> frozenset[JobStatus]:
+    """The states a transition may leave (all of the graph's by default), after checking
+    that the graph allows the move and that only SETTABLE columns are set."""
+    allowed = sources_of(target)
+    chosen = frozenset(sources) if sources is not None else allowed
+    if not chosen <= allowed or not chosen:
+        raise IllegalTransition(
+            f"{sorted(s.value for s in chosen)} -> {target.value} is not a job transition"
+        )
+    unknown = set(columns) - SETTABLE
+    if unknown:
+        raise ValueError(f"transition cannot set {sorted(unknown)}")
+    return chosen
+
+
 def transition(
     conn: Connection,
     job_id: UUID | str,
@@ -94,17 +110,9 @@ def transition_sql(
     own parameters come in `params`. Callers may wrap the statement in a CTE to do more
     in the same round trip.
     """
-    allowed = sources_of(target)
-    chosen = frozenset(sources) if sources is not None else allowed
-    if not chosen <= allowed or not chosen:
-        raise IllegalTransition(
-            f"{sorted(s.value for s in chosen)} -> {target.value} is not a job transition"
-        )
+    chosen = _checked(target, sources, {**(values or {}), **(expressions or {})})
     values = dict(values or {})
     expressions = dict(expressions or {})
-    unknown = (set(values) | set(expressions)) - SETTABLE
-    if unknown:
-        raise ValueError(f"transition cannot set {sorted(unknown)}")
 
     assignments = ["status = CAST(:target AS job_status)", "version = version + 1",
                    "updated_at = now()"]
@@ -155,17 +163,9 @@ def transition_many_sql(
     column to the row field it takes (`{"result_json": "result"}`). Returns the moved jobs'
     rows (`RETURNING jobs.*`); a job missing from them was not in one of `sources`.
     """
-    allowed = sources_of(target)
-    chosen = frozenset(sources) if sources is not None else allowed
-    if not chosen <= allowed or not chosen:
-        raise IllegalTransition(
-            f"{sorted(s.value for s in chosen)} -> {target.value} is not a job transition"
-        )
+    chosen = _checked(target, sources, {**(values or {}), **(expressions or {})})
     values = dict(values or {})
     expressions = dict(expressions or {})
-    unknown = (set(values) | set(expressions)) - SETTABLE
-    if unknown:
-        raise ValueError(f"transition cannot set {sorted(unknown)}")
     fields = list(rows)
     if "id" not in rows or set(fields) - ROW_TYPES.keys() or set(values.values()) - set(fields):
         raise ValueError(f"rows must have `id` and only fields of {sorted(ROW_TYPES)}")

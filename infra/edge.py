@@ -171,7 +171,6 @@ class Documents:
     means that lookup goes to Redis."""
 
     def __init__(self, redis_url: str, timeout: float = 0.5, cooldown: float = 2.0) -> None:
-        self.redis_url = redis_url
         self.redis = RedisReader(redis_url, timeout)
         self.memory: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self.cooldown = cooldown
@@ -200,7 +199,7 @@ class Documents:
 
     async def listen(self) -> None:
         """Keep the memory fed from FINAL_CHANNEL, reconnecting after any trouble."""
-        reader = RedisReader(self.redis_url, timeout=5.0)
+        reader = self.redis  # its address and password; the subscription is a connection
         while True:
             writer = None
             try:
