@@ -10,17 +10,20 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
+from cloudevents.http import CloudEvent
+from cloudevents.kafka import KafkaMessage, to_binary
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from common.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 SPECVERSION = "1.0"
-SPECVERSION_BYTES = SPECVERSION.encode()
 JOB_EVENT_TYPE = "dev.jobs.job.ready"
 DEAD_LETTER_EVENT_TYPE = "dev.jobs.job.dead_lettered"
+# One encoder for every value: json.dumps with separators builds a new one per call.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 @dataclass(frozen=True)
@@ -35,22 +38,21 @@ class Event:
     data: dict[str, Any]
     extensions: tuple[tuple[str, str], ...] = ()
 
-    def headers(self, time: bytes | None = None) -> list[tuple[str, str | bytes | None]]:
-        """Kafka binary content mode: attributes as `ce_*` headers, data as the value.
-        `time` (ISO 8601) defaults to now; a batch sent at once may share one."""
-        headers: list[tuple[str, str | bytes | None]] = [
-            ("ce_specversion", SPECVERSION_BYTES),
-            ("ce_id", self.ce_id.encode()),
-            ("ce_type", self.ce_type.encode()),
-            ("ce_source", self.ce_source.encode()),
-            ("ce_time", time or datetime.now(UTC).isoformat().encode()),
-            ("content-type", b"application/json"),
-        ]
-        headers.extend((f"ce_{name}", value.encode()) for name, value in self.extensions)
-        return headers
-
-    def value(self) -> bytes:
-        return json.dumps(self.data, separators=(",", ":")).encode()
+    def message(self, time: str | None = None) -> KafkaMessage:
+        """The record in Kafka binary content mode, by the SDK's `to_binary`: attributes as
+        `ce_*` headers, data as the (compact JSON) value, `key` as the record key (the
+        binding's `partitionkey`). `time` (ISO 8601) defaults to now; a batch sent at once
+        may share one."""
+        return to_binary(CloudEvent({
+            "specversion": SPECVERSION,
+            "id": self.ce_id,
+            "type": self.ce_type,
+            "source": self.ce_source,
+            "time": time or datetime.now(UTC).isoformat(),
+            "datacontenttype": "application/json",
+            "partitionkey": self.key,
+            **dict(self.extensions),
+        }, self.data), _compact_json)
 
 
 def job_event(topic: str, job_id: uuid.UUID | str, job_type: str, *, ce_id: str | None = None,
@@ -151,15 +153,17 @@ class Publisher:
                 if pending[0] == 0:
                     done.set()
 
-        sent_at = datetime.now(UTC).isoformat().encode()
+        sent_at = datetime.now(UTC).isoformat()
         for event in events:
+            message = event.message(sent_at)
             while True:
                 try:
                     self._producer.produce(
                         event.topic,
-                        key=event.key.encode(),
-                        value=event.value(),
-                        headers=event.headers(sent_at),
+                        key=message.key,
+                        value=message.value,
+                        # dict[str, bytes] is one (dict is invariant to mypy)
+                        headers=cast(dict[str, str | bytes | None], message.headers),
                         on_delivery=on_delivery,
                     )
                     break

@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import cloudevents.conversion
+import cloudevents.kafka
 import urllib3
+from cloudevents.exceptions import GenericException as CloudEventError
+from cloudevents.http import CloudEvent
+from cloudevents.kafka import KafkaMessage
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 log = logging.getLogger("bridge")
@@ -60,27 +65,106 @@ class Delivery:
     attempts: int
 
 
-def cloudevent_headers(msg: Message, source: str) -> dict[str, str]:
-    """HTTP headers of the binary-mode CloudEvent for a Kafka record (KafkaSource rules)."""
-    kafka_headers = {k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])}
-    ce = {k[3:]: v for k, v in kafka_headers.items() if k.startswith("ce_")}
-    headers = {"content-type": kafka_headers.get("content-type", "application/json")}
-    if {"specversion", "id", "type", "source"} <= ce.keys():
-        headers.update({f"ce-{name}": value for name, value in ce.items()})
-        return headers
+KAFKA_EVENT_TYPE = "dev.knative.kafka.event"
+# The record carries its own event (Kafka binary content mode) when it has all of these.
+REQUIRED_HEADERS = ("ce_specversion", "ce_id", "ce_type", "ce_source")
+
+
+def _raw(value: Any) -> Any:
+    """Data as the record's bytes, as binary mode and the dead-letter record keep them."""
+    return value
+
+
+def record_event(msg: Message, source: str) -> CloudEvent:
+    """The CloudEvent a Knative KafkaSource makes of a record: the record's own event if it
+    carries one in binary mode (`ce_*` headers), unchanged; otherwise (or if those headers
+    are not a valid event) `dev.knative.kafka.event` with id `partition:<p>/offset:<o>`,
+    the record key as extension `key` and the record timestamp as time. Its data is the
+    record value's bytes."""
+    headers = {name: value or b"" for name, value in msg.headers() or ()}
+    if all(name in headers for name in REQUIRED_HEADERS):
+        try:
+            event = cloudevents.kafka.from_binary(
+                KafkaMessage(headers, None, msg.value()), data_unmarshaller=_raw)
+        except (CloudEventError, UnicodeDecodeError) as exc:
+            log.warning("record %s/%d@%d has ce_* headers but no valid event (%s);"
+                        " delivered as %s", msg.topic(), msg.partition(), msg.offset(), exc,
+                        KAFKA_EVENT_TYPE)
+        else:
+            if "ce_time" not in headers:
+                del event["time"]  # the SDK's default; the record's event has none
+            if event.get("datacontenttype") is None:
+                event["datacontenttype"] = "application/json"
+            return event
+    partition, offset = msg.partition(), msg.offset()
+    attributes = {
+        "specversion": "1.0",
+        "id": f"partition:{partition}/offset:{offset}",
+        "type": KAFKA_EVENT_TYPE,
+        "source": source,
+        "subject": f"partition:{partition}#{offset}",
+        "datacontenttype": headers.get("content-type", b"application/json").decode(
+            errors="replace"),
+    }
     ts_type, ts = msg.timestamp()
-    headers.update({
-        "ce-specversion": "1.0",
-        "ce-id": f"partition:{msg.partition()}/offset:{msg.offset()}",
-        "ce-type": "dev.knative.kafka.event",
-        "ce-source": source,
-        "ce-subject": f"partition:{msg.partition()}#{msg.offset()}",
-    })
     if ts_type and ts > 0:
-        headers["ce-time"] = datetime.fromtimestamp(ts / 1000, UTC).isoformat()
+        attributes["time"] = datetime.fromtimestamp(ts / 1000, UTC).isoformat()
     if msg.key() is not None:
-        headers["ce-key"] = msg.key().decode(errors="replace")
-    return headers
+        attributes["key"] = msg.key().decode(errors="replace")
+    event = CloudEvent(attributes, msg.value())
+    if "time" not in attributes:
+        del event["time"]  # the SDK's default; a record without a timestamp has none
+    return event
+
+
+def binary_request(msg: Message, source: str) -> tuple[dict[str, str], bytes]:
+    """Headers and body of the HTTP binary-mode CloudEvent for a record."""
+    headers, body = cloudevents.conversion.to_binary(record_event(msg, source), _raw)
+    return headers, body or b""
+
+
+def batch_body(msgs: list[Message], source: str) -> bytes:
+    """Records as one request body in the batched content mode: a JSON array of events in
+    the JSON (structured) format. JSON data goes in `data`, by the SDK's `to_dict` (its
+    canonical form, which is the JSON format for such data); other data by its
+    `to_structured`, which writes it as `data_base64`."""
+    events = []
+    for msg in msgs:
+        event = record_event(msg, source)
+        data = _json_data(event)
+        if data is None:
+            event.data = event.data or None  # an empty value: neither data nor data_base64
+            events.append(json.loads(cloudevents.conversion.to_structured(event)[1]))
+        else:
+            event.data = data
+            events.append(cloudevents.conversion.to_dict(event))
+    return json.dumps(events).encode()
+
+
+def _json_data(event: CloudEvent) -> Any:
+    """The event's data as a JSON value, if its content type says JSON and it parses (and is
+    not null); else None."""
+    if not event.data or "json" not in event["datacontenttype"]:
+        return None
+    try:
+        return json.loads(event.data)
+    except ValueError:
+        return None
+
+
+def dead_letter_record(msg: Message, source: str, target: str, status: int | None,
+                       reply: bytes) -> KafkaMessage:
+    """The record for the dead-letter topic: the event as delivered plus Knative's
+    `knativeerror*` extensions, in Kafka binary content mode (the record's other headers
+    kept, its key and value as they were)."""
+    event = record_event(msg, source)
+    event["knativeerrordest"] = target
+    event["knativeerrorcode"] = str(status or 0)
+    event["knativeerrordata"] = base64.b64encode(reply[:1024]).decode()
+    headers = {name: value for name, value in msg.headers() or ()
+               if not name.startswith("ce_") and name != "content-type"}
+    headers.update(cloudevents.kafka.to_binary(event, _raw).headers)
+    return KafkaMessage(headers, msg.key(), msg.value())
 
 
 class Bridge:
@@ -243,11 +327,11 @@ class Bridge:
         """Several records in one request (CloudEvents batched content mode). The target
         answers each event's own status; anything not settled falls back to one request
         per record, with the usual retries."""
-        body = json.dumps([structured_event(msg, self.source) for msg in msgs])
+        body = batch_body(msgs, self.source)
         results: list[dict[str, Any]] = []
         try:
             response = self._http.request(
-                "POST", self.target, body=body.encode(),
+                "POST", self.target, body=body,
                 headers={"content-type": "application/cloudevents-batch+json"})
             if response.status == 200:
                 results = json.loads(response.data).get("results", [])
@@ -272,8 +356,7 @@ class Bridge:
 
     def deliver(self, msg: Message) -> Delivery:
         """POST the record until it is accepted, refused for good, or retries run out."""
-        headers = cloudevent_headers(msg, self.source)
-        body = msg.value() or b""
+        headers, body = binary_request(msg, self.source)
         attempt = 0
         while True:
             attempt += 1
@@ -300,17 +383,7 @@ class Bridge:
             log.error("record %s/%d@%d undeliverable (HTTP %s) and no dead-letter topic;"
                       " skipped", msg.topic(), msg.partition(), msg.offset(), result.status)
             return
-        headers = [(k, v) for k, v in (msg.headers() or [])]
-        names = {k for k, _ in headers}
-        if not {"ce_specversion", "ce_id", "ce_type", "ce_source"} <= names:
-            generated = cloudevent_headers(msg, self.source)
-            headers += [(f"ce_{k[3:]}", v.encode()) for k, v in generated.items()
-                        if k.startswith("ce-") and f"ce_{k[3:]}" not in names]
-        headers += [
-            ("ce_knativeerrordest", self.target.encode()),
-            ("ce_knativeerrorcode", str(result.status or 0).encode()),
-            ("ce_knativeerrordata", base64.b64encode(result.body[:1024])),
-        ]
+        record = dead_letter_record(msg, self.source, self.target, result.status, result.body)
         done = threading.Event()
         errors: list[Any] = []
 
@@ -322,8 +395,8 @@ class Bridge:
         while True:
             errors.clear()
             done.clear()
-            self._producer.produce(self.dlq_topic, key=msg.key(), value=msg.value(),
-                                   headers=headers, on_delivery=on_delivery)
+            self._producer.produce(self.dlq_topic, key=record.key, value=record.value,
+                                   headers=record.headers, on_delivery=on_delivery)
             while not done.is_set():
                 self._producer.poll(0.1)
             if not errors:
@@ -334,22 +407,6 @@ class Bridge:
         log.error("record %s/%d@%d dead-lettered to %s (HTTP %s): %s", msg.topic(),
                   msg.partition(), msg.offset(), self.dlq_topic, result.status,
                   result.body[:300].decode(errors="replace"))
-
-
-def structured_event(msg: Message, source: str) -> dict[str, Any]:
-    """A record as a structured-mode CloudEvent (for batched delivery)."""
-    headers = cloudevent_headers(msg, source)
-    event: dict[str, Any] = {k[3:]: v for k, v in headers.items() if k.startswith("ce-")}
-    event["datacontenttype"] = headers["content-type"]
-    raw = msg.value() or b""
-    try:
-        event["data"] = json.loads(raw) if "json" in headers["content-type"] else None
-    except ValueError:
-        event["data"] = None
-    if event["data"] is None and raw:
-        event.pop("data")
-        event["data_base64"] = base64.b64encode(raw).decode()
-    return event
 
 
 def _permanent(status: int) -> bool:

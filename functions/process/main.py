@@ -6,13 +6,14 @@ request (CloudEvents batched content mode) and answers each event's status; the 
 bridge uses it for throughput (`--batch-size`).
 """
 
+import json
 import logging
 from typing import Any
 
 import flask
 import functions_framework
 from cloudevents.exceptions import GenericException as CloudEventError
-from cloudevents.http import CloudEvent, from_http
+from cloudevents.http import CloudEvent, from_dict, from_http, from_json
 
 from common import clients
 from common.errors import ApiError, ServiceUnavailable
@@ -25,6 +26,21 @@ clients.warm_up_after_fork(process=True)
 
 log = logging.getLogger(__name__)
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+REQUIRED_ATTRIBUTES = frozenset({"specversion", "id", "type", "source"})
+
+
+def decode_event(element: Any) -> CloudEvent | CloudEventError:
+    """One element of a batched-mode body (an event in the JSON format) as the SDK decodes
+    it, or the SDK's error saying why it is not an event."""
+    try:
+        if (isinstance(element, dict) and element.keys() >= REQUIRED_ATTRIBUTES
+                and "data_base64" not in element):
+            # Attributes and a JSON `data`: the SDK's dict form as it is, no JSON round trip.
+            return from_dict(element)
+        # Base64 data, or something the SDK's JSON-format reader should refuse and explain.
+        return from_json(json.dumps(element))
+    except CloudEventError as exc:
+        return exc
 
 
 def run_events(events: list[tuple[str, Any]]) -> list[tuple[int, str]]:
@@ -82,11 +98,20 @@ def process_job_batch(request: flask.Request) -> flask.Response:
         if status == 200:
             return json_response({"outcome": detail})
         return problem(ApiError(status, "Not processed", detail))
-    events = request.get_json(silent=True)
-    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+    elements = request.get_json(silent=True)
+    if not isinstance(elements, list):
         return problem(ApiError(400, "Not a CloudEvents batch",
                                 "the body must be a JSON array of structured events"))
-    answers = run_events([(str(e.get("id")), e.get("data", b"<binary data>")) for e in events])
-    results = [{"id": event.get("id"), "status": status, "detail": detail}
-               for event, (status, detail) in zip(events, answers, strict=True)]
+    events = [decode_event(element) for element in elements]
+    answers = iter(run_events([(event["id"], event.data) for event in events
+                               if isinstance(event, CloudEvent)]))
+    results = []
+    for element, event in zip(elements, events, strict=True):
+        if isinstance(event, CloudEvent):
+            status, detail = next(answers)
+            results.append({"id": event["id"], "status": status, "detail": detail})
+        else:
+            log.error("batch element is not a CloudEvent: %s", event)
+            results.append({"id": element.get("id") if isinstance(element, dict) else None,
+                            "status": 400, "detail": f"not a CloudEvent: {event}"})
     return json_response({"results": results})
