@@ -10,10 +10,19 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from common import clients, deadletters, jobs, metrics
+from common.auth import Principal
 from common.errors import ApiError, ServiceUnavailable
 from common.handlers import get_job_type, validate_payload
 from common.lifecycle import transition
-from common.models import JobStatus, JobSubmission
+from common.models import (
+    AttemptPage,
+    DeadLetterPage,
+    JobDocument,
+    JobPage,
+    JobStatus,
+    JobSubmission,
+    Stats,
+)
 from common.queue import job_event
 
 log = logging.getLogger(__name__)
@@ -47,7 +56,8 @@ def check_idempotency_key(key: str | None) -> str | None:
 
 
 def submit(submissions: list[JobSubmission], idempotency_key: str | None = None, *,
-           batch: bool = False) -> tuple[list[dict[str, Any]], bool]:
+           batch: bool = False, principal: Principal | None = None
+           ) -> tuple[list[JobDocument], bool]:
     """Persist jobs as QUEUED, enqueue them, cache their status.
 
     A batch under an idempotency key is one request: each item's key lives in the
@@ -60,6 +70,10 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
     """
     clients.handlers()
     settings = clients.settings()
+    payloads = [validate_payload(sub.job_type, sub.payload) for sub in submissions]
+    if principal is not None:
+        for sub, payload in zip(submissions, payloads, strict=True):
+            check_type_scope(principal, sub.job_type, payload)
     # The fingerprint tells a retried request from another one under the same key; without
     # a key there is nothing to compare it with.
     prints: list[str | None]
@@ -71,11 +85,12 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
     else:
         keys = [idempotency_key]
         prints = [jobs.request_fingerprint(submissions[0]) if idempotency_key else None]
-    items = [(sub, validate_payload(sub.job_type, sub.payload), key,
-              _max_retries(sub, settings.max_retries), fingerprint)
-             for sub, key, fingerprint in zip(submissions, keys, prints, strict=True)]
+    items = [(sub, payload, key, _max_retries(sub, settings.max_retries), fingerprint)
+             for sub, payload, key, fingerprint
+             in zip(submissions, payloads, keys, prints, strict=True)]
     db = clients.database()
-    created = jobs.create_jobs(db, items, clients.writer())
+    created = jobs.create_jobs(db, items, clients.writer(),
+                               submitted_by=principal.name if principal else None)
     # A delayed job (run_at in the future) is published by the sweeper once it is due.
     submitted = collections.Counter(row["job_type"] for row, is_new in created if is_new)
     for job_type, count in submitted.items():
@@ -102,7 +117,16 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
     elif new_rows:
         clients.publish_marks().add([(str(row["job_id"]), row["attempts"])
                                      for row in new_rows])
-    return docs, refusal is None
+    return [JobDocument.model_validate(doc) for doc in docs], refusal is None
+
+
+def check_type_scope(principal: Principal, job_type: str, payload: dict[str, Any]) -> None:
+    """Some job types need more than `jobs:submit` (DATA_EXPORT reads every job: admin)."""
+    jt = get_job_type(job_type)
+    scope = None if jt is None else jt.scope(payload) if callable(jt.scope) else jt.scope
+    if scope and not principal.allows(scope):
+        raise ApiError(403, "Forbidden", f"submitting {job_type} with this payload needs the"
+                                         f" {scope!r} scope, which this token lacks")
 
 
 def _max_retries(submission: JobSubmission, default: int) -> int:
@@ -113,8 +137,13 @@ def _max_retries(submission: JobSubmission, default: int) -> int:
     return jt.max_retries if jt is not None and jt.max_retries is not None else default
 
 
-def get_job(job_id: str) -> dict[str, Any]:
+def get_job(job_id: str) -> JobDocument:
     """Cache first, PostgreSQL on a miss (then fill the cache)."""
+    return JobDocument.model_validate(job_document(job_id))
+
+
+def job_document(job_id: str) -> dict[str, Any]:
+    """The job's document as cached (JSON-ready), cache first, PostgreSQL on a miss."""
     job_id = parse_job_id(job_id)
     cache = clients.cache()
     doc = cache.get(job_id)
@@ -132,7 +161,7 @@ def get_job(job_id: str) -> dict[str, Any]:
 
 
 def list_jobs(status: list[str] | None, job_type: list[str] | None, cursor: str | None,
-              limit: int) -> dict[str, Any]:
+              limit: int) -> JobPage:
     valid = {s.value for s in JobStatus}
     bad = [s for s in status or [] if s not in valid]
     if bad:
@@ -141,10 +170,11 @@ def list_jobs(status: list[str] | None, job_type: list[str] | None, cursor: str 
     with clients.database().connection() as conn:
         rows, next_cursor = jobs.list_jobs(conn, status=status, job_type=job_type,
                                            cursor=cursor, limit=limit)
-    return {"items": [jobs.document(r) for r in rows], "next_cursor": next_cursor}
+    return JobPage.model_validate({"items": [jobs.document(r) for r in rows],
+                                   "next_cursor": next_cursor})
 
 
-def cancel(job_id: str) -> dict[str, Any]:
+def cancel(job_id: str) -> JobDocument:
     """Cancel a job: a waiting one never runs; a running one is asked to stop."""
     job_id = parse_job_id(job_id)
     db = clients.database()
@@ -158,19 +188,19 @@ def cancel(job_id: str) -> dict[str, Any]:
             raise jobs.refuse_move(conn, job_id, "Job already ended",
                                    "only waiting or running jobs can be cancelled")
     jobs.cache_rows(db, clients.cache(), [row])
-    return jobs.document(row)
+    return JobDocument.model_validate(jobs.document(row))
 
 
-def attempts(job_id: str) -> dict[str, Any]:
+def attempts(job_id: str) -> AttemptPage:
     """A job's attempt history, oldest first."""
     job_id = parse_job_id(job_id)
     with clients.database().connection() as conn:
         if jobs.get_job(conn, job_id) is None:
             raise ApiError(404, "Job not found", f"no job {job_id}")
-        return {"items": jobs.attempt_history(conn, job_id)}
+        return AttemptPage.model_validate({"items": jobs.attempt_history(conn, job_id)})
 
 
-def stats() -> dict[str, Any]:
+def stats() -> Stats:
     """Counts by status and type, completions per minute, recent and running jobs."""
     with clients.database().connection() as conn:
         counts = {s.value: 0 for s in JobStatus}
@@ -189,19 +219,21 @@ def stats() -> dict[str, Any]:
             entry[key] += n
         recent = jobs.recent(conn, limit=20)
         running = jobs.recent(conn, limit=50, status="IN_PROGRESS")
-    return {"counts": counts, "by_type": by_type, "throughput": list(minutes.values()),
-            "recent": [jobs.document(r) for r in recent],
-            "running": [jobs.document(r) for r in running]}
+    return Stats.model_validate({
+        "counts": counts, "by_type": by_type, "throughput": list(minutes.values()),
+        "recent": [jobs.document(r) for r in recent],
+        "running": [jobs.document(r) for r in running]})
 
 
-def list_dead_letters(cursor: str | None, limit: int) -> dict[str, Any]:
+def list_dead_letters(cursor: str | None, limit: int) -> DeadLetterPage:
     with clients.database().connection() as conn:
         rows, next_cursor = deadletters.list_dead_letters(conn, cursor, limit)
-    return {"items": [deadletters.dead_letter_document(r) for r in rows],
-            "next_cursor": next_cursor}
+    return DeadLetterPage.model_validate({
+        "items": [deadletters.dead_letter_document(r) for r in rows],
+        "next_cursor": next_cursor})
 
 
-def replay(job_id: str) -> dict[str, Any]:
+def replay(job_id: str) -> JobDocument:
     """Send a dead-lettered job back to QUEUED with a fresh retry budget, and enqueue it."""
     job_id = parse_job_id(job_id)
     settings = clients.settings()
@@ -216,4 +248,4 @@ def replay(job_id: str) -> dict[str, Any]:
     except ServiceUnavailable as exc:
         log.warning("replayed job %s not enqueued now (%s); the sweeper will", job_id, exc)
     jobs.cache_rows(db, clients.cache(), [row])
-    return jobs.document(row)
+    return JobDocument.model_validate(jobs.document(row))

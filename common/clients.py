@@ -6,6 +6,7 @@ import gc
 import logging
 import threading
 
+from common.auth import Authenticator
 from common.cache import StatusCache, get_cache
 from common.db import Database, GroupCommitter, get_database, migrate
 from common.handlers import load_handlers
@@ -56,6 +57,19 @@ def publish_marks() -> PublishMarks:
         if s.database_url not in _marks:
             _marks[s.database_url] = PublishMarks(database())
         return _marks[s.database_url]
+
+
+_authenticators: dict[str, Authenticator] = {}
+
+
+def authenticator() -> Authenticator:
+    """The process-wide bearer-token checker (JOBS_AUTH=off: everyone is anonymous admin)."""
+    s = get_settings()
+    with _lock:
+        if s.database_url not in _authenticators:
+            _authenticators[s.database_url] = Authenticator(
+                database, enabled=s.auth, cache_seconds=s.auth_cache_seconds)
+        return _authenticators[s.database_url]
 
 
 def cache() -> StatusCache:

@@ -76,6 +76,7 @@ class JobType:
     backoff_max_seconds: float | None = None
     concurrency: int | None = None
     description: str = ""
+    scope: str | Callable[[dict[str, Any]], str | None] | None = None
 
     def run(self, payload: Any, ctx: JobContext) -> Any:
         """Call the handler with the payload, and the context if it takes one."""
@@ -109,13 +110,15 @@ def job_handler(
     backoff_base_seconds: float | None = None,
     backoff_max_seconds: float | None = None,
     concurrency: int | None = None,
+    scope: str | Callable[[dict[str, Any]], str | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated function as the handler of job type `name`.
 
     The function takes `(payload)` or `(payload, ctx)` and returns a JSON-able
     result. Raise `RetryableError` / any exception for a retryable failure,
     `PermanentError` to dead-letter at once. `concurrency` caps how many attempts of
-    this type run at once across every worker.
+    this type run at once across every worker. `scope` is a token scope a submitter
+    needs beyond `jobs:submit` (or a function of the validated payload naming one).
     """
     if concurrency is not None and concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -136,6 +139,7 @@ def job_handler(
                 backoff_base_seconds=backoff_base_seconds,
                 backoff_max_seconds=backoff_max_seconds,
                 concurrency=concurrency,
+                scope=scope,
                 description=(inspect.getdoc(func) or "").split("\n\n")[0],
             )
         return func

@@ -7,19 +7,22 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import flask
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import Map, RequestRedirect, Rule
 
+from common import clients
+from common.auth import ANONYMOUS
 from common.errors import ApiError, ServiceUnavailable
+from common.routes import Operation, operations
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
-Handler = Callable[..., flask.Response]
-Route = tuple[str, "re.Pattern[str]", Handler]
 M = TypeVar("M", bound=BaseModel)
 
 #: Deepest nesting of arrays and objects a body may have: far beyond any job payload, and
@@ -30,61 +33,102 @@ MAX_JSON_DEPTH = 64
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
-def routes(*table: tuple[str, str, Handler]) -> list[Route]:
-    """Compile (method, path pattern, handler) rows; `{name}` in a path captures a segment."""
-    compiled = []
-    for method, path, handler in table:
-        pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
-        compiled.append((method, re.compile(rf"^{pattern}/?\Z"), handler))
-    return compiled
+@dataclass
+class Reply:
+    """What an operation's handler answers: a status, a body model (or none), headers."""
+
+    body: BaseModel | None
+    status: int | None = None  # default: the operation's first declared answer
+    headers: dict[str, str] = field(default_factory=dict)
 
 
-def dispatch(request: flask.Request, table: list[Route]) -> flask.Response:
-    """Call the handler matching the request; every error becomes a problem document."""
-    try:
-        allowed = []
-        for method, pattern, handler in table:
-            match = pattern.match(request.path)
-            if match is None:
-                continue
-            if method != request.method:
-                allowed.append(method)
-                continue
-            return handler(request, **match.groupdict())
-        if allowed:
-            raise ApiError(405, "Method not allowed",
-                           f"{request.method} is not allowed on {request.path}",
-                           headers={"Allow": ", ".join(sorted(set(allowed)))})
-        raise ApiError(404, "Not found", f"no route for {request.method} {request.path}")
-    except ApiError as exc:
-        return problem(exc, request.path)
-    except ServiceUnavailable as exc:
-        log.warning("%s %s: %s", request.method, request.path, exc)
-        return problem(ApiError(503, "Service unavailable",
-                                f"{exc.service} is unavailable; try again shortly",
-                                headers={"Retry-After": str(exc.retry_after)}), request.path)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return problem(ApiError(500, "Internal error",
-                                "the server failed to answer; the error is in its log"),
-                       request.path)
+Handler = Callable[..., "Reply | BaseModel | flask.Response"]
 
 
-def http_error(request: flask.Request, exc: HTTPException, table: list[Route]) -> flask.Response:
-    """Werkzeug's own errors as problem documents, never its HTML pages.
+class Dispatcher:
+    """One HTTP function's routing, derived from the API declaration (`common.routes`).
 
-    A path no Flask rule matches (one with a newline in a segment, which the framework's
-    `<path:path>` rule does not take) is routed by `table` all the same, so it gets the
-    answer any other bad id gets.
+    It matches the path and method, checks the bearer token and its scope, calls the
+    handler named by the operation id and renders the declared response model. Every
+    error becomes a problem document; a handler missing for a declared operation (or one
+    for an undeclared operation) is an error at import time, so a route cannot drift.
     """
-    if isinstance(exc, NotFound) and request.url_rule is None:
-        return dispatch(request, table)
-    headers = {}
-    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
-        headers["Allow"] = ", ".join(sorted(exc.valid_methods))
-    status = exc.code or 500
-    return problem(ApiError(status, exc.name, exc.description or exc.name, headers=headers),
-                   request.path)
+
+    def __init__(self, function: str, handlers: dict[str, Handler]) -> None:
+        ops = operations(function)
+        declared = {op.operation_id for op in ops}
+        if declared != set(handlers):
+            raise RuntimeError(f"{function}: handlers {sorted(handlers)} do not match the"
+                               f" declared operations {sorted(declared)}")
+        self.ops = {op.operation_id: op for op in ops}
+        self.handlers = handlers
+        self.map = Map([Rule(op.rule, endpoint=op.operation_id, methods=[op.method])
+                        for op in ops], strict_slashes=False, merge_slashes=False)
+
+    def __call__(self, request: flask.Request) -> flask.Response:
+        try:
+            adapter = self.map.bind("localhost", url_scheme="http")
+            try:
+                endpoint, args = adapter.match(request.path, request.method)
+            except MethodNotAllowed as exc:
+                raise ApiError(405, "Method not allowed",
+                               f"{request.method} is not allowed on {request.path}",
+                               headers={"Allow": ", ".join(sorted(exc.valid_methods or ()))}
+                               ) from exc
+            except (NotFound, RequestRedirect) as exc:
+                raise ApiError(404, "Not found",
+                               f"no route for {request.method} {request.path}") from exc
+            op = self.ops[endpoint]
+            principal = (ANONYMOUS if op.public else clients.authenticator().check(
+                request.headers.get("Authorization"), op.scope))
+            return render(op, self.handlers[endpoint](request, principal, **args))
+        except ApiError as exc:
+            return problem(exc, request.path)
+        except ServiceUnavailable as exc:
+            log.warning("%s %s: %s", request.method, request.path, exc)
+            return problem(ApiError(503, "Service unavailable",
+                                    f"{exc.service} is unavailable; try again shortly",
+                                    headers={"Retry-After": str(exc.retry_after)}), request.path)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return problem(ApiError(500, "Internal error",
+                                    "the server failed to answer; the error is in its log"),
+                           request.path)
+
+    def http_error(self, request: flask.Request, exc: HTTPException) -> flask.Response:
+        """Werkzeug's own errors as problem documents, never its HTML pages.
+
+        A path no Flask rule matches (one with a newline in a segment, which the
+        framework's `<path:path>` rule does not take) is dispatched all the same, so it
+        gets the answer any other bad id gets.
+        """
+        if isinstance(exc, NotFound) and request.url_rule is None:
+            return self(request)
+        headers = {}
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        status = exc.code or 500
+        return problem(ApiError(status, exc.name, exc.description or exc.name,
+                                headers=headers), request.path)
+
+
+def render(op: Operation, result: Reply | BaseModel | flask.Response) -> flask.Response:
+    """The handler's answer as the declaration says: the declared model, serialized."""
+    if isinstance(result, flask.Response):  # a file
+        return result
+    reply = result if isinstance(result, Reply) else Reply(result)
+    status = reply.status or next(iter(op.answers))
+    answer = op.answers[status]
+    if answer.model is None:
+        response = flask.Response(status=status)
+    else:
+        if not isinstance(reply.body, answer.model):
+            raise TypeError(f"{op.operation_id} answered {type(reply.body).__name__},"
+                            f" declared {answer.model.__name__}")
+        response = flask.Response(reply.body.model_dump_json(), status=status,
+                                  mimetype="application/json")
+    response.headers.update(reply.headers)
+    return response
 
 
 def problem(exc: ApiError, instance: str | None = None) -> flask.Response:

@@ -16,7 +16,7 @@ from common.cache import StatusCache
 from common.db import Connection, Database, GroupCommitter, rows_as_dicts
 from common.errors import ApiError
 from common.lifecycle import transition_many_sql, transition_sql
-from common.models import JobStatus, JobSubmission
+from common.models import JobDocument, JobStatus, JobSubmission
 
 S = JobStatus
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ def request_fingerprint(*submissions: JobSubmission) -> str:
 
 
 def document(row: dict[str, Any]) -> dict[str, Any]:
-    """The API's job document (JSON-ready) from a `jobs` row."""
-    return {
+    """The API's job document (JSON-ready, through the `JobDocument` model) from a row."""
+    return JobDocument.model_validate({
         "job_id": str(row["job_id"]),
         "job_type": row["job_type"],
         "status": row["status"],
@@ -47,10 +47,11 @@ def document(row: dict[str, Any]) -> dict[str, Any]:
         "progress": row.get("progress"),
         "progress_message": row.get("progress_message"),
         "cancel_requested": row.get("cancel_requested_at") is not None,
+        "submitted_by": row.get("submitted_by"),
         "created_at": _iso(row["created_at"]),
         "updated_at": _iso(row["updated_at"]),
         "version": row["version"],
-    }
+    }).model_dump(mode="json")
 
 
 def json_value(value: Any) -> Any:
@@ -66,6 +67,7 @@ def create_jobs(
     db: Database,
     submissions: list[tuple[JobSubmission, dict[str, Any], str | None, int, str | None]],
     writer: GroupCommitter | None = None,
+    submitted_by: str | None = None,
 ) -> list[tuple[dict[str, Any], bool]]:
     """Insert jobs as QUEUED in one statement; return (row, created) for each, in order.
 
@@ -77,9 +79,9 @@ def create_jobs(
     ids = [str(uuid.uuid4()) for _ in submissions]
     statement = (
         "INSERT INTO jobs (job_id, job_type, payload_json, max_retries, idempotency_key,"
-        " request_hash, run_at, next_attempt_at)"
+        " request_hash, run_at, next_attempt_at, submitted_by)"
         " SELECT id, type, payload, max, key, hash, run_at,"
-        " CASE WHEN run_at > now() THEN run_at END"
+        " CASE WHEN run_at > now() THEN run_at END, CAST(:submitted_by AS text)"
         " FROM unnest(CAST(:ids AS uuid[]), CAST(:job_types AS text[]),"
         " CAST(:payloads AS jsonb[]), CAST(:maxes AS int[]), CAST(:keys AS text[]),"
         " CAST(:hashes AS text[]), CAST(:run_ats AS timestamptz[]))"
@@ -89,7 +91,7 @@ def create_jobs(
         ids=ids, job_types=[s.job_type for s, *_ in submissions],
         payloads=[json.dumps(p) for _, p, *_ in submissions],
         maxes=[m for *_, m, _ in submissions], keys=[k for _, _, k, _, _ in submissions],
-        hashes=[h for *_, h in submissions],
+        hashes=[h for *_, h in submissions], submitted_by=submitted_by,
         run_ats=[s.run_at.isoformat() if s.run_at else None for s, *_ in submissions])
     # One statement: atomic on its own, whether in autocommit or in a group commit.
     if writer is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -72,7 +72,8 @@ class AttemptRecord(BaseModel):
     attempt: int
     started_at: datetime
     finished_at: datetime | None = None
-    outcome: str | None = Field(None, description="COMPLETED, FAILED or null while running")
+    outcome: str | None = Field(
+        None, description="COMPLETED, FAILED, CANCELLED, or null while running")
     error: str | None = None
 
 
@@ -93,6 +94,7 @@ class JobDocument(BaseModel):
     progress: float | None = Field(None, ge=0, le=1, description="Reported by the handler")
     progress_message: str | None = None
     cancel_requested: bool = Field(False, description="A cancel was asked while it ran")
+    submitted_by: str | None = Field(None, description="Name of the token that submitted it")
     created_at: datetime
     updated_at: datetime
     version: int = Field(description="Increases on every change; orders cache writes")
@@ -124,6 +126,90 @@ class DeadLetterPage(BaseModel):
 
     items: list[DeadLetter]
     next_cursor: str | None = None
+
+
+class AttemptPage(BaseModel):
+    """`GET /jobs/{id}/attempts`: every attempt, oldest first."""
+
+    items: list[AttemptRecord]
+
+
+class BatchAccepted(BaseModel):
+    """Answer of `POST /jobs/batch`: the documents in the order submitted."""
+
+    jobs: list[JobDocument]
+
+
+class MinuteCounts(BaseModel):
+    """Attempts that ended in one minute."""
+
+    minute: datetime
+    completed: int
+    failed: int
+
+
+class Stats(BaseModel):
+    """`GET /stats`: what the dashboard shows."""
+
+    counts: dict[str, int] = Field(description="Jobs per status")
+    by_type: dict[str, dict[str, int]] = Field(description="Jobs per type and status")
+    throughput: list[MinuteCounts] = Field(description="Attempts ended per minute, 15 minutes")
+    recent: list[JobDocument]
+    running: list[JobDocument]
+
+
+class TokenRequest(BaseModel):
+    """Body of `POST /tokens`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, examples=["reporting-service"])
+    scopes: list[Literal["jobs:submit", "jobs:read", "jobs:operate", "admin"]] = Field(
+        min_length=1, examples=[["jobs:submit", "jobs:read"]])
+    expires_at: AwareDatetime | None = Field(None, description="No use after this time")
+
+
+class TokenInfo(BaseModel):
+    """A token as listed: never its secret."""
+
+    id: UUID
+    name: str
+    scopes: list[str]
+    created_at: datetime
+    last_used_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+class TokenCreated(TokenInfo):
+    """A new token: `token` is the secret, shown this once and stored only as a hash."""
+
+    token: str
+
+
+class TokenPage(BaseModel):
+    """`GET /tokens`."""
+
+    items: list[TokenInfo]
+
+
+class Identity(BaseModel):
+    """`GET /whoami`: the token the request carried."""
+
+    name: str
+    scopes: list[str]
+
+
+class Health(BaseModel):
+    """`GET /healthz`."""
+
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    """`GET /readyz`: each dependency's state."""
+
+    ready: bool
+    checks: dict[str, dict[str, Any]]
 
 
 class Problem(BaseModel):

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 DEFAULT_DATA_DIR = Path(os.environ.get("JOBS_DATA_DIR", Path.cwd() / ".data"))
 
@@ -31,10 +31,28 @@ class Settings(BaseModel):
     handler_modules: str = ""
     artifact_dir: Path = DEFAULT_DATA_DIR / "artifacts"
     max_body_bytes: int = 256 * 1024
+    # API bearer tokens (common/auth.py): JOBS_AUTH=off lets every request in as admin.
+    auth: bool = True
+    auth_cache_seconds: float = Field(2.0, ge=0)
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_on_or_off(cls, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("on", "true", "1"):
+            return True
+        if text in ("off", "false", "0"):
+            return False
+        raise ValueError(f"JOBS_AUTH must be on or off (or true/false, 1/0), not {value!r}")
+
     publish_timeout_seconds: float = Field(5.0, gt=0)
     redis_timeout_seconds: float = Field(0.5, gt=0)
     cache_ttl_seconds: int = 7 * 24 * 3600
     requeue_after_seconds: float = Field(30.0, gt=0)
+    metrics_token: str = Field("", description="A bearer token that may read /metrics only")
+    gateway_memory_bytes: int = Field(32 << 20, ge=0)
 
 
 ENV = {
@@ -54,10 +72,14 @@ ENV = {
     "handler_modules": "JOBS_HANDLER_MODULES",
     "artifact_dir": "JOBS_ARTIFACT_DIR",
     "max_body_bytes": "JOBS_MAX_BODY_BYTES",
+    "auth": "JOBS_AUTH",
+    "auth_cache_seconds": "JOBS_AUTH_CACHE_SECONDS",
     "publish_timeout_seconds": "JOBS_PUBLISH_TIMEOUT_SECONDS",
     "redis_timeout_seconds": "JOBS_REDIS_TIMEOUT_SECONDS",
     "cache_ttl_seconds": "JOBS_CACHE_TTL_SECONDS",
     "requeue_after_seconds": "JOBS_REQUEUE_AFTER_SECONDS",
+    "metrics_token": "JOBS_METRICS_TOKEN",
+    "gateway_memory_bytes": "JOBS_GATEWAY_MEMORY_BYTES",
 }
 
 

@@ -1,51 +1,67 @@
-"""The local API gateway on :8080: routes the public API to the functions, serves the
-OpenAPI document, Swagger UI (assets from the swagger-ui-bundle package, no CDN),
-`/healthz` and `/readyz`.
+"""The API gateway: the one public origin, locally (`make run`) and deployed (Knative).
 
-Run: python -m infra.gateway --port 8080 --submit URL --status URL
+An ASGI app (Starlette on uvicorn) whose routes come from the API declaration
+(`common.routes`): operations of the `submit` and `status` functions are forwarded to
+them with httpx, the gateway's own (tokens, whoami, metrics, health, readiness, the
+OpenAPI document) are answered here. Every operation that needs a token is checked here,
+and again by the function that answers it. Beside the API: Swagger UI (assets from the
+swagger-ui-bundle package, no CDN) and the dashboard.
+
+`GET /jobs/{id}` of a job in a final state (COMPLETED, CANCELLED: no transition leaves
+them, so such a document never changes) is answered from this process's memory, filled
+from the cache's announcements of final documents (Redis pub/sub) and from the status
+function's answers. Every other lookup goes to the status function.
+
+Run: python -m infra.gateway --port 8080 --submit URL --status URL [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import hmac
 import json
 import logging
 import os
 import re
-import uuid
+import socket
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-import flask
-import urllib3
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+import httpx
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
-from common import clients
+from common import auth, clients
 from common import metrics as job_metrics
+from common.auth import ANONYMOUS, Principal
+from common.cache import FINAL_CHANNEL, FINAL_STATES
+from common.errors import ApiError, ServiceUnavailable
+from common.http import check_storable
+from common.logs import configure_logging
+from common.models import Health, Identity, Readiness, TokenCreated, TokenPage, TokenRequest
 from common.openapi import build_openapi
+from common.routes import API, GATEWAY, Operation
 
 log = logging.getLogger("gateway")
 
+PROBLEM_JSON = "application/problem+json"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-              "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
-
-# (method, path) -> upstream name; the same table the OpenAPI document describes.
-ROUTES = [
-    ("POST", r"/jobs", "submit"),
-    ("POST", r"/jobs/batch", "submit"),
-    ("POST", r"/jobs/[^/]+/retry", "submit"),
-    ("POST", r"/jobs/[^/]+/cancel", "submit"),
-    ("GET", r"/jobs", "status"),
-    ("GET", r"/jobs/[^/]+", "status"),
-    ("GET", r"/jobs/[^/]+/artifact", "status"),
-    ("GET", r"/jobs/[^/]+/attempts", "status"),
-    ("GET", r"/dead-letters", "status"),
-    ("GET", r"/stats", "status"),
-]
-JOB_PATH = re.compile(r"^/jobs/[0-9a-fA-F-]{36}\Z")
-COMPILED = [(m, re.compile(rf"^{p}/?\Z"), u) for m, p, u in ROUTES]
-
+              "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+              "expect", "date", "server"}
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # the dashboard
+FINAL_DOC = re.compile(rb'"status":\s*"(\w+)"')
 
 SWAGGER_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Jobs API</title>
@@ -56,6 +72,7 @@ SWAGGER_HTML = """<!doctype html>
 <script src="/swagger-ui/swagger-ui-standalone-preset.js"></script>
 <script>
 window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true,
+  persistAuthorization: false,
   presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
   layout: "StandaloneLayout"});
 </script></body></html>
@@ -68,170 +85,366 @@ def swagger_dir() -> Path:
     return Path(str(swagger_ui_bundle.swagger_ui_path))
 
 
-def problem(status: int, title: str, detail: str, **headers: str) -> flask.Response:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    response = flask.Response(json.dumps(body), status=status,
-                              mimetype="application/problem+json")
-    response.headers.update(headers)
-    return response
+def problem(exc: ApiError, instance: str | None = None) -> Response:
+    return Response(json.dumps(exc.to_problem(instance)), status_code=exc.status,
+                    headers=exc.headers, media_type=PROBLEM_JSON)
 
 
-def create_gateway(upstreams: dict[str, str], *, max_body: int | None = None) -> flask.Flask:
-    """The gateway app, forwarding to `upstreams` ({"submit": url, "status": url})."""
-    app = flask.Flask("gateway", static_folder=None)  # /static/ is the dashboard's, below
-    # A pooled connection the function closed while idle (gunicorn's keep-alive is 2 s)
-    # fails on reuse: retry reads only where a repeat is harmless (GET), connects always.
-    retries = urllib3.Retry(total=2, connect=2, read=1, redirect=0, status=0, other=0,
-                            allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False)
-    http = urllib3.PoolManager(maxsize=64, block=False, retries=retries,
-                               timeout=urllib3.Timeout(connect=2.0, read=30.0))
-    assets = swagger_dir()
-    limit = max_body or clients.settings().max_body_bytes
-    openapi_cache: dict[str, Any] = {}
+def model_response(model: BaseModel, status: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status,
+                    media_type="application/json")
 
-    @app.get("/healthz")
-    def healthz() -> flask.Response:
-        return flask.jsonify(status="ok")
 
-    @app.get("/readyz")
-    def readyz() -> flask.Response:
-        checks = readiness(upstreams)
-        ok = all(c["ok"] for c in checks.values())
-        return flask.Response(json.dumps({"ready": ok, "checks": checks}),
-                              status=200 if ok else 503, mimetype="application/json")
+class FinalDocuments:
+    """Documents of jobs in a final state, least recently used dropped past `max_bytes`."""
 
-    metrics_endpoint: list[Any] = []
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._docs: OrderedDict[str, bytes] = OrderedDict()
 
-    @app.get("/metrics")
-    def metrics() -> flask.Response:
+    def get(self, job_id: str) -> bytes | None:
+        doc = self._docs.get(job_id)
+        if doc is not None:
+            self._docs.move_to_end(job_id)
+        return doc
+
+    def remember(self, job_id: str, doc: bytes) -> None:
+        """Keep `doc` if it is final (anything else may still change) and small enough."""
+        match = FINAL_DOC.search(doc)
+        if match is None or match.group(1).decode() not in FINAL_STATES \
+                or len(doc) > self.max_bytes // 8 or job_id in self._docs:
+            return
+        self._docs[job_id] = doc
+        self.size += len(doc)
+        while self.size > self.max_bytes:
+            _, dropped = self._docs.popitem(last=False)
+            self.size -= len(dropped)
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+
+class Gateway:
+    """What the routes share: upstream clients, the token checker, remembered documents."""
+
+    def __init__(self, upstreams: dict[str, str], *, memory_bytes: int = 32 << 20) -> None:
+        self.upstreams = upstreams
+        self.settings = clients.settings()
+        self.auth = clients.authenticator()
+        self.memory = FinalDocuments(memory_bytes)
+        self.http = httpx.AsyncClient(
+            # gunicorn closes an idle keep-alive connection after 2 s: reuse under 1 s only.
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=32,
+                                keepalive_expiry=1.0),
+            timeout=httpx.Timeout(60.0, connect=2.0), follow_redirects=False)
+        self._listener: asyncio.Task[None] | None = None
+        self._metrics: Any = None
+
+    # -- life ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._listener = asyncio.create_task(self.listen_for_final_documents())
+        try:
+            yield
+        finally:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            await self.http.aclose()
+
+    async def listen_for_final_documents(self) -> None:
+        """Keep the final documents the cache announces; reconnect after any trouble."""
+        delay = 0.5
+        while True:
+            client = aioredis.from_url(self.settings.redis_url)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(FINAL_CHANNEL)
+                    delay = 0.5
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        job_id, _, doc = message["data"].partition(b" ")
+                        self.memory.remember(job_id.decode(), doc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down or restarted: lookups go to `status`
+                log.info("final-document announcements interrupted (%s); retrying", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    # -- checks ----------------------------------------------------------------------
+
+    async def authorize(self, request: Request, op: Operation) -> Principal:
+        if op.public:
+            return ANONYMOUS
+        header = request.headers.get("authorization")
+        scrape = self.settings.metrics_token
+        if op.operation_id == "metrics" and scrape and header is not None and \
+                hmac.compare_digest(header.encode(), f"Bearer {scrape}".encode()):
+            return Principal(token_id=None, name="metrics scrape", scopes=frozenset())
+        principal = self.auth.cached(header, op.scope)
+        if principal is None:
+            principal = await run_in_threadpool(self.auth.check, header, op.scope)
+        return principal
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, "Body too large",
+                           f"request body is {length} bytes; the limit is {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, "Body too large", f"request body exceeds {limit} bytes")
+        return bytes(body)
+
+    # -- forwarding ------------------------------------------------------------------
+
+    async def forward(self, request: Request, op: Operation) -> Response:
+        """Send the request on to the function that answers `op`; stream files back."""
+        await self.authorize(request, op)
+        job_id = request.path_params.get("job_id") if op.operation_id == "getJob" else None
+        if job_id is not None:
+            doc = self.memory.get(job_id)
+            if doc is not None:
+                job_metrics.STATUS_LOOKUPS.labels("memory").inc()
+                return Response(doc, media_type="application/json")
+        body = await self.read_body(request) if request.method not in ("GET", "HEAD") else None
+        raw_path = request.scope.get("raw_path") or request.url.path.encode()
+        url = self.upstreams[op.function] + raw_path.decode("latin-1")
+        if request.url.query:
+            url += "?" + request.url.query
+        headers = [(k, v) for k, v in request.headers.items() if k not in HOP_BY_HOP]
+        stream = op.operation_id == "getArtifact"
+        upstream_request = self.http.build_request(request.method, url, headers=headers,
+                                                   content=body)
+        try:
+            response = await self._send(upstream_request, stream=stream,
+                                        idempotent=request.method in ("GET", "HEAD"))
+        except httpx.HTTPError as exc:
+            log.warning("%s unreachable: %s", op.function, exc)
+            raise ApiError(503, "Service unavailable",
+                           f"the {op.function} function is not answering",
+                           headers={"Retry-After": "2"}) from exc
+        out_headers = {k: v for k, v in response.headers.items() if k not in HOP_BY_HOP}
+        if stream:
+            return StreamingResponse(response.aiter_raw(), status_code=response.status_code,
+                                     headers=out_headers, background=_Close(response))
+        if job_id is not None and response.status_code == 200:
+            self.memory.remember(job_id, response.content)
+        return Response(response.content, status_code=response.status_code,
+                        headers=out_headers)
+
+    async def _send(self, upstream_request: httpx.Request, *, stream: bool,
+                    idempotent: bool) -> httpx.Response:
+        try:
+            return await self.http.send(upstream_request, stream=stream)
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            # A kept-alive connection the function closed meanwhile: a GET may go again.
+            if not idempotent:
+                raise
+            return await self.http.send(upstream_request, stream=stream)
+
+    # -- the gateway's own operations --------------------------------------------------
+
+    async def create_token(self, request: Request, principal: Principal) -> Response:
+        from common.http import parse_model
+
+        body = await self.read_body(request)
+        mimetype = request.headers.get("content-type", "").split(";")[0].strip()
+        if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
+            raise ApiError(415, "Unsupported media type",
+                           f"send JSON with Content-Type: application/json, not {mimetype}")
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise ApiError(400, "Malformed JSON", f"the body is not valid JSON: {exc}") from exc
+        check_storable(data)
+        asked = parse_model(TokenRequest, data)
+        made = await run_in_threadpool(auth.create_token, clients.database(), asked.name,
+                                       asked.scopes, asked.expires_at)
+        return model_response(TokenCreated.model_validate(made), 201)
+
+    async def list_tokens(self, request: Request, principal: Principal) -> Response:
+        items = await run_in_threadpool(auth.list_tokens, clients.database())
+        return model_response(TokenPage.model_validate({"items": items}))
+
+    async def revoke_token(self, request: Request, principal: Principal) -> Response:
+        token_id = request.path_params["token_id"]
+        if not await run_in_threadpool(auth.revoke_token, clients.database(), token_id):
+            raise ApiError(404, "Token not found", f"no token {token_id}")
+        self.auth.forget(token_id)
+        return Response(status_code=204)
+
+    async def whoami(self, request: Request, principal: Principal) -> Response:
+        return model_response(Identity(name=principal.name, scopes=sorted(principal.scopes)))
+
+    async def metrics(self, request: Request, principal: Principal) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         from infra.metrics import MetricsEndpoint
 
-        if not metrics_endpoint:
-            metrics_endpoint.append(MetricsEndpoint())
-        return flask.Response(metrics_endpoint[0].render(), mimetype=CONTENT_TYPE_LATEST)
+        if self._metrics is None:
+            self._metrics = MetricsEndpoint()
+        body = await run_in_threadpool(self._metrics.render)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/openapi.json")
-    def openapi() -> flask.Response:
-        if "doc" not in openapi_cache:
-            clients.handlers()
-            openapi_cache["doc"] = build_openapi()
-        return flask.jsonify(openapi_cache["doc"])
+    async def health(self, request: Request, principal: Principal) -> Response:
+        return model_response(Health(status="ok"))
 
-    @app.get("/swagger-ui.html")
-    @app.get("/docs")
-    def swagger() -> flask.Response:
-        return flask.Response(SWAGGER_HTML, mimetype="text/html")
+    async def ready(self, request: Request, principal: Principal) -> Response:
+        checks = await run_in_threadpool(readiness, self.upstreams)
+        ok = all(c["ok"] for c in checks.values())
+        return model_response(Readiness(ready=ok, checks=checks), 200 if ok else 503)
 
-    @app.get("/swagger-ui/<path:name>")
-    def swagger_asset(name: str) -> flask.Response:
-        return flask.send_from_directory(assets, name, max_age=3600)
+    async def openapi(self, request: Request, principal: Principal) -> Response:
+        if not hasattr(self, "_openapi"):
+            await run_in_threadpool(clients.handlers)
+            self._openapi = json.dumps(build_openapi())
+        return Response(self._openapi, media_type="application/json")
 
-    # The dashboard: one page (hash routing) and its assets, shipped in the package.
-    @app.get("/")
-    @app.get("/dashboard")
-    def dashboard() -> flask.Response:
-        return flask.send_from_directory(STATIC_DIR, "index.html", max_age=0)
 
-    @app.get("/static/<path:name>")
-    def static_asset(name: str) -> flask.Response:
-        return flask.send_from_directory(STATIC_DIR, name, max_age=0)
+class _Close:
+    """Background task of a streamed answer: release the upstream connection."""
 
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> flask.Response:
-        # Werkzeug's own errors as problem documents, never its HTML pages. A path the
-        # `<path:path>` rule does not take (a newline in a segment) is forwarded all the
-        # same, so the function gives it the answer any other bad id gets.
-        if isinstance(exc, NotFound) and flask.request.url_rule is None:
-            return forward(flask.request.path.removeprefix("/"))
-        headers = {}
-        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
-            headers["Allow"] = ", ".join(sorted(exc.valid_methods))
-        return problem(exc.code or 500, exc.name, exc.description or exc.name, **headers)
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
 
-    @app.route("/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"])
-    def forward(path: str) -> flask.Response:
-        request = flask.request
-        route_path = "/" + path
-        if request.method == "GET" and JOB_PATH.match(route_path):
-            cached = cached_job(route_path[len("/jobs/"):])
-            if cached is not None:
-                return cached
-        matches = [(m, u) for m, p, u in COMPILED if p.match(route_path)]
-        method = "GET" if request.method == "HEAD" else request.method
-        upstream = next((u for m, u in matches if m == method), None)
-        if upstream is None:
-            methods = {m for m, _ in matches}
-            if _own_get_route(route_path):
-                methods |= {"GET", "HEAD"}  # /healthz and the like: the gateway's own
-            if methods:
-                return problem(405, "Method not allowed",
-                               f"{request.method} is not allowed on {route_path}",
-                               Allow=", ".join(sorted(methods)))
-            return problem(404, "Not found", f"no route for {request.method} {route_path}")
-        length = request.content_length
-        if length is not None and length > limit:
-            return problem(413, "Body too large",
-                           f"request body is {length} bytes; the limit is {limit} bytes")
-        body = request.stream.read(limit + 1) if method != "GET" else None
-        if body is not None and len(body) > limit:
-            return problem(413, "Body too large", f"request body exceeds {limit} bytes")
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        url = upstreams[upstream] + route_path
-        if request.query_string:
-            url += "?" + request.query_string.decode("latin-1")
-        stream = route_path.endswith("/artifact")  # files stream; JSON answers are small
+    async def __call__(self) -> None:
+        await self.response.aclose()
+
+
+def _guarded(handler: Callable[[Request], Awaitable[Response]]
+             ) -> Callable[[Request], Awaitable[Response]]:
+    async def guarded(request: Request) -> Response:
         try:
-            upstream_response = http.request(request.method, url, body=body, headers=headers,
-                                             preload_content=not stream)
-        except urllib3.exceptions.HTTPError as exc:
-            log.warning("%s unreachable: %s", upstream, exc)
-            return problem(503, "Service unavailable",
-                           f"the {upstream} function is not answering", **{"Retry-After": "2"})
-        out_headers = [(k, v) for k, v in upstream_response.headers.items()
-                       if k.lower() not in HOP_BY_HOP]
-        if not stream:
-            return flask.Response(upstream_response.data, status=upstream_response.status,
-                                  headers=out_headers)
-        return flask.Response(upstream_response.stream(65536), status=upstream_response.status,
-                              headers=out_headers, direct_passthrough=True)
+            return await handler(request)
+        except ApiError as exc:
+            return problem(exc, request.url.path)
+        except ServiceUnavailable as exc:
+            log.warning("%s %s: %s", request.method, request.url.path, exc)
+            return problem(ApiError(503, "Service unavailable",
+                                    f"{exc.service} is unavailable; try again shortly",
+                                    headers={"Retry-After": str(exc.retry_after)}),
+                           request.url.path)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            return problem(ApiError(500, "Internal error",
+                                    "the gateway failed to answer; the error is in its log"),
+                           request.url.path)
+    return guarded
 
-    def cached_job(job_id: str) -> flask.Response | None:
-        """Edge cache: a job document straight from Redis, saving the hop to `status`.
-        Anything else (a miss, a bad id, Redis trouble) goes to the status function."""
-        try:
-            uuid.UUID(job_id)
-        except ValueError:
-            return None
-        doc = clients.cache().get(job_id)
-        if doc is None:
-            return None
-        job_metrics.STATUS_LOOKUPS.labels("cache").inc()
-        return flask.Response(json.dumps(doc), mimetype="application/json")
 
-    def _own_get_route(route_path: str) -> bool:
-        """True for a page the gateway serves itself (/healthz, /openapi.json...)."""
-        try:
-            endpoint, _ = app.url_map.bind("localhost").match(route_path, method="GET")
-        except HTTPException:
-            return False
-        return endpoint != "forward"
+def api_routes(gateway: Gateway) -> list[Route]:
+    """One route per declared path; each method goes to its operation."""
+    by_path: dict[str, dict[str, Operation]] = {}
+    for op in API:
+        by_path.setdefault(op.path, {})[op.method] = op
+    routes = []
+    for path, ops in by_path.items():
+        async def endpoint(request: Request, ops: dict[str, Operation] = ops) -> Response:
+            op = ops["GET" if request.method == "HEAD" else request.method]
+            if op.function != GATEWAY:
+                return await gateway.forward(request, op)
+            principal = await gateway.authorize(request, op)
+            own: Callable[[Request, Principal], Awaitable[Response]] = getattr(
+                gateway, _OWN[op.operation_id])
+            return await own(request, principal)
 
+        routes.append(Route(path, _guarded(endpoint), methods=list(ops)))
+    return routes
+
+
+_OWN = {"createToken": "create_token", "listTokens": "list_tokens",
+        "revokeToken": "revoke_token", "whoami": "whoami", "metrics": "metrics",
+        "health": "health", "ready": "ready", "openapi": "openapi"}
+
+
+async def _swagger(request: Request) -> Response:
+    return HTMLResponse(SWAGGER_HTML)
+
+
+async def _dashboard(request: Request) -> Response:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404:
+        detail = f"no route for {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        detail = str(exc.detail)
+    title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "Error")
+    return problem(ApiError(exc.status_code, title, detail, headers=headers),
+                   request.url.path)
+
+
+def create_gateway(upstreams: dict[str, str]) -> Starlette:
+    """The gateway app, forwarding to `upstreams` ({"submit": url, "status": url})."""
+    gateway = Gateway(upstreams, memory_bytes=clients.settings().gateway_memory_bytes)
+    routes: list[Route | Mount] = [
+        *api_routes(gateway),
+        Route("/swagger-ui.html", _swagger, methods=["GET"]),
+        Route("/docs", _swagger, methods=["GET"]),
+        Route("/", _dashboard, methods=["GET"]),
+        Route("/dashboard", _dashboard, methods=["GET"]),
+        Mount("/swagger-ui", StaticFiles(directory=swagger_dir())),
+        Mount("/static", StaticFiles(directory=STATIC_DIR)),
+    ]
+    for route in routes:
+        if isinstance(route, Route):
+            # Starlette anchors paths with `$`, which also matches before a final newline:
+            # `/jobs%0A` would be `/jobs`. Anchor at the very end instead.
+            route.path_regex = re.compile(route.path_regex.pattern.removesuffix("$") + r"\Z")
+    app = Starlette(routes=routes, lifespan=gateway.lifespan,
+                    exception_handlers={HTTPException: _http_error})
+    app.state.gateway = gateway
     return app
+
+
+def app_from_environment() -> Starlette:
+    """The uvicorn factory: upstream URLs from JOBS_SUBMIT_URL and JOBS_STATUS_URL."""
+    _die_with_parent()
+    configure_logging("gateway")
+    missing = [n for n in ("JOBS_SUBMIT_URL", "JOBS_STATUS_URL") if not os.environ.get(n)]
+    if missing:
+        raise SystemExit(f"the gateway needs {' and '.join(missing)}")
+    settings = clients.settings()
+    if not settings.auth:
+        log.warning("JOBS_AUTH=off: every route is open to anyone who reaches this port;"
+                    " for local experiments only")
+    return create_gateway({"submit": os.environ["JOBS_SUBMIT_URL"].rstrip("/"),
+                           "status": os.environ["JOBS_STATUS_URL"].rstrip("/")})
+
+
+def _die_with_parent() -> None:
+    """A worker ends when the process that started it dies, even by SIGKILL (Linux)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def readiness(upstreams: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Each dependency and function, checked with a short timeout."""
-    import socket
-    from urllib.parse import urlparse
-
     from confluent_kafka.admin import AdminClient
 
     settings = clients.settings()
     checks: dict[str, dict[str, Any]] = {}
 
-    def check(name: str, probe: Any) -> None:
+    def check(name: str, probe: Callable[[], Any]) -> None:
         try:
             probe()
             checks[name] = {"ok": True}
@@ -239,6 +452,7 @@ def readiness(upstreams: dict[str, str]) -> dict[str, dict[str, Any]]:
             checks[name] = {"ok": False, "error": str(exc)[:300]}
 
     check("postgresql", lambda: clients.database().run("SELECT 1"))
+
     def redis_ping() -> None:
         if not clients.cache().ping():
             raise RuntimeError("no answer to PING")
@@ -254,30 +468,23 @@ def readiness(upstreams: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gunicorn.app.base import BaseApplication
+    import uvicorn
 
-    parser = argparse.ArgumentParser(description="Local API gateway")
+    parser = argparse.ArgumentParser(description="The API gateway")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--submit", default=os.environ.get("JOBS_SUBMIT_URL"), required=False)
-    parser.add_argument("--status", default=os.environ.get("JOBS_STATUS_URL"), required=False)
-    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8080)))
+    parser.add_argument("--submit", default=os.environ.get("JOBS_SUBMIT_URL"))
+    parser.add_argument("--status", default=os.environ.get("JOBS_STATUS_URL"))
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
-    app = create_gateway({"submit": args.submit, "status": args.status})
-
-    class Server(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"{args.host}:{args.port}")
-            self.cfg.set("workers", args.workers)
-            self.cfg.set("threads", args.threads)
-            self.cfg.set("loglevel", "warning")
-            self.cfg.set("timeout", 0)
-
-        def load(self) -> flask.Flask:
-            return app
-
-    Server().run()
+    if args.submit:
+        os.environ["JOBS_SUBMIT_URL"] = args.submit
+    if args.status:
+        os.environ["JOBS_STATUS_URL"] = args.status
+    uvicorn.run("infra.gateway:app_from_environment", factory=True, host=args.host,
+                port=args.port, workers=args.workers, log_level="warning", access_log=False,
+                timeout_keep_alive=30, timeout_graceful_shutdown=30,
+                server_header=False, proxy_headers=False)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import psutil
 
+from common.auth import bootstrap_admin_token
 from common.db import Database, migrate
+from common.settings import load_settings
 from infra import services
 
 log = logging.getLogger("stack")
@@ -131,6 +133,7 @@ class Stack:
         self._stop = threading.Event()
         self._held: set[str] = set()  # servers stopped on purpose, not to be restarted
         self._threads: list[threading.Thread] = []
+        self.new_admin_token: str | None = None  # made by this start, to print once
 
     # -- start ---------------------------------------------------------------------
 
@@ -202,6 +205,9 @@ class Stack:
         db = Database(env["DATABASE_URL"])
         try:
             migrate(db)
+            if load_settings(env).auth:
+                # First start: an admin token, printed once and kept (0600) for the CLI.
+                self.new_admin_token = bootstrap_admin_token(db, self.admin_token_path)
         finally:
             db.close()
 
@@ -227,22 +233,16 @@ class Stack:
         self._child("bridge-d", [py, "-m", "infra.bridge", "--topic", dlq_topic,
                                  "--target", url("dlq"), "--group", "dlq",
                                  "--fetch-wait-ms", "250"])  # dead letters are not urgent
-        # The gateway: an asyncio front on the public port (job lookups, API routing) and
-        # the Flask app behind it for everything else (OpenAPI, Swagger UI, dashboard...).
-        app_port = services.free_port()
-        self._child("gateway-app", [py, "-m", "infra.gateway", "--port", str(app_port),
-                                    "--submit", url("submit"), "--status", url("status"),
-                                    "--workers", "1"], port=app_port)
-        self._child("gateway", [py, "-m", "infra.edge", "--port", str(self.gateway_port),
-                                "--app", url("gateway-app"), "--submit", url("submit"),
-                                "--status", url("status"),
+        # The gateway: the same ASGI app that infra/knative deploys, on the public port.
+        self._child("gateway", [py, "-m", "infra.gateway", "--port", str(self.gateway_port),
+                                "--submit", url("submit"), "--status", url("status"),
                                 "--workers", str(self.process_workers)],
                     port=self.gateway_port)
         for child in self.children.values():
             child.start()
         self._record_pids()
         self._wait_http(f"{self.gateway_url}/healthz", 60)
-        for name in ("submit", "status", "process", "dlq", "sweeper", "gateway-app"):
+        for name in ("submit", "status", "process", "dlq", "sweeper"):
             self._wait_port(self.children[name].port or 0, 60)
         self._spawn(self._supervise)
         self._spawn(self._tick_sweeper)
@@ -275,6 +275,15 @@ class Stack:
 
     def function_url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.children[name].port}"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin-token"
+
+    @property
+    def admin_token(self) -> str:
+        """The admin token `make run` keeps in .data/admin-token."""
+        return self.admin_token_path.read_text().strip()
 
     @property
     def gateway_url(self) -> str:
@@ -366,7 +375,20 @@ class Stack:
             "  bridges       job-queue -> process, job-dlq -> dlq",
             f"  logs          {self.data_dir / 'logs'}",
             "",
+        ]
+        auth = "Authorization: Bearer $(cat " + str(self.admin_token_path) + ")"
+        if not load_settings(env).auth:
+            auth = ""
+            lines += ["  WARNING: JOBS_AUTH=off: the API answers anyone who reaches the port.", ""]
+        elif self.new_admin_token:
+            lines += ["  A new admin token (shown once here; kept in "
+                      f"{self.admin_token_path}, mode 0600):",
+                      f"    {self.new_admin_token}", ""]
+        else:
+            lines += [f"  admin token   in {self.admin_token_path} (mode 0600)", ""]
+        lines += [
             f"  curl -s -XPOST {self.gateway_url}/jobs -H 'Content-Type: application/json' \\",
+            *([f'       -H "{auth}" \\'] if auth else []),
             "       -d '{\"job_type\": \"REPORT_GENERATION\", \"payload\": {\"title\": \"Hello\","
             " \"columns\": [\"a\"], \"rows\": [[1]]}}'",
             "",
@@ -378,7 +400,7 @@ class Stack:
 
     def stop(self) -> None:
         self._stop.set()
-        order = ["gateway", "gateway-app", "bridge-q", "bridge-d", "submit", "status",
+        order = ["gateway", "bridge-q", "bridge-d", "submit", "status",
                  "process", "dlq", "sweeper"]
         for name in order:
             if name in self.children:

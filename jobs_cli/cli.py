@@ -7,11 +7,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from jobs_cli import (
@@ -28,14 +31,21 @@ PAGE_MAX = 200  # the API's largest `limit`
 RESOLVE_PAGES = 5  # a short id is looked up among this many pages of recent jobs
 WAIT_POLL_SECONDS = 0.2
 WAIT_OUTAGE_SECONDS = 30.0  # how long `--wait` rides out an unreachable or 503 API
+TOKEN_FILE = "admin-token"  # written by `make run` into its data folder (.data)
 
 EPILOG = """\
 examples:
-  jobs submit ECHO --payload '{"message": "hi"}' --wait
-  jobs submit SEND_EMAIL --payload @email.json --run-at +5m
+  jobs submit REPORT_GENERATION --payload @report.json --wait
+  jobs submit EMAIL_SENDING --payload @email.json --run-at +5m
+  jobs submit DATA_EXPORT --payload '{"dataset": "jobs", "format": "jsonl"}'
   jobs list --status DEAD_LETTER --all
   jobs --json status 3f1c9a2e-...      (ids can be shortened to a unique prefix)
   jobs watch
+  jobs tokens create ci --scope jobs:submit --scope jobs:read --expires-in 30d
+
+authentication: every request sends `Authorization: Bearer <token>` with the token from
+  --token, else $JOBS_TOKEN, else the file `make run` writes: .data/admin-token in the
+  current folder ($JOBS_DATA_DIR/admin-token when JOBS_DATA_DIR is set)
 
 exit codes: 0 ok; 1 the job failed or the API refused (not found, conflict...);
             2 usage error; 3 the API cannot be reached; 130 interrupted while waiting
@@ -48,10 +58,11 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        unknown = re.match(r"argument COMMAND: invalid choice: (.+?) \(choose from (.*)\)$",
-                           message)
+        unknown = re.match(r"argument (COMMAND|ACTION): invalid choice: (.+?)"
+                           r" \(choose from (.*)\)$", message)
         if unknown:
-            message = f"unknown command {unknown.group(1)} (commands: {unknown.group(2)})"
+            kind = "command" if unknown.group(1) == "COMMAND" else "tokens command"
+            message = f"unknown {kind} {unknown.group(2)} (commands: {unknown.group(3)})"
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -100,6 +111,9 @@ def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
                         help="print the API's JSON documents instead of tables")
     parser.add_argument("--timeout", type=positive_float, default=default(10.0), metavar="S",
                         help="seconds to wait for each HTTP answer (default 10)")
+    parser.add_argument("--token", default=default(None), metavar="TOKEN",
+                        help="API bearer token (default: $JOBS_TOKEN, else the admin-token"
+                             " file `make run` wrote in .data)")
 
 
 def build_parser() -> Parser:
@@ -116,7 +130,8 @@ def build_parser() -> Parser:
         return sub
 
     p = command("submit", "submit a job (POST /jobs)")
-    p.add_argument("job_type", metavar="TYPE", help="a registered job type, e.g. ECHO")
+    p.add_argument("job_type", metavar="TYPE", help="a registered job type, e.g."
+                   " REPORT_GENERATION, EMAIL_SENDING or DATA_EXPORT")
     p.add_argument("--payload", metavar="JSON|@FILE",
                    help="the job's input: a JSON object, @path to read it from a file,"
                         " or @- for stdin (default {})")
@@ -170,6 +185,34 @@ def build_parser() -> Parser:
     p.add_argument("--recent", type=positive_int, default=10, metavar="N",
                    help="recent jobs to show (default 10; fewer if the terminal is short)")
     p.set_defaults(handler=cmd_watch)
+
+    p = command("tokens", "create, list and revoke API tokens (/tokens; needs the admin scope)")
+    p.set_defaults(handler=cmd_tokens_missing)
+    actions = p.add_subparsers(dest="tokens_command", metavar="ACTION", parser_class=Parser)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text, description=help_text)
+        _global_options(sub, sub=True)
+        return sub
+
+    t = action("create", "create a token (POST /tokens); it is shown only this once")
+    t.add_argument("name", metavar="NAME", help="a label for people, e.g. the client's name")
+    t.add_argument("--scope", dest="scopes", action="append", required=True, metavar="SCOPE",
+                   help="jobs:submit, jobs:read, jobs:operate or admin (everything); repeat"
+                        " or comma-separate for several")
+    when = t.add_mutually_exclusive_group()
+    when.add_argument("--expires-in", metavar="DURATION",
+                      help="expire after DURATION: N followed by s, m, h, d or w (30d, 12h)")
+    when.add_argument("--expires-at", metavar="WHEN",
+                      help="expire at WHEN, ISO 8601 (no zone means local time)")
+    t.set_defaults(handler=cmd_tokens_create)
+
+    t = action("list", "list tokens, newest first (GET /tokens)")
+    t.set_defaults(handler=cmd_tokens_list)
+
+    t = action("revoke", "revoke a token at once (DELETE /tokens/{id})")
+    t.add_argument("token_id", metavar="ID", help="the token's id (from `jobs tokens list`)")
+    t.set_defaults(handler=cmd_tokens_revoke)
     return parser
 
 
@@ -231,14 +274,83 @@ def parse_run_at(text: str, now: datetime | None = None) -> str:
         unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
         when = (now or datetime.now(UTC)) + timedelta(seconds=float(match.group(1)) * unit)
         return when.astimezone(UTC).isoformat()
+    return _iso_time(text, "--run-at", ", nor +N[s|m|h|d]")
+
+
+def _iso_time(text: str, option: str, alternative: str = "") -> str:
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise UsageError(f"--run-at {text!r} is not an ISO 8601 time like"
-                         " 2030-01-31T14:00:00Z, nor +N[s|m|h|d]") from None
+        raise UsageError(f"{option} {text!r} is not an ISO 8601 time like"
+                         f" 2030-01-31T14:00:00Z{alternative}") from None
     if when.tzinfo is None:
         when = when.astimezone()  # a time without a zone is local time
     return when.isoformat()
+
+
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_expiry(expires_in: str | None, expires_at: str | None,
+                 now: datetime | None = None) -> str | None:
+    """--expires-in (30d, 12h, 90m) or --expires-at as an ISO 8601 time with an offset."""
+    if expires_at is not None:
+        return _iso_time(expires_at, "--expires-at")
+    if expires_in is None:
+        return None
+    match = _DURATION.match(expires_in.strip().lower())
+    if not match or int(match.group(1)) == 0:
+        raise UsageError(f"--expires-in {expires_in!r} is not a duration like 30d, 12h or 90m"
+                         " (N > 0 followed by s, m, h, d or w)")
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    try:
+        when = (now or datetime.now(UTC)) + timedelta(seconds=seconds)
+    except OverflowError:
+        raise UsageError(f"--expires-in {expires_in!r} is too far away") from None
+    return when.astimezone(UTC).isoformat()
+
+
+# --- the token --------------------------------------------------------------------------
+
+def token_file(environ: Mapping[str, str]) -> Path:
+    """Where `make run` writes its admin token: $JOBS_DATA_DIR or .data, in the current folder."""
+    return Path(environ.get("JOBS_DATA_DIR") or ".data") / TOKEN_FILE
+
+
+def resolve_token(option: str | None, environ: Mapping[str, str] | None = None
+                  ) -> tuple[str | None, str]:
+    """(token, where it came from): --token, else $JOBS_TOKEN, else the token file, else
+    (None, "")."""
+    env = os.environ if environ is None else environ
+    if option is not None:
+        return _checked_token(option, "--token"), "--token"
+    if env.get("JOBS_TOKEN", "").strip():
+        return _checked_token(env["JOBS_TOKEN"], "$JOBS_TOKEN"), "$JOBS_TOKEN"
+    path = token_file(env)
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None, ""
+    return (_checked_token(text, str(path)), str(path)) if text else (None, "")
+
+
+def _checked_token(text: str, source: str) -> str:
+    token = text.strip()
+    if not token:
+        raise UsageError(f"{source} is empty; give a token like jobs_<id>_<secret>")
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise UsageError(f"the token from {source} has spaces, line breaks or non-ASCII"
+                         " characters; a token looks like jobs_<id>_<secret>")
+    return token
+
+
+def _unauthorized_hint(source: str, environ: Mapping[str, str] | None = None) -> str:
+    if source:
+        return f"(the token from {source} was refused; pass another with --token or JOBS_TOKEN)"
+    path = token_file(os.environ if environ is None else environ)
+    return (f"(pass --token, set JOBS_TOKEN, or run from the folder where `make run` wrote"
+            f" {path})")
 
 
 # --- running ----------------------------------------------------------------------------
@@ -286,17 +398,22 @@ def run(argv: list[str] | None = None, *, stdout: IO[str] | None = None,
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
     out = Out(stdout, stderr)
+    token_source = ""
     try:
         args = build_parser().parse_args(argv)
         if not getattr(args, "command", None):
             raise UsageError("a command is needed: submit, status, list, dead-letters, retry,"
-                             " cancel or watch (see `jobs --help`)")
+                             " cancel, watch or tokens (see `jobs --help`)")
         url = args.url or os.environ.get("JOBS_URL") or DEFAULT_URL
-        client = Client(url, timeout=args.timeout)
+        token, token_source = resolve_token(args.token)
+        client = Client(url, timeout=args.timeout, token=token)
         handler: Callable[[argparse.Namespace, Client, Out], int] = args.handler
         return handler(args, client, out)
     except CliError as exc:
-        out.warn(exc.message)
+        if isinstance(exc, ApiError) and exc.status == 401:
+            out.warn(one_line(exc.message, 300) + " " + _unauthorized_hint(token_source))
+        else:
+            out.warn(exc.message)
         return exc.exit_code
     except KeyboardInterrupt:
         out.warn("interrupted")
@@ -534,7 +651,79 @@ def cmd_cancel(args: argparse.Namespace, client: Client, out: Out) -> int:
     return EXIT_OK
 
 
+# --- tokens -----------------------------------------------------------------------------
+
+def cmd_tokens_missing(args: argparse.Namespace, client: Client, out: Out) -> int:
+    raise UsageError("a tokens command is needed: create, list or revoke"
+                     " (see `jobs tokens --help`)")
+
+
+def cmd_tokens_create(args: argparse.Namespace, client: Client, out: Out) -> int:
+    body: dict[str, Any] = {
+        "name": args.name,
+        "scopes": [s.strip() for raw in args.scopes for s in raw.split(",") if s.strip()]}
+    expires_at = parse_expiry(args.expires_in, args.expires_at)
+    if expires_at is not None:
+        body["expires_at"] = expires_at
+    reply = client.create_token(body)
+    if args.json:
+        out.raw(reply)
+        return EXIT_OK
+    doc = reply.json
+    expires = render.iso_and_relative(doc.get("expires_at")) if doc.get("expires_at") else \
+        "never"
+    out.print(f"created token {doc.get('name')!r}  id {doc.get('id')}")
+    out.print(f"scopes: {', '.join(doc.get('scopes') or [])}; expires: {expires}")
+    out.print("")
+    out.print(f"    {doc.get('token')}")
+    out.print("")
+    out.print("This is the only time the token is shown (the API keeps only a hash): store it"
+              " now. Use it with --token or JOBS_TOKEN.")
+    return EXIT_OK
+
+
+def cmd_tokens_list(args: argparse.Namespace, client: Client, out: Out) -> int:
+    reply = client.tokens()
+    if args.json:
+        out.raw(reply)
+        return EXIT_OK
+    items = reply.json.get("items") or []
+    out.print(render.tokens_table(items) if items else "no tokens")
+    return EXIT_OK
+
+
+def cmd_tokens_revoke(args: argparse.Namespace, client: Client, out: Out) -> int:
+    client.revoke_token(args.token_id.strip())
+    if not args.json:  # 204: the API has no document to print
+        out.print(f"token {args.token_id.strip()} revoked")
+    return EXIT_OK
+
+
+# --- watch ------------------------------------------------------------------------------
+
 def cmd_watch(args: argparse.Namespace, client: Client, out: Out) -> int:
+    with _sigterm_as_interrupt():  # `kill` ends it like Ctrl-C, so the cursor comes back
+        return _watch(args, client, out)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises KeyboardInterrupt; the old handler comes back after."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous: Any = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _watch(args: argparse.Namespace, client: Client, out: Out) -> int:
     tty = _isatty(out.stdout) and not args.once and not args.json
     first = True
     error: str | None = None

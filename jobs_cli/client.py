@@ -107,9 +107,10 @@ def normalize_url(url: str) -> str:
 class Client:
     """The jobs API at `base_url`; every error becomes a CliError subclass."""
 
-    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 10.0, token: str | None = None) -> None:
         self.base = normalize_url(base_url)
         self.timeout = timeout
+        self.token = token  # sent as `Authorization: Bearer <token>` on every request
         # No proxies from the environment: the API is usually on localhost.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -122,6 +123,8 @@ class Client:
             url += "?" + urllib.parse.urlencode(query, doseq=True)
         hdrs = {"Accept": "application/json, application/problem+json",
                 "User-Agent": f"jobs-cli/{__version__}", **(headers or {})}
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
         data = None
         if body is not None:
             data = json.dumps(body).encode()
@@ -177,6 +180,15 @@ class Client:
 
     def stats(self) -> Reply:
         return self.request("GET", "/stats")
+
+    def create_token(self, body: dict[str, Any]) -> Reply:
+        return self.request("POST", "/tokens", body=body)
+
+    def tokens(self) -> Reply:
+        return self.request("GET", "/tokens")
+
+    def revoke_token(self, token_id: str) -> Reply:
+        return self.request("DELETE", f"/tokens/{_seg(token_id)}")
 
 
 def api_error(reply: Reply) -> ApiError:

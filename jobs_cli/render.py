@@ -165,6 +165,26 @@ def dead_letters_table(items: Sequence[dict[str, Any]], *, full_ids: bool = Fals
     return table(headers, rows, right=(3,), max_widths={1: 24, 2: 24, 6: 60})
 
 
+def tokens_table(items: Sequence[dict[str, Any]], *, now: datetime | None = None) -> str:
+    """API tokens with whole ids (revoke needs one), scopes and relative times."""
+    now = now or datetime.now(UTC)
+    rows = []
+    for t in items:
+        expires = parse_time(t.get("expires_at"))
+        if t.get("expires_at") is None:
+            expiry = "never"
+        elif expires is not None and expires <= now:
+            expiry = f"expired {relative(t['expires_at'], now)}"
+        else:
+            expiry = relative(t.get("expires_at"), now)
+        rows.append([t.get("id"), t.get("name"), ",".join(t.get("scopes") or []),
+                     relative(t.get("created_at"), now),
+                     relative(t.get("last_used_at"), now) if t.get("last_used_at") else "never",
+                     expiry])
+    return table(["ID", "NAME", "SCOPES", "CREATED", "LAST USED", "EXPIRES"], rows,
+                 max_widths={1: 30})
+
+
 #: Fields `job_detail` shows in its own way; any other field is listed after them.
 _DETAIL_FIELDS = ("job_id", "job_type", "status", "attempts", "retries", "max_retries",
                   "progress", "progress_message", "cancel_requested", "run_at",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         JOBS_BACKOFF_BASE_SECONDS="0.2",
         JOBS_BACKOFF_MAX_SECONDS="1",
         JOBS_REQUEUE_AFTER_SECONDS="10",
+        JOBS_METRICS_TOKEN="scrape-" + secrets.token_urlsafe(16),
     )
     running = Stack(data_dir, gateway_port=services.free_port(), echo=False, env=env,
                     sweep_interval=0.5).start()
@@ -65,7 +67,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def api(stack: object) -> Api:
-    return Api(stack.gateway_url)  # type: ignore[attr-defined]
+    return Api(stack.gateway_url, stack.admin_token)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")
@@ -80,5 +82,6 @@ def function_env(stack: object, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
     for name in (*SERVICE_VARS, "JOBS_HANDLER_MODULES", "JOBS_ARTIFACT_DIR"):
         monkeypatch.setenv(name, env[name])
     monkeypatch.setenv("JOBS_BACKOFF_BASE_SECONDS", "0")
+    monkeypatch.setenv("JOBS_TOKEN", stack.admin_token)  # type: ignore[attr-defined]
     _reset_clients()
     return dict(os.environ)

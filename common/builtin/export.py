@@ -168,7 +168,8 @@ class ExportPayload(BaseModel):
         return self
 
 
-@job_handler("DATA_EXPORT", payload_model=ExportPayload)
+# Every allow-listed dataset reads across all submitters: only an admin token may export.
+@job_handler("DATA_EXPORT", payload_model=ExportPayload, scope="admin")
 def export_data(payload: ExportPayload, ctx: JobContext) -> dict[str, Any]:
     """Export an allow-listed PostgreSQL dataset (jobs, dead_letters) to CSV or JSON Lines.
 

@@ -1,59 +1,58 @@
-"""`submit`: accept jobs over HTTP (POST /jobs, POST /jobs/batch, POST /jobs/{id}/retry)."""
+"""`submit`: accept jobs over HTTP (POST /jobs, POST /jobs/batch, retry and cancel).
+
+Its operations and their scopes are declared in `common.routes`."""
 
 import flask
 import functions_framework
 from werkzeug.exceptions import HTTPException
 
 from common import api, clients
-from common.http import dispatch, http_error, json_response, parse_model, read_json, routes
+from common.auth import Principal
+from common.http import Dispatcher, Reply, parse_model, read_json
 from common.logs import configure_logging
-from common.models import JobSubmission
+from common.models import BatchAccepted, JobSubmission
 
 configure_logging("submit")
 clients.warm_up_after_fork()
 
 
-def create(request: flask.Request) -> flask.Response:
+def _enqueue_header(enqueued: bool) -> dict[str, str]:
+    return {} if enqueued else {"X-Jobs-Enqueue": "deferred"}
+
+
+def create(request: flask.Request, principal: Principal) -> Reply:
     key = api.check_idempotency_key(request.headers.get("Idempotency-Key"))
     submission = parse_model(JobSubmission, read_json(request, clients.settings().max_body_bytes))
-    (doc,), enqueued = api.submit([submission], key)
-    headers = {"Location": f"/jobs/{doc['job_id']}"}
-    if not enqueued:
-        headers["X-Jobs-Enqueue"] = "deferred"
-    return json_response(doc, 202, headers)
+    (doc,), enqueued = api.submit([submission], key, principal=principal)
+    return Reply(doc, headers={"Location": f"/jobs/{doc.job_id}", **_enqueue_header(enqueued)})
 
 
-def create_batch(request: flask.Request) -> flask.Response:
+def create_batch(request: flask.Request, principal: Principal) -> Reply:
     key = api.check_idempotency_key(request.headers.get("Idempotency-Key"))
     batch = parse_model(api.BatchSubmission, read_json(request, clients.settings().max_body_bytes))
-    docs, enqueued = api.submit(batch.jobs, key, batch=True)
-    headers = {} if enqueued else {"X-Jobs-Enqueue": "deferred"}
-    return json_response({"jobs": docs}, 202, headers)
+    docs, enqueued = api.submit(batch.jobs, key, batch=True, principal=principal)
+    return Reply(BatchAccepted(jobs=docs), headers=_enqueue_header(enqueued))
 
 
-def retry(request: flask.Request, job_id: str) -> flask.Response:
+def retry(request: flask.Request, principal: Principal, job_id: str) -> Reply:
     doc = api.replay(job_id)
-    return json_response(doc, 202, {"Location": f"/jobs/{doc['job_id']}"})
+    return Reply(doc, headers={"Location": f"/jobs/{doc.job_id}"})
 
 
-def cancel(request: flask.Request, job_id: str) -> flask.Response:
-    return json_response(api.cancel(job_id), 202)
+def cancel(request: flask.Request, principal: Principal, job_id: str) -> Reply:
+    return Reply(api.cancel(job_id))
 
 
-ROUTES = routes(
-    ("POST", "/jobs", create),
-    ("POST", "/jobs/batch", create_batch),
-    ("POST", "/jobs/{job_id}/retry", retry),
-    ("POST", "/jobs/{job_id}/cancel", cancel),
-)
+DISPATCH = Dispatcher("submit", {"submitJob": create, "submitBatch": create_batch,
+                                 "replayJob": retry, "cancelJob": cancel})
 
 
 @functions_framework.http
 def submit_job(request: flask.Request) -> flask.Response:
-    return dispatch(request, ROUTES)
+    return DISPATCH(request)
 
 
 @functions_framework.errorhandler(HTTPException)
 def answer_http_error(exc: HTTPException) -> flask.Response:
     """Framework-level errors (unroutable paths, refused methods) as problem documents too."""
-    return http_error(flask.request, exc, ROUTES)
+    return DISPATCH.http_error(flask.request, exc)

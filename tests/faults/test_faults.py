@@ -40,7 +40,7 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def fapi(fault_stack) -> Api:
-    return Api(fault_stack.gateway_url)
+    return Api(fault_stack.gateway_url, fault_stack.admin_token)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import os
 import uuid
 from pathlib import Path
 
@@ -21,7 +22,10 @@ FUNCTIONS = Path(__file__).resolve().parents[2] / "functions"
 
 
 def client(name: str, target: str, signature: str = "http"):
-    return create_app(target, str(FUNCTIONS / name / "main.py"), signature).test_client()
+    """The function's test client, sending the stack's admin token as a user would."""
+    test_client = create_app(target, str(FUNCTIONS / name / "main.py"), signature).test_client()
+    test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {os.environ['JOBS_TOKEN']}"
+    return test_client
 
 
 def job_event(job_id: str, job_type: str, ce_id: str | None = None) -> tuple[dict, bytes]:
@@ -142,12 +146,15 @@ def test_the_batch_target_answers_each_event_of_a_batch_in_order(function_env):
          "datacontenttype": "application/json", "data": {"no": "job"}},
         {"specversion": "1.0", "id": "c", "type": "t", "source": "/tests",
          "data_base64": "bm90IGpzb24="},
+        {"specversion": "1.0", "id": "d", "source": "/tests", "data": {}},  # no type
+        "not an event",
     ]
     reply = client("process", "process_job_batch").post(
         "/", json=batch, headers={"Content-Type": "application/cloudevents-batch+json"})
     assert reply.status_code == 200
     assert [(r["id"], r["status"]) for r in reply.json["results"]] == [
-        ("a", 200), ("b", 400), ("c", 400)]
+        ("a", 200), ("b", 400), ("c", 400), ("d", 400), (None, 400)]
+    assert "not a CloudEvent" in reply.json["results"][3]["detail"]
     status_client = client("status", "get_job_status")
     wait_for(lambda: status_client.get(f"/jobs/{good}").json["status"] == "COMPLETED", 20,
              "the batched job to complete (here or in the stack's own worker)")

@@ -137,7 +137,7 @@ def test_status_is_served_from_the_cache_and_filled_on_a_miss(api, stack):
     assert json.loads(client.hget(key, "doc"))["status"] == "COMPLETED"
     client.delete(key)
     # The status function itself (the gateway may answer from its memory of final jobs).
-    status_function = Api(stack.function_url("status"))
+    status_function = Api(stack.function_url("status"), stack.admin_token)
     assert status_function.job(job_id)["status"] == "COMPLETED"
     assert client.hget(key, "doc") is not None
 
@@ -199,7 +199,8 @@ def test_health_and_readiness_report_each_dependency(api):
 
 def test_a_final_document_is_announced_to_the_gateway_before_anyone_asks(api, stack):
     job_id = api.submit("ECHO", {"message": "announced"}).json["job_id"]
-    status_function = Api(stack.function_url("status"))  # not the gateway: it must not learn
+    # the status function, not the gateway: it must not learn of the job by asking
+    status_function = Api(stack.function_url("status"), stack.admin_token)
     wait_for(lambda: status_function.job(job_id)["status"] == "COMPLETED", timeout=30)
     client = redis.Redis.from_url(stack.env["REDIS_URL"])
     key = f"jobs:status:{job_id}"

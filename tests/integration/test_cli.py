@@ -19,9 +19,11 @@ pytestmark = pytest.mark.integration
 Run = Callable[..., subprocess.CompletedProcess]
 
 
-def _env() -> dict[str, str]:
+def _env(stack) -> dict[str, str]:
+    """The CLI's environment: the stack's admin token in JOBS_TOKEN, as a user would set it."""
     env = {k: v for k, v in os.environ.items() if k != "JOBS_URL"}
     env["PYTHONIOENCODING"] = "utf-8"
+    env["JOBS_TOKEN"] = stack.admin_token
     return env
 
 
@@ -30,7 +32,7 @@ def jobs(stack) -> Run:
     def run(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "jobs_cli", "--url", stack.gateway_url,
                                *args], capture_output=True, text=True, timeout=timeout,
-                              env=_env())
+                              env=_env(stack))
     return run
 
 
@@ -39,13 +41,6 @@ def _one_line(stderr: str) -> str:
     assert len(lines) == 1, stderr
     assert lines[0].startswith("jobs: ")
     return lines[0]
-
-
-def _skip_if_missing(api, method: str, path: str) -> None:
-    """Skip when the gateway has no such endpoint yet (it answers 404 'no route')."""
-    reply = api.request(method, path)
-    if reply.status == 404 and "no route" in reply.body.decode(errors="replace"):
-        pytest.skip(f"{method} {path} is not served yet")
 
 
 def test_submit_wait_exits_0_and_prints_the_result(jobs):
@@ -147,12 +142,12 @@ def test_bad_payload_json_is_a_usage_error_before_any_request(jobs):
     assert "line 1, column 13" in _one_line(done.stderr)
 
 
-def test_an_unreachable_url_exits_3_with_one_line():
+def test_an_unreachable_url_exits_3_with_one_line(stack):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     done = subprocess.run([sys.executable, "-m", "jobs_cli", "--url", f"http://127.0.0.1:{port}",
-                           "list"], capture_output=True, text=True, timeout=60, env=_env())
+                           "list"], capture_output=True, text=True, timeout=60, env=_env(stack))
     assert done.returncode == 3
     assert _one_line(done.stderr) == (f"jobs: cannot reach http://127.0.0.1:{port} (connection"
                                       " refused): is `make run` up?")
@@ -174,11 +169,10 @@ def test_the_console_script_is_installed():
 
 
 def test_cancel_a_running_job_and_a_waiting_cli_exits_1(jobs, api, stack):
-    _skip_if_missing(api, "POST", f"/jobs/{uuid.uuid4()}/cancel")
     waiting = subprocess.Popen(
         [sys.executable, "-m", "jobs_cli", "--url", stack.gateway_url, "submit", "SLEEPY",
          "--payload", '{"seconds": 20}', "--wait"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(stack))
     try:
         assert waiting.stdout is not None
         first = waiting.stdout.readline()
@@ -205,7 +199,6 @@ def test_cancel_a_running_job_and_a_waiting_cli_exits_1(jobs, api, stack):
 
 
 def test_watch_once_prints_counts_per_status(jobs, api):
-    _skip_if_missing(api, "GET", "/stats")
     assert jobs("submit", "ECHO", "--payload", '{"message": "watched"}',
                 "--wait").returncode == 0
     frame = jobs("watch", "--once")
@@ -224,3 +217,19 @@ def test_watch_once_prints_counts_per_status(jobs, api):
     stats = json.loads(raw.stdout)
     assert set(stats) >= {"counts", "by_type", "throughput", "recent"}
     assert stats["counts"]["COMPLETED"] >= 1
+
+
+def test_tokens_made_listed_and_revoked_with_the_cli_work_against_the_api(jobs, stack):
+    made = jobs("--json", "tokens", "create", "cli-reader", "--scope", "jobs:read")
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)
+    listed = jobs("tokens", "list")
+    assert listed.returncode == 0 and "cli-reader" in listed.stdout, listed.stderr
+    assert token["token"] not in listed.stdout
+    reader = jobs("--token", token["token"], "list", "--limit", "1")
+    assert reader.returncode == 0, reader.stderr
+    refused = jobs("--token", token["token"], "submit", "ECHO", "--payload", "{}")
+    assert refused.returncode == 1 and "403" in _one_line(refused.stderr)
+    assert jobs("tokens", "revoke", token["id"]).returncode == 0
+    gone = jobs("--token", token["token"], "list", "--limit", "1")
+    assert gone.returncode == 1 and "401" in _one_line(gone.stderr)

@@ -29,10 +29,11 @@ class Reply:
 
 
 class Api:
-    """The public API through the gateway."""
+    """The public API through the gateway, as the holder of `token` (None: no header)."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, token: str | None = None) -> None:
         self.base = base_url.rstrip("/")
+        self.token = token
         # GETs are retried once when a kept-alive connection was closed under us, as any
         # HTTP client does; POSTs never, so the tests see exactly what they sent.
         retries = urllib3.Retry(total=1, connect=1, read=1, redirect=0, status=0, other=0,
@@ -43,6 +44,8 @@ class Api:
     def request(self, method: str, path: str, *, json_body: Any = None, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> Reply:
         hdrs = dict(headers or {})
+        if self.token is not None:
+            hdrs.setdefault("Authorization", f"Bearer {self.token}")
         if json_body is not None:
             body = json.dumps(json_body).encode()
             hdrs.setdefault("Content-Type", "application/json")

@@ -99,7 +99,7 @@ def fake() -> Iterator[FakeApi]:
             self.end_headers()
             self.wfile.write(data)
 
-        do_GET = do_POST = _serve
+        do_GET = do_POST = do_DELETE = _serve
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -119,6 +119,14 @@ def no_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
     """Polling loops run at full speed; the fake answers the next state at once."""
     monkeypatch.setattr(cli._Sleep, "sleep", staticmethod(lambda seconds: None))
     monkeypatch.delenv("JOBS_URL", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_token(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """No token from the environment or from a .data/admin-token of a real `make run`."""
+    for name in ("JOBS_TOKEN", "JOBS_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
 
 
 class Result:
@@ -795,3 +803,284 @@ def test_main_returns_the_exit_code():
 
     assert main(["--url", f"http://127.0.0.1:{_closed_port()}", "list"]) == 3
 
+
+
+# --- the token ------------------------------------------------------------------------
+
+TOKEN = "jobs_" + "a" * 32 + "_" + "b" * 43
+TOKEN_ID = "3f1c9a2e-5b7d-4c1e-9a0b-00000000000a"
+
+
+def authorization(fake: FakeApi) -> list[str | None]:
+    return [r["headers"].get("authorization") for r in fake.requests]
+
+
+def write_token_file(folder, token: str = TOKEN):
+    path = folder / "admin-token"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(token + "\n")
+    return path
+
+
+def test_without_a_token_anywhere_no_authorization_header_is_sent(fake):
+    fake.on("GET", "/jobs", (200, {"items": [], "next_cursor": None}))
+    assert jobs(fake, "list").code == 0
+    assert authorization(fake) == [None]
+
+
+def test_the_token_file_make_run_wrote_in_the_current_folder_is_used(fake, tmp_path):
+    write_token_file(tmp_path / ".data", "jobs_from_file")
+    fake.on("GET", "/jobs", (200, {"items": [], "next_cursor": None}))
+    assert jobs(fake, "list").code == 0
+    assert authorization(fake) == ["Bearer jobs_from_file"]
+
+
+def test_jobs_data_dir_says_where_the_token_file_is(fake, tmp_path, monkeypatch):
+    write_token_file(tmp_path / ".data", "jobs_from_dot_data")
+    write_token_file(tmp_path / "elsewhere", "jobs_from_data_dir")
+    monkeypatch.setenv("JOBS_DATA_DIR", str(tmp_path / "elsewhere"))
+    fake.on("GET", "/jobs", (200, {"items": [], "next_cursor": None}))
+    assert jobs(fake, "list").code == 0
+    assert authorization(fake) == ["Bearer jobs_from_data_dir"]
+
+
+def test_the_token_option_beats_jobs_token_which_beats_the_file(fake, tmp_path, monkeypatch):
+    write_token_file(tmp_path / ".data", "jobs_from_file")
+    monkeypatch.setenv("JOBS_TOKEN", "jobs_from_env")
+    fake.on("GET", "/jobs", (200, {"items": [], "next_cursor": None}))
+    jobs(fake, "list")
+    jobs(fake, "--token", "jobs_from_option", "list")
+    jobs(fake, "list", "--token", "jobs_after_the_command")
+    assert authorization(fake) == ["Bearer jobs_from_env", "Bearer jobs_from_option",
+                                   "Bearer jobs_after_the_command"]
+
+
+def test_resolve_token_names_where_the_token_came_from(tmp_path):
+    assert cli.resolve_token(None, {}) == (None, "")
+    assert cli.resolve_token(None, {"JOBS_TOKEN": "  "}) == (None, "")
+    assert cli.resolve_token(None, {"JOBS_TOKEN": " t1\n"}) == ("t1", "$JOBS_TOKEN")
+    assert cli.resolve_token("t2", {"JOBS_TOKEN": "t1"}) == ("t2", "--token")
+    path = write_token_file(tmp_path / "d", "t3")
+    assert cli.resolve_token(None, {"JOBS_DATA_DIR": str(tmp_path / "d")}) == ("t3", str(path))
+    (tmp_path / "d" / "admin-token").write_text("\n")
+    assert cli.resolve_token(None, {"JOBS_DATA_DIR": str(tmp_path / "d")}) == (None, "")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--token", "", "list"], "--token is empty"),
+    (["--token", "two words", "list"], "the token from --token has spaces"),
+    (["--token", "jobs_é", "list"], "non-ASCII"),
+])
+def test_a_token_that_cannot_be_a_header_is_a_usage_error(fake, argv, needle):
+    result = jobs(fake, *argv)
+    assert result.code == 2 and needle in one_line_error(result)
+    assert fake.requests == []
+
+
+def test_every_request_of_a_command_carries_the_token(fake):
+    fake.on("POST", "/jobs", (202, job()))
+    fake.on("GET", f"/jobs/{JOB_ID}", (200, job("IN_PROGRESS")), (200, job("COMPLETED")))
+    assert jobs(fake, "--token", TOKEN, "submit", "ECHO", "--wait").code == 0
+    assert len(fake.requests) == 3
+    assert authorization(fake) == [f"Bearer {TOKEN}"] * 3
+
+
+UNAUTHORIZED = problem(401, "Unauthorized", "send Authorization: Bearer <token>")
+
+
+def test_a_401_without_a_token_says_how_to_pass_one(fake):
+    fake.on("GET", "/jobs", UNAUTHORIZED)
+    result = jobs(fake, "list")
+    assert result.code == 1
+    assert one_line_error(result) == (
+        "jobs: 401 Unauthorized: send Authorization: Bearer <token> (pass --token, set"
+        " JOBS_TOKEN, or run from the folder where `make run` wrote .data/admin-token)")
+
+
+def test_a_401_with_a_token_says_which_token_was_refused(fake, monkeypatch):
+    fake.on("GET", "/stats", problem(401, "Unauthorized", "the token has expired"))
+    monkeypatch.setenv("JOBS_TOKEN", TOKEN)
+    result = jobs(fake, "watch", "--once")
+    assert result.code == 1
+    assert one_line_error(result) == (
+        "jobs: 401 Unauthorized: the token has expired (the token from $JOBS_TOKEN was"
+        " refused; pass another with --token or JOBS_TOKEN)")
+
+
+def test_a_403_is_reported_as_the_api_says(fake):
+    fake.on("POST", f"/jobs/{JOB_ID}/cancel",
+            problem(403, "Forbidden", "this token lacks the 'jobs:operate' scope"))
+    result = jobs(fake, "--token", TOKEN, "cancel", JOB_ID)
+    assert result.code == 1
+    assert one_line_error(result) == ("jobs: 403 Forbidden: this token lacks the"
+                                      " 'jobs:operate' scope")
+
+
+# --- tokens ---------------------------------------------------------------------------
+
+CREATED = {"id": TOKEN_ID, "name": "ci", "scopes": ["jobs:submit", "jobs:read"],
+           "token": TOKEN, "created_at": "2030-01-31T11:59:30+00:00", "last_used_at": None,
+           "expires_at": None}
+
+
+def test_tokens_create_posts_name_and_scopes_and_shows_the_token_once(fake):
+    fake.on("POST", "/tokens", (201, CREATED))
+    result = jobs(fake, "--token", "jobs_admin", "tokens", "create", "ci", "--scope",
+                  "jobs:submit", "--scope", "jobs:read")
+    assert result.code == 0, result
+    [sent] = fake.sent("POST", "/tokens")
+    assert sent["body"] == {"name": "ci", "scopes": ["jobs:submit", "jobs:read"]}
+    assert sent["headers"]["authorization"] == "Bearer jobs_admin"
+    lines = result.out.splitlines()
+    assert f"    {TOKEN}" in lines and result.out.count(TOKEN) == 1
+    assert "only time the token is shown" in result.out
+    assert "scopes: jobs:submit, jobs:read; expires: never" in result.out
+    assert TOKEN_ID in lines[0]
+
+
+def test_tokens_create_takes_comma_separated_scopes_and_an_expiry(fake):
+    fake.on("POST", "/tokens", (201, {**CREATED, "expires_at": "2030-03-02T12:00:00+00:00"}))
+    before = datetime.now(UTC)
+    result = jobs(fake, "tokens", "create", "ci", "--scope", "jobs:submit, jobs:read",
+                  "--expires-in", "30d")
+    after = datetime.now(UTC)
+    assert result.code == 0, result
+    body = fake.sent("POST", "/tokens")[0]["body"]
+    assert body["scopes"] == ["jobs:submit", "jobs:read"]
+    expires = datetime.fromisoformat(body["expires_at"])
+    assert before + timedelta(days=30) <= expires <= after + timedelta(days=30)
+    assert "expires: 2030-03-02T12:00:00+00:00" in result.out
+
+    fake.requests.clear()
+    jobs(fake, "tokens", "create", "ci", "--scope", "admin", "--expires-at",
+         "2031-01-01T00:00:00Z")
+    assert fake.sent("POST", "/tokens")[0]["body"]["expires_at"] == "2031-01-01T00:00:00+00:00"
+
+
+@pytest.mark.parametrize("text,seconds", [("90m", 5400), ("12h", 43200), ("30d", 2592000),
+                                          ("2w", 1209600), ("45s", 45), ("1D", 86400)])
+def test_expires_in_durations(text, seconds):
+    assert cli.parse_expiry(text, None, now=NOW) == (NOW + timedelta(seconds=seconds)).isoformat()
+
+
+def test_tokens_create_json_prints_the_api_document(fake):
+    body = json.dumps(CREATED)
+    fake.on("POST", "/tokens", (201, body))
+    result = jobs(fake, "--json", "tokens", "create", "ci", "--scope", "jobs:read")
+    assert result.out == body + "\n"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["tokens"], "a tokens command is needed: create, list or revoke"),
+    (["tokens", "mint"], "unknown tokens command 'mint'"),
+    (["tokens", "create", "ci"], "required: --scope"),
+    (["tokens", "create", "--scope", "admin"], "required: NAME"),
+    (["tokens", "create", "ci", "--scope", "admin", "--expires-in", "soon"],
+     "--expires-in 'soon' is not a duration like 30d"),
+    (["tokens", "create", "ci", "--scope", "admin", "--expires-in", "0d"], "N > 0"),
+    (["tokens", "create", "ci", "--scope", "admin", "--expires-at", "tomorrow"],
+     "--expires-at 'tomorrow' is not an ISO 8601 time"),
+    (["tokens", "create", "ci", "--scope", "admin", "--expires-in", "1d", "--expires-at",
+      "2031-01-01T00:00:00Z"], "not allowed with argument"),
+    (["tokens", "revoke"], "required: ID"),
+])
+def test_tokens_usage_errors(fake, argv, needle):
+    result = jobs(fake, *argv)
+    assert result.code == 2, result
+    assert needle in one_line_error(result)
+    assert fake.requests == []
+
+
+def test_a_refused_scope_is_the_api_s_422(fake):
+    fake.on("POST", "/tokens", problem(422, "Invalid request", "scopes.0: unknown scope",
+                                       errors=[{"loc": ["scopes", 0], "msg": "unknown scope"}]))
+    result = jobs(fake, "tokens", "create", "ci", "--scope", "jobs:fly")
+    assert result.code == 1
+    assert "422 Invalid request" in one_line_error(result)
+
+
+LISTED = [{k: v for k, v in CREATED.items() if k != "token"},
+          {"id": OTHER_ID, "name": "old", "scopes": ["admin"],
+           "created_at": "2030-01-01T12:00:00+00:00",
+           "last_used_at": "2030-01-31T11:00:00+00:00",
+           "expires_at": "2030-01-30T12:00:00+00:00"}]
+
+
+def test_the_tokens_table_has_whole_ids_scopes_and_says_never_and_expired():
+    header, first, second = render.tokens_table(LISTED, now=NOW).splitlines()
+    assert header.split() == ["ID", "NAME", "SCOPES", "CREATED", "LAST", "USED", "EXPIRES"]
+    assert first.split() == [TOKEN_ID, "ci", "jobs:submit,jobs:read", "30s", "ago", "never",
+                             "never"]
+    assert second.split() == [OTHER_ID, "old", "admin", "30d", "ago", "1h", "ago", "expired",
+                              "1d", "ago"]
+    future = render.tokens_table([{**LISTED[0], "expires_at": "2030-02-01T12:00:00+00:00"}],
+                                 now=NOW)
+    assert future.splitlines()[1].endswith("in 1d")
+
+
+def test_tokens_list_gets_the_tokens_and_prints_the_table(fake):
+    fake.on("GET", "/tokens", (200, {"items": LISTED}))
+    result = jobs(fake, "tokens", "list")
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("ID")
+    assert lines[1].startswith(TOKEN_ID) and lines[2].startswith(OTHER_ID)
+    assert fake.sent("GET", "/tokens")
+
+
+def test_tokens_list_empty_and_json(fake):
+    fake.on("GET", "/tokens", (200, {"items": []}))
+    assert jobs(fake, "tokens", "list").out == "no tokens\n"
+    assert json.loads(jobs(fake, "tokens", "list", "--json").out) == {"items": []}
+
+
+def test_tokens_revoke_deletes_and_a_missing_one_is_a_404(fake):
+    fake.on("DELETE", f"/tokens/{TOKEN_ID}", (204, b""))
+    result = jobs(fake, "tokens", "revoke", TOKEN_ID)
+    assert result.code == 0, result
+    assert result.out == f"token {TOKEN_ID} revoked\n"
+    assert len(fake.sent("DELETE", f"/tokens/{TOKEN_ID}")) == 1
+    assert jobs(fake, "--json", "tokens", "revoke", TOKEN_ID).out == ""
+    fake.on("DELETE", f"/tokens/{OTHER_ID}",
+            problem(404, "Token not found", f"no token {OTHER_ID}"))
+    missing = jobs(fake, "tokens", "revoke", OTHER_ID)
+    assert missing.code == 1
+    assert one_line_error(missing) == f"jobs: 404 Token not found: no token {OTHER_ID}"
+
+
+# --- help and signals -----------------------------------------------------------------
+
+def test_the_help_names_the_real_job_types_and_how_to_authenticate(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    top = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["submit", "--help"])
+    submit = capsys.readouterr().out
+    for text in (top, submit):
+        assert "ECHO" not in text and "SEND_EMAIL" not in text
+    for job_type in ("REPORT_GENERATION", "EMAIL_SENDING", "DATA_EXPORT"):
+        assert job_type in top and job_type in " ".join(submit.split())
+    assert "JOBS_TOKEN" in top and ".data/admin-token" in top and "--token" in top
+
+
+def test_watch_ended_by_sigterm_shows_the_cursor_again(fake, monkeypatch):
+    import signal
+
+    fake.on("GET", "/stats", (200, STATS))
+    outside: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: outside.append(signum))
+    try:
+        def nap(seconds: float) -> None:
+            signal.raise_signal(signal.SIGTERM)  # its Python handler runs before this returns
+            pytest.fail("SIGTERM did not end the watch")
+
+        monkeypatch.setattr(cli._Sleep, "sleep", staticmethod(nap))
+        result = jobs(fake, "watch", tty=True)
+        assert result.code == 0, result
+        assert result.out.startswith("\x1b[?25l") and result.out.endswith("\x1b[?25h")
+        assert outside == []  # watch handled it, not the handler from before
+        signal.raise_signal(signal.SIGTERM)
+        assert outside == [signal.SIGTERM]  # and it gave the old handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
