@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import threading
 import time
 from typing import Any
@@ -36,6 +37,8 @@ class Ours:
         parts = urlsplit(base_url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self._local = threading.local()
+        token = os.environ.get("JOBS_TOKEN")
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -49,7 +52,9 @@ class Ours:
     def request(self, method: str, path: str, body: Any = None,
                 expect: tuple[int, ...] = (200,)) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        headers = dict(self._auth)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
         for attempt in (1, 2):  # a keep-alive connection the server closed: reconnect once
             conn = self._conn()
             try:

@@ -404,7 +404,9 @@ def run_ours(args: argparse.Namespace, run_dir: Path, budget: float,
         pids.update({n: s.pid for n, s in ours.services.items()})
         return pids
 
-    driver_env = {**os.environ, "PYTHONPATH": str(BENCH), "PYTHONUNBUFFERED": "1"}
+    # The client authenticates as a user would, with the admin token the stack made.
+    driver_env = {**os.environ, "PYTHONPATH": str(BENCH), "PYTHONUNBUFFERED": "1",
+                  "JOBS_TOKEN": ours.admin_token}
     with Sampler(roots) as sampler:
         result = run_driver("ours", Path(sys.executable), driver_env, args, run_dir,
                             budget - (time.monotonic() - t0) - 30,
