@@ -3,6 +3,12 @@
  * Pages (hash routing): #/ overview, #/jobs list, #/jobs/<id> one job, #/dead-letters,
  * #/submit. Everything comes from the public HTTP API on the same origin; errors are
  * problem documents whose `detail` is shown as it is.
+ *
+ * The API wants `Authorization: Bearer <token>`. The token is asked for in a sign-in form
+ * and kept in sessionStorage (this tab only, gone when it closes; never localStorage, never
+ * a URL); every call goes through request(), which sends it. A 401 on the stored token ends
+ * the session and shows the form again. What the token's scopes (from /whoami) do not allow
+ * is not shown: no submit form without jobs:submit, no cancel or replay without jobs:operate.
  */
 "use strict";
 
@@ -17,6 +23,8 @@
   const CANCELLABLE = new Set(["QUEUED", "RETRYING", "IN_PROGRESS"]);
   const REFRESH_MS = 2000;
   const JOB_REFRESH_MS = 1000;
+  const SCOPE = {SUBMIT: "jobs:submit", READ: "jobs:read", OPERATE: "jobs:operate", ADMIN: "admin"};
+  const TOKEN_KEY = "jobs.token";
 
   // ---------------------------------------------------------------- HTML building
   class Raw { constructor(s) { this.s = s; } toString() { return this.s; } }
@@ -65,6 +73,25 @@
     if (s < 36 * 3600) return `${Math.round(s / 3600)} h ago`;
     return when(iso);
   }
+  const localZone = () => {
+    try { return Intl.DateTimeFormat().resolvedOptions().timeZone || "browser time"; } catch (err) {
+      return "browser time";
+    }
+  };
+  /**
+   * A datetime-local value ("2030-01-31T14:00[:05]") as ISO 8601 with this browser's UTC
+   * offset at that moment (so summer time is right): "2030-01-31T14:00:05+01:00".
+   */
+  function localISO(value) {
+    const m = /^(\d{4,})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2}))?/.exec(value);
+    if (!m) return value;  // not from a datetime-local input: the server says what is wrong
+    const d = new Date(Number(m[1]), Number(m[2]) - 1, Number(m[3]), Number(m[4]), Number(m[5]),
+      Number(m[6] || 0));
+    const offset = -d.getTimezoneOffset();
+    const abs = Math.abs(offset);
+    return `${String(d.getFullYear()).padStart(4, "0")}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}`
+      + `T${hhmmss(d)}${offset < 0 ? "-" : "+"}${pad(Math.floor(abs / 60))}:${pad(abs % 60)}`;
+  }
   const timeCell = (iso) => (iso ? html`<time datetime="${iso}" title="${iso}">${ago(iso)}</time>`
     : html`<span class="muted">–</span>`);
   function duration(a, b) {
@@ -91,6 +118,23 @@
       <span class="progress-text">${text}${message ? ` · ${message}` : ""}</span></div>`;
   }
 
+  // ---------------------------------------------------------------- the token
+  // sessionStorage can be unavailable (storage disabled): then the token lives in memory only.
+  let memoryToken = null;
+  function storedToken() {
+    try { return sessionStorage.getItem(TOKEN_KEY); } catch (err) { return memoryToken; }
+  }
+  function storeToken(token) {
+    memoryToken = token;
+    try {
+      if (token === null) sessionStorage.removeItem(TOKEN_KEY);
+      else sessionStorage.setItem(TOKEN_KEY, token);
+    } catch (err) { /* kept in memory */ }
+  }
+  let me = null;  // {name, scopes} of the stored token (GET /whoami), null when signed out
+  let signInNotice = null;  // {kind, content} shown above the sign-in form once
+  const can = (scope) => Boolean(me) && (me.scopes.includes(SCOPE.ADMIN) || me.scopes.includes(scope));
+
   // ---------------------------------------------------------------- the API
   class ApiError extends Error {
     constructor(status, detail, body) {
@@ -100,8 +144,15 @@
       this.body = body;
     }
   }
-  async function api(path, {method = "GET", body} = {}) {
-    const opts = {method, headers: {Accept: "application/json"}, cache: "no-store"};
+  /**
+   * The one place that calls fetch: sends the token, tracks the connection and the server's
+   * clock, and turns a non-2xx answer into an ApiError carrying the problem's detail. A 401
+   * on the stored token ends the session (`token` overrides it, for the sign-in form's check).
+   */
+  async function request(path, {method = "GET", body, accept = "application/json",
+    token = storedToken()} = {}) {
+    const opts = {method, headers: {Accept: accept}, cache: "no-store"};
+    if (token) opts.headers.Authorization = `Bearer ${token}`;
     if (body !== undefined) {
       opts.body = JSON.stringify(body);
       opts.headers["Content-Type"] = "application/json";
@@ -115,16 +166,54 @@
     }
     const date = Date.parse(resp.headers.get("Date") || "");
     if (!Number.isNaN(date)) clockSkew = date - Date.now();
+    if (resp.ok) {
+      live(true);
+      return resp;
+    }
     const text = await resp.text();
     let data = null;
     try { data = text ? JSON.parse(text) : null; } catch (err) { data = null; }
-    if (!resp.ok) {
-      const detail = (data && data.detail) || `${resp.status} ${resp.statusText}`.trim();
-      if (resp.status >= 500) live(false, detail);
-      throw new ApiError(resp.status, detail, data);
+    const detail = (data && data.detail) || `${resp.status} ${resp.statusText}`.trim();
+    if (resp.status >= 500) live(false, detail);
+    const error = new ApiError(resp.status, detail, data);
+    if (resp.status === 401 && token && token === storedToken()) endSession(error);
+    throw error;
+  }
+  /** request() for a JSON answer. */
+  async function api(path, opts = {}) {
+    const resp = await request(path, opts);
+    const text = await resp.text();
+    try { return text ? JSON.parse(text) : null; } catch (err) { return null; }
+  }
+  /** The name in a Content-Disposition header (filename* first, RFC 6266), else null. */
+  function dispositionName(header) {
+    if (!header) return null;
+    const clean = (name) => name.replace(/[/\\\u0000-\u001f]/g, "_").trim() || null;
+    const star = /filename\*\s*=\s*([\w!#$%&+^`{}~-]*)'[^']*'([^;\s]+)/i.exec(header);
+    if (star && (!star[1] || /^utf-8$/i.test(star[1]))) {
+      try { return clean(decodeURIComponent(star[2])); } catch (err) { /* the plain form */ }
     }
-    live(true);
-    return data;
+    const plain = /filename\s*=\s*(?:"((?:\\.|[^"\\])*)"|([^;\s]+))/i.exec(header);
+    if (plain) return clean(plain[1] !== undefined ? plain[1].replace(/\\(.)/g, "$1") : plain[2]);
+    return null;
+  }
+  /**
+   * Save a file the API serves. A plain <a href> cannot send the token, so the file is
+   * fetched with it and handed to the browser as a Blob object URL under its own name.
+   */
+  async function download(path, fallbackName) {
+    const resp = await request(path, {accept: "*/*"});
+    const blob = await resp.blob();
+    const url = URL.createObjectURL(blob);
+    const a = document.createElement("a");
+    a.href = url;
+    a.download = dispositionName(resp.headers.get("Content-Disposition")) || fallbackName;
+    a.hidden = true;
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    // Revoked later, not at once: some browsers still read the URL after click() returns.
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
   }
   function problemHTML(err) {
     const errors = err.body && Array.isArray(err.body.errors) ? err.body.errors : [];
@@ -133,13 +222,15 @@
     return html`<strong>${err.status ? `${err.status}: ` : ""}</strong>${err.detail}${list}`;
   }
 
+  /** The connection indicator: ok true (live), false (offline, why), null (signed out). */
   function live(ok, why) {
     const box = $(".live");
     if (!box) return;
-    box.classList.toggle("ok", ok);
-    box.classList.toggle("error", !ok);
+    box.classList.toggle("ok", ok === true);
+    box.classList.toggle("error", ok === false);
     // Only a change of state is announced (role=status); the clock beside it is not.
-    setText($(".live-text", box), ok ? "live" : `offline: ${why} (retrying)`);
+    setText($(".live-text", box), ok === null ? "not signed in"
+      : ok ? "live" : `offline: ${why} (retrying)`);
     setText($(".live-time", box), ok ? ` · ${hhmmss(new Date())}` : "");
   }
 
@@ -262,12 +353,15 @@
   // ---------------------------------------------------------------- router
   let view = null;  // {stop(), refresh?(), actions?}
   const main = () => $("#main");
+  // [path, nav section, scope the page needs, what it shows (for a token without it), view]
   const ROUTES = [
-    [/^\/?$/, "overview", () => overviewView()],
-    [/^\/jobs\/?$/, "jobs", (m, q) => jobsView(q)],
-    [/^\/jobs\/([^/]+)\/?$/, "jobs", (m) => jobView(decodeURIComponent(m[1]))],
-    [/^\/dead-letters\/?$/, "dead-letters", () => deadLettersView()],
-    [/^\/submit\/?$/, "submit", (m, q) => submitView(q)],
+    [/^\/?$/, "overview", SCOPE.READ, "see jobs", () => overviewView()],
+    [/^\/jobs\/?$/, "jobs", SCOPE.READ, "see jobs", (m, q) => jobsView(q)],
+    [/^\/jobs\/([^/]+)\/?$/, "jobs", SCOPE.READ, "see jobs",
+      (m) => jobView(decodeURIComponent(m[1]))],
+    [/^\/dead-letters\/?$/, "dead-letters", SCOPE.READ, "see dead letters",
+      () => deadLettersView()],
+    [/^\/submit\/?$/, "submit", SCOPE.SUBMIT, "submit jobs", (m, q) => submitView(q)],
   ];
   let lastPath = null;
   function route() {
@@ -276,15 +370,19 @@
     if (view) view.stop();
     view = null;
     let section = null;
-    for (const [re, name, make] of ROUTES) {
-      const m = path.match(re);
-      if (m) {
-        section = name;
-        view = make(m, new URLSearchParams(query));
-        break;
+    if (!me) {
+      view = storedToken() ? resumeView() : signInView();
+    } else {
+      for (const [re, name, scope, what, make] of ROUTES) {
+        const m = path.match(re);
+        if (m) {
+          section = name;
+          view = can(scope) ? make(m, new URLSearchParams(query)) : missingScopeView(scope, what);
+          break;
+        }
       }
+      if (!view) view = notFoundView(path);
     }
-    if (!view) view = notFoundView(path);
     document.querySelectorAll("nav a[data-route]").forEach((a) => {
       if (a.dataset.route === section) a.setAttribute("aria-current", "page");
       else a.removeAttribute("aria-current");
@@ -312,6 +410,115 @@
     if (action) { e.preventDefault(); action(btn); }
   });
 
+  // ---------------------------------------------------------------- signing in and out
+  /** Show who is signed in, and only the pages the token may use. */
+  function showIdentity() {
+    const who = $("[data-testid=who]");
+    who.hidden = !me;
+    $("nav").hidden = !me;
+    if (!me) {
+      live(null);
+      return;
+    }
+    setText($("[data-testid=who-name]", who), me.name);
+    who.title = `Scopes: ${me.scopes.join(", ")}`;
+    document.querySelectorAll("nav a[data-scope]").forEach((a) => {
+      a.parentElement.hidden = !can(a.dataset.scope);
+    });
+  }
+  /** Forget the token and ask for one again; `why` (an ApiError) says what the API said. */
+  function endSession(why) {
+    if (!me && !storedToken()) return;  // already signed out: several polls may get 401
+    storeToken(null);
+    me = null;
+    flash = null;
+    watched.clear();
+    signInNotice = why ? {kind: "error", content: html`You were signed out: ${why.detail}`}
+      : {kind: "ok", content: "Signed out."};
+    showIdentity();
+    route();
+  }
+
+  function signInView() {
+    showIdentity();
+    const el = render("Sign in", html`
+      <form class="panel sign-in" method="post" data-testid="sign-in-form" novalidate
+        aria-labelledby="sign-in-h">
+        <h1 id="sign-in-h">Sign in</h1>
+        <p>The API needs a token. Paste one to use this dashboard: it is kept in this tab only,
+          until you sign out or close it.</p>
+        <div class="field"><label for="f-token">API token</label>
+          <input id="f-token" name="token" type="password" autocomplete="off" spellcheck="false"
+            required placeholder="jobs_…" aria-describedby="f-token-hint"
+            data-testid="sign-in-token">
+          <span class="hint" id="f-token-hint">An admin makes tokens with <code>POST /tokens</code>;
+            <code>make run</code> writes an admin token to <code>.data/admin-token</code>.</span></div>
+        <div class="notice" role="alert" data-testid="sign-in-error"></div>
+        <div class="actions"><button type="submit" class="primary"
+          data-testid="sign-in-button">Sign in</button></div>
+      </form>`);
+    const errorEl = $("[data-testid=sign-in-error]", el);
+    const input = $("#f-token", el);
+    if (signInNotice) {
+      notice(errorEl, signInNotice.kind, signInNotice.content);
+      signInNotice = null;
+    }
+    input.focus({preventScroll: true});
+    input.addEventListener("input", () => { errorEl.className = "notice"; setHTML(errorEl, ""); });
+    $("form", el).addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const token = input.value.trim();
+      if (!token) {
+        notice(errorEl, "error", "Paste a token first.");
+        input.focus();
+        return;
+      }
+      const btn = $("[data-testid=sign-in-button]", el);
+      btn.disabled = true;
+      try {
+        const who = await api("/whoami", {token});
+        storeToken(token);
+        me = who;
+        showIdentity();
+        route();
+      } catch (err) {
+        notice(errorEl, "error", problemHTML(err));
+        btn.disabled = false;
+        input.select();
+      }
+    });
+    return {stop() {}};
+  }
+
+  /** A token is stored (a reload): ask /whoami whose it is, until the API answers. */
+  function resumeView() {
+    render("Signing in", html`<p class="muted" data-testid="signing-in">Signing in…</p>`);
+    let stopped = false;
+    const p = poller(async () => {
+      const who = await api("/whoami");  // a 401 ends the session and shows the form
+      if (stopped) return;
+      p.stop();
+      me = who;
+      showIdentity();
+      route();
+    }, REFRESH_MS);
+    return {stop() { stopped = true; p.stop(); }};
+  }
+
+  function missingScopeView(scope, what) {
+    const el = render("Not allowed", html`
+      <h1>Not allowed</h1>
+      <div class="notice" role="status" data-testid="page-notice"></div>
+      <div class="notice error" data-testid="missing-scope">The token <strong>${me.name}</strong>
+        may not ${what}: it lacks the <code>${scope}</code> scope (it has ${
+        me.scopes.map((s, i) => html`${i ? ", " : ""}<code>${s}</code>`)}).
+        Ask an admin for a token with it, or sign out and use another one.</div>
+      ${can(SCOPE.SUBMIT) && scope !== SCOPE.SUBMIT
+        ? html`<p><a class="button" href="#/submit">Submit a job</a></p>` : ""}`);
+    if (flash) { notice($("[data-testid=page-notice]", el), flash.kind, flash.content); flash = null; }
+    return {stop() {}};
+  }
+
   function notice(el, kind, content) {
     el.className = `notice ${kind}`;
     setHTML(el, content);
@@ -334,6 +541,7 @@
 
   // ---------------------------------------------------------------- overview
   function overviewView() {
+    const operate = can(SCOPE.OPERATE);
     const el = render("Overview", html`
       <h1>Overview</h1>
       <section class="cards" aria-label="Jobs per status" data-testid="status-cards">
@@ -349,7 +557,8 @@
           <thead><tr><th scope="col">Job</th><th scope="col">Type</th>
             <th scope="col" style="width:34%">Progress</th><th scope="col" class="num">Attempt</th>
             <th scope="col">Started</th><th scope="col">Updated</th>
-            <th scope="col"><span class="sr-only">Actions</span></th></tr></thead>
+            ${operate ? html`<th scope="col"><span class="sr-only">Actions</span></th>` : ""}
+            </tr></thead>
           <tbody></tbody></table></div>
       </section>
       <div class="grid chart-types">
@@ -386,17 +595,17 @@
       const running = stats.running || [];
       setText($("[data-testid=running-count]", el), running.length ? `${running.length} running` : "");
       patchRows($("[data-testid=running-table] tbody", el), running, {
-        key: (j) => j.job_id, cols: 7, empty: "Nothing is running right now.",
+        key: (j) => j.job_id, cols: operate ? 7 : 6, empty: "Nothing is running right now.",
         attrs: (j) => ({"data-testid": "running-row", "data-job-id": j.job_id}),
         cells: (j) => [
           jobLink(j.job_id), {html: html`${j.job_type}`, cls: "nowrap"},
           progressBar(j.progress, j.progress_message), num(j.attempts),
           timeCell(j.created_at), timeCell(j.updated_at),
-          j.cancel_requested
+          ...(!operate ? [] : [j.cancel_requested
             ? html`<button class="small" disabled data-testid="cancel-button">Cancelling…</button>`
             : html`<button class="small danger" data-action="cancel" data-job-id="${j.job_id}"
                 data-testid="cancel-button" aria-label="Cancel job ${shortId(j.job_id)} (${
-                j.job_type})">Cancel</button>`,
+                j.job_type})">Cancel</button>`]),
         ],
       });
       const types = Object.keys(stats.by_type || {}).sort();
@@ -562,12 +771,12 @@
       <p class="crumbs"><a href="#/jobs">Jobs</a> / <span data-testid="job-crumb-type"></span></p>
       <h1><span class="mono" data-testid="job-id">${id}</span>
         <span data-testid="job-status-wrap"></span>
-        <span class="actions">
+        ${can(SCOPE.OPERATE) ? html`<span class="actions">
           <button type="button" class="danger" data-action="cancel" data-job-id="${id}"
             data-testid="job-cancel" hidden>Cancel job</button>
           <button type="button" class="primary" data-action="replay" data-job-id="${id}"
             data-testid="job-replay" hidden>Replay</button>
-        </span></h1>
+        </span>` : ""}</h1>
       <div class="notice" role="status" aria-live="polite" data-testid="job-notice"></div>
       <div class="grid halves" data-testid="job-body" hidden>
         <section class="panel" aria-labelledby="facts-h"><h2 id="facts-h">Details</h2>
@@ -620,12 +829,18 @@
     const show = (doc, attempts) => {
       document.title = `${doc.job_type} ${shortId(doc.job_id)} (${doc.status}) · Jobs`;
       setHTML($("[data-testid=job-status-wrap]", el), badge(doc.status, "job-status"));
-      $("[data-testid=job-cancel]", el).hidden = !CANCELLABLE.has(doc.status) || doc.cancel_requested;
-      $("[data-testid=job-replay]", el).hidden = doc.status !== "DEAD_LETTER";
+      const cancelBtn = $("[data-testid=job-cancel]", el);
+      if (cancelBtn) cancelBtn.hidden = !CANCELLABLE.has(doc.status) || doc.cancel_requested;
+      const replayBtn = $("[data-testid=job-replay]", el);
+      if (replayBtn) replayBtn.hidden = doc.status !== "DEAD_LETTER";
       $("[data-testid=job-body]", el).hidden = false;
       $("[data-testid=job-attempts-panel]", el).hidden = false;
       const facts = [
         ["Type", html`<a href="#/jobs?job_type=${encodeURIComponent(doc.job_type)}">${doc.job_type}</a>`],
+        ["Submitted by", doc.submitted_by
+          ? html`<span data-testid="job-submitted-by">${doc.submitted_by}</span>`
+          : html`<span class="muted" data-testid="job-submitted-by"
+              title="submitted before tokens were required">–</span>`],
         ["Status", html`${LABELS[doc.status] || doc.status}${doc.cancel_requested
           && !TERMINAL.has(doc.status) ? " · cancel requested" : ""}`],
         ["Attempts", html`<span data-testid="job-attempts">${doc.attempts}</span>`],
@@ -648,8 +863,8 @@
         encodeURIComponent(doc.job_type)}">${doc.job_type}</a>`);
       const artifact = doc.result && typeof doc.result === "object" && doc.result.artifact;
       setHTML($("[data-testid=artifact-wrap]", el), artifact && doc.status === "COMPLETED"
-        ? html`<a class="button" href="/jobs/${doc.job_id}/artifact" download
-            data-testid="artifact-link">Download ${artifact}</a>` : "");
+        ? html`<button type="button" data-action="download" data-testid="artifact-download"
+            >Download ${artifact}</button>` : "");
       patchRows($("[data-testid=attempts-table] tbody", el), attempts, {
         key: (a) => a.attempt, cols: 6, empty: "Not started yet.",
         attrs: (a) => ({"data-testid": "attempt-row", "data-outcome": a.outcome || "RUNNING"}),
@@ -672,6 +887,15 @@
       refresh() { p.now(); },
       actions: {
         cancel: (btn) => cancelJob(btn, noticeEl, () => { btn.disabled = false; restart(); }),
+        download: async (btn) => {
+          btn.disabled = true;
+          try {
+            await download(`/jobs/${encodeURIComponent(id)}/artifact`, id);
+          } catch (err) {
+            notice(noticeEl, "error", problemHTML(err));
+          }
+          btn.disabled = false;
+        },
         replay: async (btn) => {
           btn.disabled = true;
           try {
@@ -691,9 +915,10 @@
   // ---------------------------------------------------------------- dead letters
   const watched = new Map();  // job id -> {trail: [status...], attempts, type}
   function deadLettersView() {
+    const operate = can(SCOPE.OPERATE);
     const el = render("Dead letters", html`
-      <h1>Dead letters <span class="hint">jobs that kept failing; Replay sends one back to
-        QUEUED with a fresh retry budget</span></h1>
+      <h1>Dead letters <span class="hint">jobs that kept failing${operate ? "; Replay sends one"
+        + " back to QUEUED with a fresh retry budget" : ""}</span></h1>
       <ul class="notice" role="status" aria-live="polite" data-testid="dl-replays"
         style="list-style:none"></ul>
       <div class="notice" role="alert" data-testid="dl-error"></div>
@@ -701,7 +926,8 @@
         <div class="table-wrap"><table data-testid="dl-table">
           <thead><tr><th scope="col">Dead-lettered</th><th scope="col">Job</th>
             <th scope="col">Type</th><th scope="col">Reason</th><th scope="col">Last error</th>
-            <th scope="col" class="num">Attempts</th><th scope="col">Replay</th></tr></thead>
+            <th scope="col" class="num">Attempts</th><th scope="col">${
+              operate ? "Replay" : "Replayed"}</th></tr></thead>
           <tbody></tbody></table></div>
         <p class="more" hidden><button type="button" data-action="more"
           data-testid="dl-more">Load more</button></p>
@@ -724,6 +950,7 @@
           const now = w ? w.trail[w.trail.length - 1] : null;
           let action;
           if (!d.job_id) action = html`<span class="muted">no job</span>`;
+          else if (!d.replayed_at && !operate) action = "";
           else if (!d.replayed_at) {
             action = html`<button type="button" class="small primary" data-action="replay"
               data-job-id="${d.job_id}" data-testid="dl-replay"
@@ -821,6 +1048,11 @@
             0-100)</span></label>
             <input id="f-retries" name="max_retries" type="number" min="0" max="100" inputmode="numeric"
               data-testid="submit-max-retries" style="width:8em"></div>
+          <div class="field"><label for="f-run-at">Run at <span class="hint">(optional)</span></label>
+            <input id="f-run-at" name="run_at" type="datetime-local" step="1"
+              aria-describedby="f-run-at-hint" data-testid="submit-run-at">
+            <span class="hint" id="f-run-at-hint">The job waits until then. Your local time
+              (${localZone()}); sent with this browser's UTC offset.</span></div>
           <div class="notice error" role="alert" data-testid="submit-error"></div>
           <div class="actions"><button type="submit" class="primary"
             data-testid="submit-button">Submit job</button></div>
@@ -860,6 +1092,7 @@
     }).catch((err) => notice(errorEl, "error", problemHTML(err)));
     select.addEventListener("change", () => { clearError(); describe(); });
     textarea.addEventListener("input", clearError);
+    $("#f-run-at", el).addEventListener("input", clearError);
     $("form", el).addEventListener("submit", async (e) => {
       e.preventDefault();
       const btn = $("[data-testid=submit-button]", el);
@@ -874,6 +1107,13 @@
       const body = {job_type: select.value, payload};
       const retries = $("#f-retries", el).value.trim();
       if (retries !== "") body.max_retries = Number(retries);
+      const runAt = $("#f-run-at", el);
+      if (runAt.validity.badInput) {
+        notice(errorEl, "error", "Run at is incomplete: give a full date and time, or clear it.");
+        runAt.focus();
+        return;
+      }
+      if (runAt.value) body.run_at = localISO(runAt.value);
       btn.disabled = true;
       try {
         const doc = await api("/jobs", {method: "POST", body});
@@ -894,6 +1134,11 @@
   }
 
   window.addEventListener("hashchange", route);
-  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", route);
-  else route();
+  const start = () => {
+    $("[data-testid=sign-out]").addEventListener("click", () => endSession(null));
+    showIdentity();
+    route();
+  };
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
 })();

@@ -1,11 +1,17 @@
 """The dashboard in a real browser: Debian's headless Chromium driven by Playwright.
 
-One walk through what an operator does, against the session's real stack:
-submit a job from the form and watch it complete on its page; find a dead letter,
-replay it and see it come back and end dead-lettered again with more attempts;
-cancel a running job from the overview. A screenshot is saved at each step to
+One walk through what an operator does, against the session's real stack: sign in with
+the admin token; submit a job from the form and watch it complete on its page; find a
+dead letter, replay it and see it come back and end dead-lettered again with more
+attempts; cancel a running job from the overview. A screenshot is saved at each step to
 tests/browser/screenshots/ (git-ignored); with JOBS_UPDATE_SCREENSHOTS=1 the set is
 also copied to docs/screenshots/ (committed).
+
+Then what tokens change: no token shows only the sign-in form and asks the API nothing;
+a wrong one shows the API's detail; a read-only token sees jobs but no submit form and
+no cancel buttons, and is signed out when revoked; a token without jobs:read is told so.
+Artifacts download with the token under their own name, and run_at leaves the browser
+with its UTC offset.
 
 No browser is downloaded: Playwright launches /usr/bin/chromium (`make test` installs
 Debian's package where it can); without it the test is skipped, saying why.
@@ -17,9 +23,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -35,10 +43,12 @@ SHOTS = HERE / "screenshots"
 DOCS_SHOTS = HERE.parents[1] / "docs" / "screenshots"
 VIEWPORT = {"width": 1280, "height": 800}
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+TOKEN_KEY = "jobs.token"  # the dashboard's sessionStorage key
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.browser,
+    pytest.mark.timeout(300),  # any test may be the one that starts the session's stack
     pytest.mark.skipif(
         not CHROMIUM.exists(),
         reason="Debian's chromium is not installed (/usr/bin/chromium): `make test` installs it"
@@ -62,16 +72,56 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def page(browser: Any, stack: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1,
-                                  base_url=stack.gateway_url, color_scheme="light")
-    page = context.new_page()
-    page.set_default_timeout(15_000)
+def new_page(browser: Any, stack: Any) -> Iterator[Callable[..., Any]]:
+    """Make pages, each in a fresh context (its own sessionStorage); `options` go to the
+    context. An uncaught error in any of them fails the test."""
+    contexts: list[Any] = []
     crashes: list[str] = []
-    page.on("pageerror", lambda exc: crashes.append(str(exc)))
-    yield page
-    context.close()
+
+    def make(**options: Any) -> Any:
+        context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1,
+                                      base_url=stack.gateway_url, color_scheme="light",
+                                      **options)
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        page.on("pageerror", lambda exc: crashes.append(str(exc)))
+        return page
+
+    yield make
+    for context in contexts:
+        context.close()
     assert not crashes, f"uncaught errors in the page: {crashes}"
+
+
+@pytest.fixture
+def page(new_page: Callable[..., Any]) -> Any:
+    return new_page()
+
+
+def sign_in(page: Any, token: str, name: str) -> None:
+    """Sign in through the form the dashboard shows, as the token called `name`."""
+    expect(page.get_by_test_id("sign-in-form")).to_be_visible()
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_test_id("who-name")).to_have_text(name)
+    expect(page.get_by_test_id("sign-in-form")).to_have_count(0)
+
+
+def stored_token(page: Any) -> str | None:
+    return page.evaluate("(key) => sessionStorage.getItem(key)", TOKEN_KEY)  # type: ignore[no-any-return]
+
+
+def create_token(api: Api, name: str, scopes: list[str]) -> dict[str, Any]:
+    reply = api.request("POST", "/tokens", json_body={"name": name, "scopes": scopes})
+    assert reply.status == 201, reply.body
+    return reply.json  # type: ignore[no-any-return]
+
+
+def is_api_call(url: str) -> bool:
+    """Anything but the dashboard's own files."""
+    path = urlsplit(url).path
+    return not (path in ("/", "/dashboard", "/favicon.ico") or path.startswith("/static/"))
 
 
 class Shots:
@@ -100,12 +150,19 @@ class Shots:
             shutil.copyfile(path, DOCS_SHOTS / path.name)
 
 
-@pytest.mark.timeout(300)  # it may start the session's stack, and runs three jobs to their end
-def test_dashboard_walkthrough(page: Any, api: Api) -> None:
+def test_dashboard_walkthrough(page: Any, api: Api, stack: Any) -> None:
     shots = Shots(page)
 
-    # -- the overview loads and goes live
+    # -- sign in with the admin token; it stays in this tab's sessionStorage only
     page.goto("/")
+    expect(page.get_by_label("API token")).to_be_focused()
+    shots.take("sign-in")
+    sign_in(page, stack.admin_token, "admin")
+    assert stored_token(page) == stack.admin_token
+    assert page.evaluate("() => localStorage.length") == 0
+    assert stack.admin_token not in page.url
+
+    # -- the overview loads and goes live
     expect(page.get_by_test_id("connection")).to_contain_text("live")
     expect(page.get_by_test_id("count-COMPLETED")).to_have_text(re.compile(r"^\d+$"))
     expect(page.get_by_test_id("throughput-chart").locator("svg")).to_be_visible()
@@ -136,6 +193,7 @@ def test_dashboard_walkthrough(page: Any, api: Api) -> None:
     expect(page.get_by_test_id("attempt-row")).to_have_count(1)
     expect(page.get_by_test_id("attempt-row")).to_have_attribute("data-outcome", "COMPLETED")
     expect(page.get_by_test_id("job-cancel")).to_be_hidden()
+    expect(page.get_by_test_id("job-submitted-by")).to_have_text("admin")
     assert api.job(echo_id)["status"] == "COMPLETED"
     shots.take("job-completed")
 
@@ -196,3 +254,175 @@ def test_dashboard_walkthrough(page: Any, api: Api) -> None:
     shots.take("job-cancelled")
 
     shots.publish()
+
+
+def test_without_a_token_the_page_shows_the_sign_in_form_and_no_data(page: Any) -> None:
+    calls: list[str] = []
+    page.on("request", lambda request: is_api_call(request.url) and calls.append(request.url))
+    page.goto("/#/jobs")
+
+    expect(page.get_by_test_id("sign-in-form")).to_be_visible()
+    expect(page.get_by_label("API token")).to_have_attribute("type", "password")
+    expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+    expect(page.get_by_test_id("nav")).to_be_hidden()
+    expect(page.get_by_test_id("who")).to_be_hidden()
+    expect(page.get_by_test_id("connection")).to_contain_text("not signed in")
+    expect(page.get_by_test_id("jobs-table")).to_have_count(0)
+    expect(page.get_by_test_id("status-cards")).to_have_count(0)
+
+    page.get_by_role("button", name="Sign in").click()  # nothing typed yet
+    expect(page.get_by_test_id("sign-in-error")).to_have_text("Paste a token first.")
+    page.wait_for_load_state("networkidle")
+    assert calls == []  # nothing was asked of the API without a token
+    assert stored_token(page) is None
+
+
+def test_a_wrong_token_shows_the_error_and_is_not_kept(page: Any) -> None:
+    page.goto("/")
+    token = page.get_by_label("API token")
+    error = page.get_by_test_id("sign-in-error")
+
+    token.fill("not-a-token")
+    page.get_by_role("button", name="Sign in").click()
+    expect(error).to_contain_text("401")
+    expect(error).to_contain_text("the token is malformed")
+
+    token.fill("jobs_" + "0" * 32 + "_" + "A" * 43)  # well formed, but no such token
+    expect(error).to_be_empty()
+    page.get_by_role("button", name="Sign in").click()
+    expect(error).to_contain_text("the token is not valid")
+
+    expect(page.get_by_test_id("sign-in-form")).to_be_visible()
+    expect(page.get_by_test_id("who")).to_be_hidden()
+    assert stored_token(page) is None
+
+
+def test_a_read_only_token_sees_jobs_but_no_submit_form_or_cancel_buttons(
+        page: Any, api: Api) -> None:
+    viewer = create_token(api, "viewer", ["jobs:read"])
+    reply = api.submit("SLEEPY", {"seconds": 30})
+    assert reply.status == 202, reply.body
+    sleepy_id = reply.json["job_id"]
+    try:
+        page.goto("/")
+        sign_in(page, viewer["token"], "viewer")
+        expect(page.get_by_test_id("nav-jobs")).to_be_visible()
+        expect(page.get_by_test_id("nav-submit")).to_be_hidden()
+
+        running = page.locator(f'[data-testid=running-row][data-job-id="{sleepy_id}"]')
+        expect(running).to_be_visible(timeout=60_000)
+        expect(running.get_by_test_id("progress")).to_be_visible()
+        expect(page.get_by_test_id("cancel-button")).to_have_count(0)
+
+        # the submit page, reached by its address, says why instead of showing the form
+        page.goto("/#/submit")
+        expect(page.get_by_test_id("missing-scope")).to_contain_text("jobs:submit")
+        expect(page.get_by_test_id("submit-form")).to_have_count(0)
+
+        # a reload keeps the session (sessionStorage); the job page has no cancel or replay
+        page.goto(f"/#/jobs/{sleepy_id}")
+        page.reload()
+        expect(page.get_by_test_id("who-name")).to_have_text("viewer")
+        expect(page.get_by_test_id("job-status")).to_have_text("IN_PROGRESS")
+        expect(page.get_by_test_id("job-submitted-by")).to_have_text("admin")
+        expect(page.get_by_test_id("job-cancel")).to_have_count(0)
+        expect(page.get_by_test_id("job-replay")).to_have_count(0)
+
+        # revoked while the page polls: the next answer is 401 and the form comes back
+        reply = api.request("DELETE", f"/tokens/{viewer['id']}")
+        assert reply.status == 204, reply.body
+        expect(page.get_by_test_id("sign-in-form")).to_be_visible()
+        expect(page.get_by_test_id("sign-in-error")).to_contain_text("the token is not valid")
+        expect(page.get_by_test_id("who")).to_be_hidden()
+        assert stored_token(page) is None
+    finally:
+        api.request("POST", f"/jobs/{sleepy_id}/cancel")
+
+
+def test_a_token_without_jobs_read_is_told_so_and_may_still_submit(page: Any, api: Api) -> None:
+    submitter = create_token(api, "submitter", ["jobs:submit"])
+    page.goto("/")
+    sign_in(page, submitter["token"], "submitter")
+    expect(page.get_by_test_id("missing-scope")).to_contain_text("lacks the jobs:read scope")
+    expect(page.get_by_test_id("status-cards")).to_have_count(0)
+    expect(page.get_by_test_id("nav-jobs")).to_be_hidden()
+    expect(page.get_by_test_id("nav-dead-letters")).to_be_hidden()
+
+    page.get_by_test_id("nav-submit").click()
+    job_type = page.get_by_label("Job type")
+    expect(job_type.locator("option[value=ECHO]")).to_be_attached()
+    job_type.select_option("ECHO")
+    page.get_by_label("Payload (JSON)").fill('{"message": "sent blind"}')
+    page.get_by_test_id("submit-button").click()
+    expect(page).to_have_url(re.compile(rf"#/jobs/{UUID}$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    expect(page.get_by_test_id("page-notice")).to_contain_text(f"Submitted: job {job_id}")
+    expect(page.get_by_test_id("missing-scope")).to_contain_text("jobs:read")
+    assert api.job(job_id)["submitted_by"] == "submitter"
+
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_test_id("sign-in-form")).to_be_visible()
+    expect(page.get_by_test_id("sign-in-error")).to_have_text("Signed out.")
+    expect(page.get_by_test_id("who")).to_be_hidden()
+    assert stored_token(page) is None
+
+
+def test_an_artifact_downloads_with_the_token_under_its_own_name(
+        page: Any, api: Api, stack: Any) -> None:
+    reply = api.submit("REPORT_GENERATION", {
+        "title": "Sales", "columns": ["region", "total"],
+        "rows": [["north", 120], ["south", 80]], "format": "csv"})
+    assert reply.status == 202, reply.body
+    job_id = reply.json["job_id"]
+    page.goto(f"/#/jobs/{job_id}")
+    sign_in(page, stack.admin_token, "admin")  # and back to the page asked for
+    expect(page.get_by_test_id("job-status")).to_have_text("COMPLETED", timeout=60_000)
+
+    button = page.get_by_test_id("artifact-download")
+    with page.expect_download() as info:
+        button.click()
+    download = info.value
+    assert download.suggested_filename == "report.csv"
+    assert download.url.startswith("blob:")
+    text = Path(download.path()).read_text(encoding="utf-8")
+    assert "north" in text and "120" in text
+
+    def without_disposition(route: Any) -> None:
+        response = route.fetch()
+        headers = {k: v for k, v in response.headers.items()
+                   if k.lower() != "content-disposition"}
+        route.fulfill(response=response, headers=headers)
+
+    page.route("**/artifact", without_disposition)
+    with page.expect_download() as info:
+        button.click()
+    # no name from the server: the job id (Chromium adds the extension text/csv implies)
+    assert Path(info.value.suggested_filename).stem == job_id
+
+
+def test_run_at_is_sent_with_the_browsers_utc_offset(
+        new_page: Callable[..., Any], api: Api, stack: Any) -> None:
+    page = new_page(timezone_id="Asia/Kolkata")  # +05:30 all year: no summer time to guess
+    india = timezone(timedelta(hours=5, minutes=30))
+    run_at = (datetime.now(india) + timedelta(hours=2)).replace(second=0, microsecond=0)
+    page.goto("/#/submit")
+    sign_in(page, stack.admin_token, "admin")
+
+    job_type = page.get_by_label("Job type")
+    expect(job_type.locator("option[value=ECHO]")).to_be_attached()
+    job_type.select_option("ECHO")
+    page.get_by_label("Payload (JSON)").fill('{"message": "later"}')
+    page.get_by_label("Run at").fill(run_at.strftime("%Y-%m-%dT%H:%M"))
+    with page.expect_request(lambda r: r.method == "POST"
+                             and urlsplit(r.url).path == "/jobs") as sent:
+        page.get_by_test_id("submit-button").click()
+    assert sent.value.post_data_json["run_at"] == run_at.isoformat()  # ...T..:..:00+05:30
+
+    expect(page).to_have_url(re.compile(rf"#/jobs/{UUID}$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    expect(page.get_by_test_id("job-status")).to_have_text("QUEUED")
+    expect(page.get_by_test_id("job-facts")).to_contain_text("Run at")
+    assert datetime.fromisoformat(api.job(job_id)["run_at"]) == run_at
+
+    page.get_by_test_id("job-cancel").click()  # a waiting job is cancelled at once
+    expect(page.get_by_test_id("job-status")).to_have_text("CANCELLED")
