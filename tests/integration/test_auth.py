@@ -3,7 +3,10 @@ the functions behind it, as a user holding each kind of token would see them."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -82,7 +85,7 @@ def test_exporting_the_jobs_table_needs_an_admin_token(api, stack):
     assert api.submit("DATA_EXPORT", export).status == 202
 
 
-def test_a_revoked_token_is_refused_at_once(api, stack):
+def test_a_revoked_token_is_refused_within_the_auth_cache_time(api, stack):
     token_id, token = make_token(api, "short-lived", "jobs:read")
     holder = Api(stack.gateway_url, token)
     assert holder.request("GET", "/jobs?limit=1").status == 200
@@ -90,7 +93,10 @@ def test_a_revoked_token_is_refused_at_once(api, stack):
     mine = next(t for t in listed if t["id"] == token_id)
     assert "token" not in mine and "secret_hash" not in mine
     assert api.request("DELETE", f"/tokens/{token_id}").status == 204
-    assert holder.request("GET", "/jobs?limit=1").status == 401
+    # Each process trusts a verified token for JOBS_AUTH_CACHE_SECONDS (2 s) at most.
+    wait_for(lambda: holder.request("GET", "/jobs?limit=1").status == 401, 6,
+             "the revoked token to be refused")
+    assert holder.request("GET", "/jobs/" + str(uuid.uuid4())).status == 401
     assert api.request("DELETE", f"/tokens/{token_id}").status == 404
 
 
@@ -121,3 +127,13 @@ def test_metrics_take_the_scrape_token_and_nothing_less(api, stack):
     assert scrape.request("GET", "/jobs").status == 401  # it opens /metrics only
     _, token = make_token(api, "reader2", "jobs:read")
     assert Api(stack.gateway_url, token).request("GET", "/metrics").status == 403
+
+
+def test_a_deployment_makes_its_first_admin_token_with_infra_admin_token(stack):
+    env = {**os.environ, "DATABASE_URL": stack.env["DATABASE_URL"]}
+    made = subprocess.run([sys.executable, "-m", "infra.admin_token", "--name", "deploy"],
+                          capture_output=True, text=True, timeout=60, env=env, check=True)
+    token = made.stdout.strip()
+    holder = Api(stack.gateway_url, token)
+    assert holder.request("GET", "/whoami").json == {"name": "deploy", "scopes": ["admin"]}
+    assert holder.request("GET", "/tokens").status == 200
