@@ -143,6 +143,10 @@ def create_token(db: Database, name: str, scopes: Iterable[str],
     if expires_at is not None:
         if expires_at.tzinfo is None:
             raise _invalid(["expires_at"], "needs a UTC offset, e.g. 2030-01-31T14:00:00Z")
+        try:  # PostgreSQL takes offsets up to 15:59 only: store the instant in UTC
+            expires_at = expires_at.astimezone(UTC)
+        except OverflowError:
+            raise _invalid(["expires_at"], "is out of range once converted to UTC") from None
         if expires_at <= datetime.now(UTC):
             raise _invalid(["expires_at"], "must be in the future")
     token = new_secret()

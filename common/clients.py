@@ -8,12 +8,12 @@ import threading
 
 from common.auth import Authenticator
 from common.cache import StatusCache, get_cache
-from common.db import Database, GroupCommitter, get_database, migrate
+from common.db import Database, GroupCommitter, connect_kwargs, get_database, migrate
 from common.handlers import load_handlers
 from common.jobs import PublishMarks
 from common.processing import Processor
 from common.queue import Publisher, get_publisher
-from common.settings import Settings, get_settings
+from common.settings import MissingSetting, Settings, get_settings, require
 
 log = logging.getLogger(__name__)
 _ready: set[str] = set()
@@ -24,9 +24,21 @@ def settings() -> Settings:
     return get_settings()
 
 
+def needs(*fields: str) -> None:
+    """Refuse to start (SystemExit naming each variable) unless these services are given:
+    called by each function as it is loaded, before it answers anything."""
+    try:
+        require(get_settings(), *fields)
+        if "database_url" in fields:
+            connect_kwargs(get_settings().database_url)  # a bad parameter stops us here
+    except (MissingSetting, ValueError, OSError) as exc:
+        raise SystemExit(f"cannot start: {exc}") from None
+
+
 def database() -> Database:
     """The PostgreSQL pool; the schema is migrated on this process's first use."""
     s = get_settings()
+    require(s, "database_url")
     db = get_database(s.database_url)
     if s.database_url not in _ready:
         with _lock:
@@ -74,11 +86,13 @@ def authenticator() -> Authenticator:
 
 def cache() -> StatusCache:
     s = get_settings()
+    require(s, "redis_url")
     return get_cache(s.redis_url, timeout=s.redis_timeout_seconds, ttl=s.cache_ttl_seconds)
 
 
 def publisher() -> Publisher:
     s = get_settings()
+    require(s, "kafka_bootstrap_servers")
     return get_publisher(s.kafka_bootstrap_servers, timeout=s.publish_timeout_seconds)
 
 

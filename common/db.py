@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import queue
+import ssl
 import sys
 import threading
 import time
@@ -38,23 +39,86 @@ _NETWORK_WORDS = ("network", "connect", "closed", "timeout", "timed out", "broke
                   "reset", "eof", "refused")
 
 
+#: libpq's sslmode values this client honours exactly; `allow` and `prefer` (TLS if the
+#: server offers it, else plaintext) are refused: no silent fallback to plaintext.
+SSL_MODES = ("disable", "require", "verify-ca", "verify-full")
+_URL_PARAMS = {"sslmode", "sslrootcert", "sslcert", "sslkey", "host", "connect_timeout",
+               "application_name"}
+
+
 def connect_kwargs(dsn: str) -> dict[str, Any]:
-    """pg8000 keyword arguments for a `postgresql://user:pass@host:port/db` URL."""
+    """pg8000 keyword arguments for a `postgresql://user:pass@host:port/db?...` URL.
+
+    Parameters as libpq reads them: `sslmode` (disable, require, verify-ca, verify-full),
+    `sslrootcert` (CA bundle), `sslcert`/`sslkey` (client certificate), `host=/dir` (a
+    Unix socket directory, as Cloud SQL's `/cloudsql/<instance>`), `connect_timeout`,
+    `application_name`. Anything else is an error, never silently ignored.
+    """
     url = urlparse(dsn)
     if url.scheme not in ("postgres", "postgresql"):
-        raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got {dsn!r}")
-    query = parse_qs(url.query)
+        raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got {_redact(dsn)!r}")
+    query = parse_qs(url.query, keep_blank_values=True)
+    unknown = sorted(set(query) - _URL_PARAMS)
+    if unknown:
+        raise ValueError(f"DATABASE_URL: unsupported parameter(s) {', '.join(unknown)};"
+                         f" supported: {', '.join(sorted(_URL_PARAMS))}")
+    one = {name: values[-1] for name, values in query.items()}
+    port = url.port or 5432
     kwargs: dict[str, Any] = {
         "user": unquote(url.username or "postgres"),
-        "host": url.hostname or "127.0.0.1",
-        "port": url.port or 5432,
         "database": unquote(url.path.lstrip("/")) or "postgres",
-        "timeout": float(query.get("connect_timeout", ["15"])[0]),
-        "application_name": query.get("application_name", ["jobs"])[0],
+        "timeout": float(one.get("connect_timeout", "15")),
+        "application_name": one.get("application_name", "jobs"),
     }
+    socket_dir = one.get("host")
+    if socket_dir:
+        if not socket_dir.startswith("/"):
+            raise ValueError("DATABASE_URL: host= takes a Unix socket directory (/cloudsql/...);"
+                             " put a TCP host in the URL's authority")
+        kwargs["unix_sock"] = f"{socket_dir.rstrip('/')}/.s.PGSQL.{port}"
+    else:
+        kwargs["host"] = url.hostname or "127.0.0.1"
+        kwargs["port"] = port
     if url.password:
         kwargs["password"] = unquote(url.password)
+    context = ssl_context(one)
+    if context is not None:
+        kwargs["ssl_context"] = context
     return kwargs
+
+
+def ssl_context(params: dict[str, str]) -> ssl.SSLContext | None:
+    """The TLS context libpq's sslmode and file parameters ask for (None: plaintext)."""
+    mode = params.get("sslmode", "disable")
+    if mode not in SSL_MODES:
+        raise ValueError(f"DATABASE_URL: sslmode={mode!r} is not supported; use one of"
+                         f" {', '.join(SSL_MODES)}")
+    files = [n for n in ("sslrootcert", "sslcert", "sslkey") if params.get(n)]
+    if mode == "disable":
+        if files:
+            raise ValueError(f"DATABASE_URL: {', '.join(files)} given with sslmode=disable")
+        return None
+    root = params.get("sslrootcert")
+    if mode == "require" and not root:
+        # libpq: encrypted, server not verified (unless a root certificate is given).
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(cafile=root or None)
+        context.check_hostname = mode == "verify-full"
+    if params.get("sslcert"):
+        context.load_cert_chain(params["sslcert"], params.get("sslkey") or None)
+    elif params.get("sslkey"):
+        raise ValueError("DATABASE_URL: sslkey given without sslcert")
+    return context
+
+
+def _redact(dsn: str) -> str:
+    url = urlparse(dsn)
+    if url.password:
+        return dsn.replace(f":{url.password}@", ":***@", 1)
+    return dsn
 
 
 def is_connection_error(exc: BaseException) -> bool:

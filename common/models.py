@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 
 class JobStatus(str, Enum):
@@ -46,6 +46,10 @@ class JobStatus(str, Enum):
         return self in (JobStatus.COMPLETED, JobStatus.DEAD_LETTER, JobStatus.CANCELLED)
 
 
+RUN_AT_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+RUN_AT_AHEAD = timedelta(days=36525)
+
+
 class JobSubmission(BaseModel):
     """Body of `POST /jobs`."""
 
@@ -62,8 +66,24 @@ class JobSubmission(BaseModel):
         description="Retries after the first attempt (default 3)",
     )
     run_at: AwareDatetime | None = Field(
-        default=None, description="Do not start before this time (ISO 8601 with a UTC offset)"
+        default=None, description="Do not start before this time (ISO 8601 with a UTC offset;"
+        " from 1970 to 100 years ahead)"
     )
+
+    @field_validator("run_at")
+    @classmethod
+    def _run_at_in_range(cls, value: datetime | None) -> datetime | None:
+        # "9999-12-31T23:59:59-14:00" is past year 9999 in UTC: PostgreSQL stores it, but
+        # it then reads back as text and breaks every listing that holds the job.
+        if value is None:
+            return None
+        try:
+            utc = value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("is out of range once converted to UTC") from None
+        if utc < RUN_AT_MIN or utc > datetime.now(UTC) + RUN_AT_AHEAD:
+            raise ValueError("must be between 1970-01-01T00:00:00Z and 100 years from now")
+        return utc
 
 
 class AttemptRecord(BaseModel):

@@ -15,10 +15,12 @@ DEFAULT_DATA_DIR = Path(os.environ.get("JOBS_DATA_DIR", Path.cwd() / ".data"))
 class Settings(BaseModel):
     """Every knob of the system; environment variable names are given in `ENV`."""
 
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    kafka_bootstrap_servers: str = "127.0.0.1:9092"
-    smtp_url: str = "smtp://127.0.0.1:2525"
+    # Service addresses have no default: a process never falls back to whatever listens
+    # on a standard port. `make run` starts each one not given and passes its URL.
+    database_url: str = ""
+    redis_url: str = ""
+    kafka_bootstrap_servers: str = ""
+    smtp_url: str = ""
     smtp_from: str = "jobs@localhost"
     queue_topic: str = "job-queue"
     dlq_topic: str = "job-dlq"
@@ -81,6 +83,26 @@ ENV = {
     "metrics_token": "JOBS_METRICS_TOKEN",
     "gateway_memory_bytes": "JOBS_GATEWAY_MEMORY_BYTES",
 }
+
+
+class MissingSetting(RuntimeError):
+    """A service address the process needs was not given."""
+
+
+_WHAT = {
+    "database_url": "the PostgreSQL URL, postgresql://user:password@host:port/database",
+    "redis_url": "the Redis URL, redis://host:port/0 (rediss:// for TLS)",
+    "kafka_bootstrap_servers": "the Kafka brokers, host:port[,host:port]",
+    "smtp_url": "the SMTP server, smtp://[user:password@]host:port",
+}
+
+
+def require(settings: Settings, *fields: str) -> None:
+    """MissingSetting naming every variable among `fields` that is not set."""
+    missing = [f for f in fields if not getattr(settings, f)]
+    if missing:
+        raise MissingSetting("; ".join(f"{ENV[f]} is not set ({_WHAT[f]})" for f in missing)
+                             + ". `make run` starts local servers and sets them for you.")
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:

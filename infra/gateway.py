@@ -417,6 +417,7 @@ def app_from_environment() -> Starlette:
     """The uvicorn factory: upstream URLs from JOBS_SUBMIT_URL and JOBS_STATUS_URL."""
     _die_with_parent()
     configure_logging("gateway")
+    clients.needs("database_url", "redis_url")
     missing = [n for n in ("JOBS_SUBMIT_URL", "JOBS_STATUS_URL") if not os.environ.get(n)]
     if missing:
         raise SystemExit(f"the gateway needs {' and '.join(missing)}")

@@ -17,6 +17,7 @@ from common.logs import configure_logging
 from common.queue import DEAD_LETTER_EVENT_TYPE
 
 configure_logging("dlq")
+clients.needs("database_url")
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from common.logs import configure_logging
 from common.processing import PoisonMessage, parse_message
 
 configure_logging("process")
+clients.needs("database_url", "redis_url", "kafka_bootstrap_servers", "smtp_url")
 clients.warm_up_after_fork(process=True)
 
 log = logging.getLogger(__name__)

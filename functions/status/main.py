@@ -13,6 +13,7 @@ from common.logs import configure_logging
 from common.models import AttemptPage, DeadLetterPage, JobDocument, JobPage, Stats
 
 configure_logging("status")
+clients.needs("database_url", "redis_url")
 clients.warm_up_after_fork(publish=False)
 
 

@@ -13,6 +13,7 @@ from common.logs import configure_logging
 from common.models import BatchAccepted, JobSubmission
 
 configure_logging("submit")
+clients.needs("database_url", "redis_url", "kafka_bootstrap_servers")
 clients.warm_up_after_fork()
 
 

@@ -14,6 +14,7 @@ from common.sweeper import sweep
 log = logging.getLogger(__name__)
 
 configure_logging("sweeper")
+clients.needs("database_url", "redis_url", "kafka_bootstrap_servers")
 
 
 @functions_framework.http

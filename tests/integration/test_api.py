@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from common.cache import StatusCache
+from common.db import Database
 from tests.support.client import Api, wait_for
 
 pytestmark = pytest.mark.integration
@@ -210,3 +211,30 @@ def test_a_final_document_is_announced_to_the_gateway_before_anyone_asks(api, st
         return api.job(job_id)["status"] == "COMPLETED" and client.hget(key, "doc") is None
 
     wait_for(answered_from_memory, timeout=10)
+
+
+@pytest.mark.parametrize("run_at", ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"])
+def test_an_extreme_run_at_is_a_422_and_stores_nothing(api, database_url, run_at):
+    marker = str(uuid.uuid4())
+    reply = api.submit("ECHO", {"message": marker}, run_at=run_at)
+    assert reply.status == 422 and reply.json["errors"][0]["loc"] == ["run_at"], reply.body
+    db = Database(database_url)
+    try:
+        assert db.run("SELECT count(*) FROM jobs WHERE payload_json->>'message' = :m",
+                      m=marker) == [[0]]
+    finally:
+        db.close()
+    assert api.request("GET", "/jobs?status=QUEUED&limit=200").status == 200
+
+
+def test_a_single_key_can_never_name_an_item_of_a_batch(api):
+    key = f"k-{uuid.uuid4()}"
+    single = api.request("POST", "/jobs", json_body={"job_type": "ECHO",
+                                                     "payload": {"message": "single"}},
+                         headers={"Idempotency-Key": f"batch:{key}:0"})
+    assert single.status == 202, single.body
+    batch = api.request("POST", "/jobs/batch", headers={"Idempotency-Key": key},
+                        json_body={"jobs": [{"job_type": "ECHO",
+                                             "payload": {"message": "batch"}}]})
+    assert batch.status == 202, batch.body
+    assert batch.json["jobs"][0]["job_id"] != single.json["job_id"]

@@ -193,3 +193,11 @@ def test_bootstrap_replaces_garbage_in_a_world_readable_file(db, tmp_path):
     path.chmod(0o644)
     token = bootstrap_admin_token(db, path)
     assert token is not None and path.read_text() == token + "\n" and mode(path) == 0o600
+
+
+def test_an_expiry_with_an_offset_postgresql_cannot_store_is_kept_as_its_utc_instant(db):
+    from datetime import timezone
+
+    odd = datetime(8998, 10, 13, 16, 43, tzinfo=timezone(timedelta(hours=21, minutes=5)))
+    made = create_token(db, "far", ["jobs:read"], odd)
+    assert datetime.fromisoformat(made["expires_at"]) == odd

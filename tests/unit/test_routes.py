@@ -6,15 +6,28 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 from starlette.routing import Route
 
 from common import clients
 from common.openapi import build_openapi
 from common.routes import API, GATEWAY, operations
+from common.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 # Served beside the API, not part of it: Swagger UI, the dashboard and their assets.
 STATIC = {"/swagger-ui.html", "/docs", "/", "/dashboard"}
+
+
+@pytest.fixture(autouse=True)
+def service_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Functions refuse to load without their services' URLs; nothing connects here."""
+    for name, url in [("DATABASE_URL", "postgresql://u@db.invalid/jobs"),
+                      ("REDIS_URL", "redis://cache.invalid/0"),
+                      ("KAFKA_BOOTSTRAP_SERVERS", "broker.invalid:9092"),
+                      ("SMTP_URL", "smtp://mail.invalid:25")]:
+        monkeypatch.setenv(name, url)
+    get_settings.cache_clear()
 
 
 def _function_module(name: str):
@@ -90,3 +103,11 @@ def test_the_submission_schema_documents_every_field_of_a_submission():
             schemas[name]["properties"]), name
     body = build_openapi()["paths"]["/jobs"]["post"]["requestBody"]["content"]
     assert body["application/json"]["example"]["job_type"] == "REPORT_GENERATION"
+
+
+@pytest.mark.parametrize("name", ["submit", "status", "process", "dlq", "sweeper"])
+def test_a_function_without_its_service_urls_refuses_to_load_naming_them(name, monkeypatch):
+    monkeypatch.delenv("DATABASE_URL")
+    get_settings.cache_clear()
+    with pytest.raises(SystemExit, match="DATABASE_URL is not set"):
+        _function_module(name)

@@ -98,3 +98,15 @@ def test_the_openapi_document_is_3_1_and_documents_every_registered_payload_mode
             assert jt.payload_model.__name__ in schemas
     assert {"/jobs", "/jobs/{job_id}", "/dead-letters", "/jobs/{job_id}/retry"} <= set(
         doc["paths"])
+
+
+@pytest.mark.parametrize("run_at", ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00",
+                                    "1969-12-31T23:59:59Z", "2500-01-01T00:00:00Z"])
+def test_a_run_at_outside_1970_to_a_century_ahead_is_refused(run_at):
+    with pytest.raises(ValidationError, match="run_at"):
+        JobSubmission.model_validate({"job_type": "X", "run_at": run_at})
+
+
+def test_a_run_at_with_an_offset_is_kept_as_the_same_instant_in_utc():
+    sub = JobSubmission.model_validate({"job_type": "X", "run_at": "2030-01-01T05:30:00+05:30"})
+    assert sub.run_at.isoformat() == "2030-01-01T00:00:00+00:00"
