@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from common import clients, deadletters, jobs, metrics
 from common.auth import Principal
+from common.cache import FINAL_STATES
 from common.errors import ApiError, ServiceUnavailable
 from common.handlers import get_job_type, validate_payload
 from common.lifecycle import transition
@@ -145,11 +146,18 @@ def get_job(job_id: str) -> JobDocument:
 
 
 def job_document(job_id: str) -> dict[str, Any]:
-    """The job's document as cached (JSON-ready), cache first, PostgreSQL on a miss."""
+    """The job's document (JSON-ready): from the cache if it is final, else PostgreSQL.
+
+    Reads never go backwards: a cache write can fail (Redis stopped, paused, slow) and
+    leave an older document behind while PostgreSQL, which other readers may already
+    have been answered from, holds a newer one. A final document (COMPLETED, CANCELLED)
+    is the last version there will ever be, so only those are served from the cache; any
+    other state is read from PostgreSQL, which is never behind.
+    """
     job_id = parse_job_id(job_id)
     cache = clients.cache()
     doc = cache.get(job_id)
-    if doc is not None:
+    if doc is not None and doc.get("status") in FINAL_STATES:
         metrics.STATUS_LOOKUPS.labels("cache").inc()
         return doc
     metrics.STATUS_LOOKUPS.labels("database").inc()
@@ -158,7 +166,8 @@ def job_document(job_id: str) -> dict[str, Any]:
     if row is None:
         raise ApiError(404, "Job not found", f"no job {job_id}")
     doc = jobs.document(row)
-    cache.put([doc])  # a fill: nothing is lost if it fails
+    if doc["status"] in FINAL_STATES:
+        cache.put([doc])  # a fill: nothing is lost if it fails
     return doc
 
 

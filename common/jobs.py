@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from common.cache import StatusCache
+from common.cache import FINAL_STATES, StatusCache
 from common.db import Connection, Database, GroupCommitter, rows_as_dicts
 from common.errors import ApiError
 from common.lifecycle import transition_many_sql, transition_sql
@@ -277,16 +277,19 @@ def attempt_history(conn: Connection, job_id: str) -> list[dict[str, Any]]:
 
 def cache_rows(db: Database, cache: StatusCache,
                rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Write job documents to the cache and return them; if Redis cannot take them, queue a
-    repair in PostgreSQL so the sweeper writes them later (the cache must not stay stale)."""
+    """The rows' job documents; the final ones (COMPLETED, CANCELLED) are also written to
+    the cache, the only documents it serves (see `api.job_document`). If Redis cannot take
+    them, a repair is queued in PostgreSQL so the sweeper writes them later."""
     docs = [document(row) for row in rows]
-    if not rows or cache.put(docs):
+    final = [(row, doc) for row, doc in zip(rows, docs, strict=True)
+             if doc["status"] in FINAL_STATES]
+    if not final or cache.put([doc for _, doc in final]):
         return docs
     try:
         db.run("INSERT INTO cache_repairs (job_id) SELECT unnest(CAST(:ids AS uuid[]))"
-               " ON CONFLICT DO NOTHING", ids=[str(row["job_id"]) for row in rows])
+               " ON CONFLICT DO NOTHING", ids=[str(row["job_id"]) for row, _ in final])
     except Exception as exc:  # PostgreSQL down too: nothing more we can do here
-        log.warning("could not queue a cache repair for %d job(s): %s", len(rows), exc)
+        log.warning("could not queue a cache repair for %d job(s): %s", len(final), exc)
     return docs
 
 

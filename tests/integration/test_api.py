@@ -143,20 +143,30 @@ def test_status_is_served_from_the_cache_and_filled_on_a_miss(api, stack):
     assert client.hget(key, "doc") is not None
 
 
-def test_the_gateway_remembers_only_final_documents(api, stack):
+def test_only_final_documents_are_served_from_memory_or_the_cache(api, stack):
     client = redis.Redis.from_url(stack.env["REDIS_URL"])
     done = api.wait_status(api.submit("ECHO", {"message": "final"}).json["job_id"])
     assert done["status"] == "COMPLETED"
     assert api.job(done["job_id"]) == done  # looked up once more: now in memory too
     client.delete(f"jobs:status:{done['job_id']}")
     assert api.job(done["job_id"]) == done  # a final document never changes
-    # A job in any other state is read from Redis every time: a change shows at once.
+    # A job in any other state is read from PostgreSQL every time: a change shows at once,
+    # and an older document left in Redis (a failed cache write) is never served.
     waiting = api.submit("ECHO", {"message": "later"}, run_at="2099-01-01T00:00:00Z").json
     assert api.job(waiting["job_id"])["status"] == "QUEUED"
     key = f"jobs:status:{waiting['job_id']}"
-    changed = {**json.loads(client.hget(key, "doc")), "progress_message": "seen"}
-    client.hset(key, "doc", json.dumps(changed))
-    assert api.job(waiting["job_id"])["progress_message"] == "seen"
+    assert client.hget(key, "doc") is None  # only final documents are cached
+    # What a failed cache write leaves behind: an older version than PostgreSQL's.
+    client.hset(key, mapping={"v": 1, "doc": json.dumps(waiting)})
+    db = Database(stack.env["DATABASE_URL"])
+    try:
+        db.run("UPDATE jobs SET progress_message = 'seen', version = version + 1"
+               " WHERE job_id = CAST(:id AS uuid)", id=waiting["job_id"])
+    finally:
+        db.close()
+    seen = api.job(waiting["job_id"])
+    assert (seen["status"], seen["progress_message"], seen["version"]) == ("QUEUED", "seen",
+                                                                            2)
     api.request("POST", f"/jobs/{waiting['job_id']}/cancel")
 
 
