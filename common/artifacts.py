@@ -1,7 +1,8 @@
 """Job artifacts on disk: one folder per job, written atomically, found again for download.
 
 Layout: `<artifact_dir>/<job_id>/<filename>`. A job's result records the
-filename; the API serves it at `/jobs/<job_id>/artifact`.
+filename; the API serves it at `/jobs/<job_id>/artifact` under that name, so each
+job's file is named after the job (`report-3f2c9a1b.pdf`, see `artifact_name`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 # A plain file name: no separators, no leading dot (temp files start with one), bounded length.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TEMP_PREFIX = ".tmp-"
+#: Hex digits of the job id in an artifact's name: the prefix `jobs status` also takes.
+SHORT_ID_LENGTH = 8
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP, CSV injection).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,29 @@ def content_type_for(filename: str) -> str:
 def artifact_location(job_id: UUID | str) -> str:
     """The API path a job's artifact is downloaded from."""
     return f"/jobs/{_job_folder_name(job_id)}/artifact"
+
+
+def artifact_name(stem: str, job_id: UUID | str, extension: str) -> str:
+    """A file name of its own per job, `<stem>-<short job id>.<extension>`.
+
+    Downloads keep this name, so two jobs' files never collide in one folder
+    (`curl -OJ` refuses to overwrite), and the short id says which job it came from.
+    """
+    name = f"{stem}-{_job_folder_name(job_id)[:SHORT_ID_LENGTH]}.{extension}"
+    _check_filename(name)
+    return name
+
+
+def csv_safe(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text rather than running as a formula.
+
+    A cell starting with `=`, `+`, `-`, `@`, tab or carriage return gets a leading
+    `'`, as OWASP recommends; a plain number such as `-5` or `-3.2` cannot run and
+    is left as it is.
+    """
+    if text.startswith(_FORMULA_STARTS) and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
 
 
 def artifact_path(artifact_dir: Path | str, job_id: UUID | str) -> Path:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from common.artifacts import text_writer, write_artifact
+from common.artifacts import artifact_name, csv_safe, text_writer, write_artifact
 from common.db import Connection, Database, get_database
 from common.errors import RetryableError
 from common.handlers import JobContext, job_handler
@@ -26,7 +26,11 @@ MAX_LIMIT = 10_000_000
 
 @dataclass(frozen=True)
 class Dataset:
-    """What one dataset name may read. SQL names come only from here, never from a payload."""
+    """What one dataset name may read. SQL names come only from here, never from a payload.
+
+    `columns` are the names the artifact uses, the API's JSON names; `sources` maps
+    the few that differ to their SQL column (`payload` is `payload_json`).
+    """
 
     table: str
     columns: tuple[str, ...]
@@ -34,6 +38,14 @@ class Dataset:
     time_column: str  # the created-at filters and the first sort key
     key_column: str  # unique tie-breaker, so the keyset order is total
     has_status: bool = False
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def select_list(self) -> str:
+        """The SELECT list, each column under its API name."""
+        return ", ".join(
+            f"{self.sources[name]} AS {name}" if name in self.sources else name
+            for name in self.columns
+        )
 
 
 DATASETS: dict[str, Dataset] = {
@@ -46,16 +58,18 @@ DATASETS: dict[str, Dataset] = {
             "retries",
             "max_retries",
             "attempts",
-            "payload_json",
-            "result_json",
+            "payload",
+            "result",
             "error_message",
+            "submitted_by",
             "created_at",
             "updated_at",
         ),
-        json_columns=frozenset({"payload_json", "result_json"}),
+        json_columns=frozenset({"payload", "result"}),
         time_column="created_at",
         key_column="job_id",
         has_status=True,
+        sources={"payload": "payload_json", "result": "result_json"},
     ),
     "dead_letters": Dataset(
         table="dead_letters",
@@ -174,7 +188,8 @@ def export_data(payload: ExportPayload, ctx: JobContext) -> dict[str, Any]:
     """Export an allow-listed PostgreSQL dataset (jobs, dead_letters) to CSV or JSON Lines.
 
     Rows are streamed in keyset-paginated batches from one consistent snapshot and
-    written to the artifact as they arrive.
+    written to the artifact (`<dataset>-<short job id>.<format>`) as they arrive, with
+    progress reported along the way. Keys and columns are the API's JSON names.
     """
     return run_export(payload, ctx, get_database(get_settings().database_url))
 
@@ -191,21 +206,52 @@ def run_export(
         nonlocal written
         with db.transaction() as conn:
             # One snapshot for every batch: a row updated mid-export cannot move
-            # past the cursor and appear twice, nor be skipped.
+            # past the cursor and appear twice, nor be skipped; the count agrees with it.
             conn.run("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             conn.run("SET LOCAL statement_timeout = '60s'")
+            total = count_rows(conn, dataset, payload.filters, payload.limit)
+            ctx.progress(0.0, f"exporting {total:,} rows")
             rows = iter_rows(conn, dataset, payload.filters, payload.limit, batch_size, ctx)
-            written = write_rows(dataset, rows, out)
+            written = write_rows(dataset, _reporting(rows, total, batch_size, ctx), out)
 
     info = write_artifact(
-        ctx.artifact_dir, ctx.job_id, f"{payload.dataset}.{payload.format}", write
+        ctx.artifact_dir,
+        ctx.job_id,
+        artifact_name(payload.dataset, ctx.job_id, payload.format),
+        write,
     )
+    ctx.progress(1.0, f"exported {written:,} rows")
     return {
         **info.as_result(ctx.job_id),
         "format": payload.format,
         "dataset": payload.dataset,
         "rows": written,
     }
+
+
+def count_rows(
+    conn: Connection, dataset: Dataset, filters: ExportFilters, limit: int | None
+) -> int:
+    """How many rows the export will write (in the transaction's snapshot)."""
+    where, params = _filter_sql(dataset, filters)
+    sql = f"SELECT 1 FROM {dataset.table}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if limit is not None:
+        sql += " LIMIT :limit"  # counting stops where the export will
+        params["limit"] = limit
+    [[count]] = conn.run(f"SELECT count(*) FROM ({sql}) AS matching", **params)
+    return int(count)
+
+
+def _reporting(
+    rows: Iterator[list[Any]], total: int, every: int, ctx: JobContext
+) -> Iterator[list[Any]]:
+    """`rows` as they are, with progress reported every `every` rows (short of 1.0)."""
+    for done, row in enumerate(rows, 1):
+        yield row
+        if done % every == 0 and total:
+            ctx.progress(min(done / total, 0.99), f"{done:,} of {total:,} rows exported")
 
 
 def iter_rows(
@@ -218,7 +264,7 @@ def iter_rows(
 ) -> Iterator[list[Any]]:
     """Rows in (time, key) order, fetched `batch_size` at a time; never the whole table."""
     where, params = _filter_sql(dataset, filters)
-    columns = ", ".join(dataset.columns)
+    columns = dataset.select_list()
     order = f"{dataset.time_column}, {dataset.key_column}"
     time_at = dataset.columns.index(dataset.time_column)
     key_at = dataset.columns.index(dataset.key_column)
@@ -278,19 +324,27 @@ def _json_text(value: Any) -> str:
 
 
 def write_csv(dataset: Dataset, rows: Iterator[list[Any]], out: IO[bytes]) -> int:
-    """CSV with a heading row; JSON columns as JSON text, null as an empty cell."""
+    """CSV with a heading row; JSON columns as JSON text, null as an empty cell.
+
+    Text cells come from submitters (payloads, error messages, token names): any a
+    spreadsheet would run as a formula is prefixed with `'` (`csv_safe`).
+    """
     json_at = {i for i, name in enumerate(dataset.columns) if name in dataset.json_columns}
     count = 0
     with text_writer(out) as text:
         writer = csv.writer(text)
         writer.writerow(dataset.columns)
         for row in rows:
-            writer.writerow(
-                "" if value is None else _json_text(value) if i in json_at else _plain(value)
-                for i, value in enumerate(row)
-            )
+            writer.writerow(_csv_cell(value, i in json_at) for i, value in enumerate(row))
             count += 1
     return count
+
+
+def _csv_cell(value: Any, is_json: bool) -> Any:
+    if value is None:
+        return ""
+    cell = _json_text(value) if is_json else _plain(value)
+    return csv_safe(cell) if isinstance(cell, str) else cell
 
 
 def write_jsonl(dataset: Dataset, rows: Iterator[list[Any]], out: IO[bytes]) -> int:

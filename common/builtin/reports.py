@@ -15,18 +15,22 @@ from typing import IO, Annotated, Any, Literal
 from fpdf import FPDF
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from common.artifacts import text_writer, write_artifact
+from common.artifacts import artifact_name, csv_safe, text_writer, write_artifact
 from common.errors import RetryableError
 from common.handlers import JobContext, job_handler
 
 log = logging.getLogger(__name__)
+# fpdf2 subsets the embedded font with fontTools, which logs some 40 INFO lines per PDF.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 MAX_ROWS = 100_000
 MAX_COLUMNS = 50
 #: About 35 µs per PDF cell measured: this keeps the largest PDF under a minute of work.
 MAX_PDF_CELLS = 1_000_000
-#: Rows rendered between two looks at `ctx.should_stop()`.
+#: Rows rendered between two looks at `ctx.should_stop()` and two progress reports.
 CHUNK_ROWS = 500
+#: The share of a PDF's progress spent on laying out rows; the rest is writing the file.
+PDF_ROWS_SHARE = 0.9
 
 Cell = Annotated[str, Field(max_length=10_000)] | int | float | bool | None
 ReportFormat = Literal["csv", "html", "pdf"]
@@ -93,16 +97,19 @@ class ReportPayload(BaseModel):
 def generate_report(payload: ReportPayload, ctx: JobContext) -> dict[str, Any]:
     """Render a table as CSV, HTML or PDF and store it as the job's artifact.
 
-    Returns the artifact's name, size, SHA-256, content type and download location.
+    Reports progress as rows are rendered. Returns the artifact's name (its own per
+    job: `report-<short job id>.<format>`), size, SHA-256, content type and download
+    location.
     """
     render = _RENDERERS[payload.format]
     generated_at = datetime.now(UTC)
     info = write_artifact(
         ctx.artifact_dir,
         ctx.job_id,
-        f"report.{payload.format}",
+        artifact_name("report", ctx.job_id, payload.format),
         lambda out: render(payload, out, ctx, generated_at),
     )
+    ctx.progress(1.0, f"report ready: {len(payload.rows):,} rows")
     return {**info.as_result(ctx.job_id), "format": payload.format, "rows": len(payload.rows)}
 
 
@@ -115,12 +122,16 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
-def _stop_if_asked(ctx: JobContext, done: int, total: int) -> None:
+def _checkpoint(ctx: JobContext, done: int, total: int, share: float = 1.0) -> None:
+    """Between two chunks: stop if asked, else report `done` rows as `share` of the work."""
     if ctx.should_stop():
         # The temp file is dropped by write_artifact; a later attempt starts over.
         raise RetryableError(
             f"report stopped after {done} of {total} rows (time limit or shutdown)"
         )
+    # Short of 1.0: the job is done only once the artifact is stored.
+    fraction = min(share * done / total, 0.99) if total else 0.0
+    ctx.progress(fraction, f"{done:,} of {total:,} rows rendered")
 
 
 def _generated_line(generated_at: datetime, rows: int) -> str:
@@ -128,14 +139,21 @@ def _generated_line(generated_at: datetime, rows: int) -> str:
 
 
 def render_csv(payload: ReportPayload, out: IO[bytes], ctx: JobContext, _at: datetime) -> None:
-    """RFC 4180 CSV with a heading row; the title lives in the job, not in the data."""
+    """RFC 4180 CSV with a heading row; the title lives in the job, not in the data.
+
+    Text that a spreadsheet would run as a formula is prefixed with `'` (`csv_safe`);
+    numbers are written as they are.
+    """
     with text_writer(out) as text:
         writer = csv.writer(text)
-        writer.writerow(payload.columns)
+        writer.writerow([csv_safe(c) for c in payload.columns])
         for start in range(0, len(payload.rows), CHUNK_ROWS):
-            _stop_if_asked(ctx, start, len(payload.rows))
+            _checkpoint(ctx, start, len(payload.rows))
             chunk = payload.rows[start : start + CHUNK_ROWS]
-            writer.writerows([format_cell(v) for v in row] for row in chunk)
+            writer.writerows(
+                [csv_safe(v) if isinstance(v, str) else format_cell(v) for v in row]
+                for row in chunk
+            )
 
 
 _HTML_HEAD = """<!DOCTYPE html>
@@ -178,7 +196,7 @@ def render_html(
             )
         )
         for start in range(0, len(payload.rows), CHUNK_ROWS):
-            _stop_if_asked(ctx, start, len(payload.rows))
+            _checkpoint(ctx, start, len(payload.rows))
             lines = []
             for row in payload.rows[start : start + CHUNK_ROWS]:
                 cells = "".join(
@@ -286,7 +304,7 @@ def render_pdf(
     left = ["L"] * len(widths)
     _draw_row(pdf, measure, heading_lines, widths, left, shaded=True)
     for start in range(0, len(payload.rows), CHUNK_ROWS):
-        _stop_if_asked(ctx, start, len(payload.rows))
+        _checkpoint(ctx, start, len(payload.rows), PDF_ROWS_SHARE)
         for row in payload.rows[start : start + CHUNK_ROWS]:
             lines = _wrap_row(pdf, measure, [pdf.clean(format_cell(v)) for v in row], widths)
             if pdf.will_page_break(_height(lines)):
@@ -296,6 +314,7 @@ def render_pdf(
             _draw_row(pdf, measure, lines, widths, aligns, shaded=False)
     if not payload.rows:
         pdf.cell(0, 8, "No rows.", new_x="LMARGIN", new_y="NEXT")
+    _checkpoint(ctx, len(payload.rows), len(payload.rows), PDF_ROWS_SHARE)
     out.write(pdf.output())
 
 

@@ -382,7 +382,7 @@ def test_an_artifact_downloads_with_the_token_under_its_own_name(
     with page.expect_download() as info:
         button.click()
     download = info.value
-    assert download.suggested_filename == "report.csv"
+    assert download.suggested_filename == f"report-{job_id[:8]}.csv"
     assert download.url.startswith("blob:")
     text = Path(download.path()).read_text(encoding="utf-8")
     assert "north" in text and "120" in text

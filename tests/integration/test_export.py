@@ -6,6 +6,7 @@ import csv
 import json
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from common.builtin.export import DATASETS, ExportPayload, run_export
 from common.db import Database
 from common.errors import RetryableError
 from common.handlers import JobContext, registered
+from common.models import DeadLetter, JobDocument
 from common.settings import get_settings
 
 pytestmark = pytest.mark.integration
@@ -43,11 +45,12 @@ def seeded(db: Database) -> Iterator[str]:
     db.run(
         """
         INSERT INTO jobs (job_id, job_type, payload_json, status, result_json, error_message,
-                          created_at, updated_at)
+                          submitted_by, created_at, updated_at)
         SELECT gen_random_uuid(), :job_type, jsonb_build_object('n', n, 'text', 'héllo, "x"'),
                CASE WHEN n % 5 = 0 THEN 'FAILED' ELSE 'COMPLETED' END::job_status,
                CASE WHEN n % 5 = 0 THEN NULL ELSE jsonb_build_object('ok', true) END,
                CASE WHEN n % 5 = 0 THEN 'boom, with a comma' END,
+               'billing',
                CAST(:base AS timestamptz) + (n / 3) * interval '1 second',
                CAST(:base AS timestamptz) + (n / 3) * interval '1 second'
         FROM generate_series(0, :last) AS n
@@ -68,6 +71,17 @@ def export(db: Database, tmp_path: Path, batch_size: int = 1000, **payload: Any)
     ctx = make_ctx(tmp_path)
     result = run_export(ExportPayload.model_validate(payload), ctx, db, batch_size=batch_size)
     return result, tmp_path / str(ctx.job_id) / result["artifact"]
+
+
+@dataclass
+class RecordingContext(JobContext):
+    """A JobContext that keeps every progress report, unthrottled."""
+
+    reports: list[tuple[float, str | None]] = field(default_factory=list)
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        assert 0.0 <= fraction <= 1.0
+        self.reports.append((fraction, message))
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -91,14 +105,16 @@ def test_a_csv_export_holds_every_matching_job_in_creation_order(
     assert list(rows[0]) == list(DATASETS["jobs"].columns)
     keys = [(datetime.fromisoformat(r["created_at"]), uuid.UUID(r["job_id"])) for r in rows]
     assert keys == sorted(keys) and len(set(keys)) == ROWS
-    by_n = {json.loads(r["payload_json"])["n"]: r for r in rows}
+    by_n = {json.loads(r["payload"])["n"]: r for r in rows}
     assert sorted(by_n) == list(range(ROWS))
-    assert json.loads(by_n[1]["payload_json"]) == {"n": 1, "text": 'héllo, "x"'}
-    assert json.loads(by_n[1]["result_json"]) == {"ok": True}
-    assert by_n[0]["result_json"] == "" and by_n[0]["error_message"] == "boom, with a comma"
+    assert json.loads(by_n[1]["payload"]) == {"n": 1, "text": 'héllo, "x"'}
+    assert json.loads(by_n[1]["result"]) == {"ok": True}
+    assert by_n[0]["result"] == "" and by_n[0]["error_message"] == "boom, with a comma"
     assert by_n[0]["status"] == "FAILED" and by_n[1]["status"] == "COMPLETED"
+    assert by_n[0]["submitted_by"] == "billing"
     assert datetime.fromisoformat(by_n[3]["created_at"]) == BASE + timedelta(seconds=1)
-    assert result["content_type"] == "text/csv" and result["artifact"] == "jobs.csv"
+    assert result["content_type"] == "text/csv"
+    assert result["artifact"] == f"jobs-{path.parent.name[:8]}.csv"
     assert result["bytes"] == path.stat().st_size
 
 
@@ -116,9 +132,9 @@ def test_a_jsonl_export_applies_the_status_and_time_filters(
     rows = read_jsonl(path)
     expected = [n for n in range(ROWS) if n % 5 == 0 and 100 <= n // 3 < 600]
     assert result["rows"] == len(rows) == len(expected)
-    assert sorted(r["payload_json"]["n"] for r in rows) == expected
+    assert sorted(r["payload"]["n"] for r in rows) == expected
     assert {r["status"] for r in rows} == {"FAILED"}
-    assert all(r["result_json"] is None for r in rows)
+    assert all(r["result"] is None for r in rows)
     assert result["content_type"] == "application/x-ndjson"
 
 
@@ -155,7 +171,7 @@ def test_a_limit_stops_the_export_after_that_many_rows(
     rows = read_csv(path)
     assert result["rows"] == len(rows) == 249
     # The oldest 249: jobs 0..248, 83 whole groups of three sharing a created_at.
-    assert sorted(json.loads(r["payload_json"])["n"] for r in rows) == list(range(249))
+    assert sorted(json.loads(r["payload"])["n"] for r in rows) == list(range(249))
 
 
 def test_filter_values_are_bound_as_parameters_not_spliced_into_sql(
@@ -238,6 +254,106 @@ def test_a_cancelled_export_stops_and_leaves_no_artifact(
     with pytest.raises(RetryableError, match="stopped"):
         run_export(payload, ctx, db)
     assert list((tmp_path / str(ctx.job_id)).iterdir()) == []
+
+
+def test_exported_keys_are_the_api_document_names_with_submitted_by(
+    db: Database, seeded: str, tmp_path: Path
+) -> None:
+    _, path = export(db, tmp_path, dataset="jobs", format="jsonl", filters={"job_type": [seeded]})
+
+    first = read_jsonl(path)[0]
+    assert list(first) == list(DATASETS["jobs"].columns)
+    assert set(first) <= set(JobDocument.model_fields)
+    assert {"payload", "result", "submitted_by"} <= set(first)
+    assert not {"payload_json", "result_json"} & set(first)
+    assert set(DATASETS["dead_letters"].columns) <= set(DeadLetter.model_fields)
+    assert first["submitted_by"] == "billing"
+
+
+def test_csv_export_cells_a_spreadsheet_would_run_as_formulas_start_with_a_quote(
+    db: Database, tmp_path: Path
+) -> None:
+    job_type = f"EXPORT_CSV_{uuid.uuid4().hex[:12]}"
+    db.run(
+        """
+        INSERT INTO jobs (job_id, job_type, payload_json, status, error_message, submitted_by,
+                          retries, created_at, updated_at)
+        VALUES (gen_random_uuid(), :t, '{"cell": "=1+1"}', 'FAILED',
+                '=HYPERLINK("http://evil.example","click")', '@admin', 0, :base, :base)
+        """,
+        t=job_type,
+        base=BASE,
+    )
+    db.run(
+        """
+        INSERT INTO dead_letters (dead_letter_id, job_id, job_type, reason, last_error, attempts,
+                                  history, dead_lettered_at)
+        VALUES ('dl-' || :t, gen_random_uuid(), :t, '+reason', '-2+3', 4, '[]', :base)
+        """,
+        t=job_type,
+        base=BASE,
+    )
+    try:
+        _, jobs_path = export(db, tmp_path, dataset="jobs", filters={"job_type": [job_type]})
+        _, letters_path = export(
+            db, tmp_path, dataset="dead_letters", filters={"job_type": [job_type]}
+        )
+    finally:
+        db.run("DELETE FROM jobs WHERE job_type = :t", t=job_type)
+        db.run("DELETE FROM dead_letters WHERE job_type = :t", t=job_type)
+
+    [job] = read_csv(jobs_path)
+    assert job["error_message"] == '\'=HYPERLINK("http://evil.example","click")'
+    assert job["submitted_by"] == "'@admin"
+    assert json.loads(job["payload"]) == {"cell": "=1+1"}  # JSON text starts with "{"
+    assert job["retries"] == "0"
+    [letter] = read_csv(letters_path)
+    assert letter["reason"] == "'+reason" and letter["last_error"] == "'-2+3"
+    assert letter["attempts"] == "4"
+
+
+def test_an_export_reports_progress_rising_to_one_as_its_batches_are_written(
+    db: Database, seeded: str, tmp_path: Path
+) -> None:
+    ctx = RecordingContext(uuid.uuid4(), "DATA_EXPORT", 1, 0, tmp_path)
+    payload = ExportPayload.model_validate({"dataset": "jobs", "filters": {"job_type": [seeded]}})
+
+    run_export(payload, ctx, db, batch_size=100)
+
+    fractions = [fraction for fraction, _ in ctx.reports]
+    assert ctx.reports[0] == (0.0, f"exporting {ROWS:,} rows")
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == 1.0 and fractions.count(1.0) == 1
+    assert len([f for f in fractions if 0.0 < f < 1.0]) >= 20  # a report per 100 rows
+    assert ctx.reports[-1][1] == f"exported {ROWS:,} rows"
+
+
+def test_an_export_with_a_limit_counts_its_progress_against_that_limit(
+    db: Database, seeded: str, tmp_path: Path
+) -> None:
+    ctx = RecordingContext(uuid.uuid4(), "DATA_EXPORT", 1, 0, tmp_path)
+    payload = ExportPayload.model_validate(
+        {"dataset": "jobs", "filters": {"job_type": [seeded]}, "limit": 300}
+    )
+
+    run_export(payload, ctx, db, batch_size=100)
+
+    assert ctx.reports[0] == (0.0, "exporting 300 rows")
+    assert [f for f, _ in ctx.reports] == [0.0, 100 / 300, 200 / 300, 0.99, 1.0]
+
+
+def test_each_export_job_stores_its_file_under_a_name_of_its_own(
+    db: Database, seeded: str, tmp_path: Path
+) -> None:
+    names = {
+        export(db, tmp_path, dataset="jobs", format="jsonl", filters={"job_type": [seeded]})[0][
+            "artifact"
+        ]
+        for _ in range(2)
+    }
+
+    assert len(names) == 2
+    assert all(name.startswith("jobs-") and name.endswith(".jsonl") for name in names)
 
 
 @pytest.mark.parametrize(

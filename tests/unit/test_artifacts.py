@@ -12,8 +12,10 @@ import pytest
 
 from common.artifacts import (
     artifact_location,
+    artifact_name,
     artifact_path,
     content_type_for,
+    csv_safe,
     find_artifact,
     write_artifact,
 )
@@ -144,3 +146,54 @@ def test_a_symlink_planted_in_the_job_folder_is_not_followed_outside(tmp_path: P
 
     assert find_artifact(root, job_id) is None
     assert find_artifact(root, job_id, "report.csv") is None
+
+
+def test_an_artifact_name_carries_the_short_job_id_so_two_jobs_never_share_one() -> None:
+    first = uuid.UUID("3f2c9a1b-0000-4000-8000-000000000001")
+    second = uuid.UUID("7d41e0c2-0000-4000-8000-000000000002")
+
+    assert artifact_name("report", first, "pdf") == "report-3f2c9a1b.pdf"
+    assert artifact_name("report", str(second), "pdf") == "report-7d41e0c2.pdf"
+    assert artifact_name("jobs", first, "jsonl") == "jobs-3f2c9a1b.jsonl"
+    with pytest.raises(ValueError):
+        artifact_name("report", "../..", "pdf")
+    with pytest.raises(ValueError):
+        artifact_name("../report", first, "pdf")
+
+
+def test_an_artifact_is_found_again_and_downloads_under_its_own_name(tmp_path: Path) -> None:
+    job_id = uuid.uuid4()
+    name = artifact_name("report", job_id, "pdf")
+    info = write_artifact(tmp_path, job_id, name, _write(b"%PDF-1.7"))
+
+    found = find_artifact(tmp_path, str(job_id), name)
+
+    assert found == (info.path, "application/pdf")
+    # The status function serves the file as `download_name=path.name`.
+    assert found[0].name == f"report-{str(job_id)[:8]}.pdf"
+
+
+@pytest.mark.parametrize(
+    ("cell", "written"),
+    [
+        ("=1+1", "'=1+1"),
+        ('=HYPERLINK("http://evil","x")', '\'=HYPERLINK("http://evil","x")'),
+        ("+1+2", "'+1+2"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1:A2)", "'@SUM(A1:A2)"),
+        ("\t=1", "'\t=1"),
+        ("\r=1", "'\r=1"),
+        ("-", "'-"),
+        ("-5", "-5"),
+        ("-3.2", "-3.2"),
+        ("+7", "+7"),
+        ("-1e5", "-1e5"),
+        ("plain", "plain"),
+        ("a=b", "a=b"),
+        ("", ""),
+    ],
+)
+def test_a_csv_cell_that_would_run_as_a_formula_is_prefixed_but_a_number_is_not(
+    cell: str, written: str
+) -> None:
+    assert csv_safe(cell) == written

@@ -8,6 +8,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from aiosmtpd.smtp import AuthResult
 from pydantic import ValidationError
 
 import common.builtin  # noqa: F401 - registers the built-in job types
-from common.builtin.email import EmailPayload, send_email
+from common.builtin.email import EmailPayload, build_message, parse_address, send_email
 from common.errors import PermanentError, RetryableError
 from common.handlers import JobContext, registered
 from common.settings import Settings, get_settings, load_settings
@@ -251,3 +252,108 @@ def test_a_malformed_email_payload_is_rejected(overrides: dict[str, Any]) -> Non
 
 def test_display_names_with_commas_are_kept_quoted() -> None:
     assert payload(to=['"Lee, Ann" <ann@example.com>']).to == ['"Lee, Ann" <ann@example.com>']
+
+
+def _refusal(overrides: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The locations of the errors a payload with `overrides` is refused with."""
+    with pytest.raises(ValidationError) as refused:
+        payload(**overrides)
+    return [error["loc"] for error in refused.value.errors()]
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        "billing@partner.example <ap@partner.example>",  # an address as the display name
+        '"billing@partner.example" <ap@partner.example>',  # the same, quoted
+        "=?utf-8?q?billing=40partner.example?= <ap@partner.example>",  # the same, encoded
+        "ap@partner.example (billing@partner.example)",  # another address in a comment
+        "alice@example.org)<bob@example.org>",
+        "Ann <ann@example.com>, Bob <bob@example.com>",  # two recipients in one item
+        "ann@example.com, bob@example.com",
+        "Ann, Bob <bob@example.com>",
+        "Ann <ann@example.com> Bob",
+        "Ann <ann@example.com>;",
+        "team: ann@example.com;",  # a group
+        "undisclosed-recipients:;",
+    ],
+)
+def test_a_recipient_item_that_is_not_exactly_one_address_is_refused(recipient: str) -> None:
+    assert _refusal({"to": ["ok@example.com", recipient]}) == [("to", 1)]
+    assert _refusal({"cc": [recipient]}) == [("cc", 0)]
+    assert _refusal({"reply_to": recipient}) == [("reply_to",)]
+
+
+# Every character str.splitlines() breaks a line at: the email library refuses each in a
+# header when the message is sent, so a payload holding one could never be delivered.
+LINE_BREAKS = [chr(c) for c in range(0x110000) if len(f"x{chr(c)}y".splitlines()) > 1]
+
+
+def test_the_line_breaks_refused_include_every_one_str_splitlines_knows() -> None:
+    assert {"\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"} == set(
+        LINE_BREAKS
+    )
+
+
+@pytest.mark.parametrize("char", [*LINE_BREAKS, "\t", "\x00", "\x1b", "\x7f", "\x9f"])
+def test_a_header_value_with_a_line_break_or_control_character_is_refused(char: str) -> None:
+    assert _refusal({"subject": f"Your report{char}is ready"}) == [("subject",)]
+    assert _refusal({"to": [f"Ann{char}Lee <ann@example.com>"]}) == [("to", 0)]
+    assert _refusal({"cc": [f"ops@example.com{char}"]}) == [("cc", 0)]
+    assert _refusal({"reply_to": f"Help{char}desk <help@example.com>"}) == [("reply_to",)]
+
+
+def test_an_encoded_display_name_that_decodes_to_a_line_break_is_refused() -> None:
+    assert _refusal({"to": ["=?utf-8?q?Ann=0ALee?= <ann@example.com>"]}) == [("to", 0)]
+
+
+@pytest.mark.parametrize(
+    ("recipient", "canonical", "delivered_to"),
+    [
+        ("ann@example.com", "ann@example.com", "ann@example.com"),
+        ("<ann@example.com>", "ann@example.com", "ann@example.com"),
+        ("Ann Lee <ann@example.com>", "Ann Lee <ann@example.com>", "ann@example.com"),
+        ("Dr. Ann Lee <ann@example.com>", '"Dr. Ann Lee" <ann@example.com>', "ann@example.com"),
+        ('"Lee, Ann" <ann@example.com>', '"Lee, Ann" <ann@example.com>', "ann@example.com"),
+        ("Zoë <zoe@example.com>", "Zoë <zoe@example.com>", "zoe@example.com"),
+    ],
+)
+def test_the_mail_goes_to_the_address_the_recipient_item_shows(
+    smtp_server, recipient: str, canonical: str, delivered_to: str
+) -> None:
+    handler, url = smtp_server
+    accepted = payload(to=[recipient])
+
+    result = send_email(accepted, uuid.uuid4(), settings_for(url))
+
+    assert accepted.to == [canonical]
+    assert result["accepted"] == [delivered_to]
+    assert handler.received[0].rcpt_tos == [delivered_to]
+    assert handler.received[0].message["To"].addresses[0].addr_spec == delivered_to
+
+
+def test_every_subject_the_model_accepts_can_be_sent() -> None:
+    accepted, refused = [], set()
+    # C0, C1 and Latin, then General Punctuation (U+2028, U+2029, bidi controls...)
+    for code in [*range(0x300), *range(0x2000, 0x2070)]:
+        try:
+            payload(subject=f"x{chr(code)}y")
+        except ValidationError:
+            refused.add(chr(code))
+        else:
+            accepted.append(chr(code))
+    assert set(LINE_BREAKS) <= refused
+    for start in range(0, len(accepted), 900):  # a subject holds at most 998 characters
+        subject = "x" + "".join(accepted[start : start + 900]) + "y"
+        build_message(payload(subject=subject), uuid.uuid4(), "reports@example.com").as_bytes()
+
+
+@pytest.mark.parametrize(
+    "bare",
+    ["ann@example.com", "o'brien+tag@mail.example.co.uk", "x@localhost", "a.b-c_d@example.com"],
+)
+def test_a_bare_address_reads_the_same_as_the_rfc_5322_parser_reads_it(bare: str) -> None:
+    [parsed] = HeaderRegistry()("To", bare).addresses
+
+    assert parse_address(bare) == parsed
+    assert payload(to=[bare]).to == [bare]

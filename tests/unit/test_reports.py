@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +119,7 @@ def test_the_result_size_and_checksum_match_the_stored_file(ctx: JobContext, fmt
     result = run_report(ctx, title="Sales", columns=COLUMNS, rows=ROWS, format=fmt)
 
     data = stored(ctx, result).read_bytes()
-    assert result["artifact"] == f"report.{fmt}"
+    assert result["artifact"] == f"report-{str(ctx.job_id)[:8]}.{fmt}"
     assert result["bytes"] == len(data)
     assert result["sha256"] == hashlib.sha256(data).hexdigest()
     assert result["location"] == f"/jobs/{ctx.job_id}/artifact"
@@ -174,3 +176,92 @@ def test_the_csv_report_is_utf8_without_a_byte_order_mark(ctx: JobContext) -> No
     data = stored(ctx, result).read_bytes()
     assert data == "w\r\nΩμέγα\r\n".encode()
     assert list(csv.reader(io.StringIO(data.decode()))) == [["w"], ["Ωμέγα"]]
+
+
+def test_each_job_stores_its_report_under_a_name_of_its_own(tmp_path: Path) -> None:
+    names = set()
+    for _ in range(2):
+        ctx = JobContext(uuid.uuid4(), "REPORT_GENERATION", 1, 0, tmp_path)
+        result = run_report(ctx, title="Sales", columns=["a"], rows=[[1]])
+        assert result["artifact"] == f"report-{str(ctx.job_id)[:8]}.pdf"
+        assert stored(ctx, result).is_file()
+        names.add(result["artifact"])
+
+    assert len(names) == 2  # two downloads into one folder do not collide
+
+
+def test_csv_cells_a_spreadsheet_would_run_as_formulas_start_with_a_quote(
+    ctx: JobContext,
+) -> None:
+    columns = ["=cmd", "name", "n", "x"]
+    rows: list[list[Any]] = [
+        ['=HYPERLINK("http://evil")', "+1+2", -5, -3.2],
+        ["-2+3", "@SUM(A1:A9)", "-5", "\tlead"],
+        ["\rcr", "safe = text", "+3", "-"],
+        ["plain", "a-b", 0, True],
+    ]
+
+    result = run_report(ctx, title="t", columns=columns, rows=rows, format="csv")
+
+    with stored(ctx, result).open(newline="", encoding="utf-8") as f:
+        parsed = list(csv.reader(f))
+    assert parsed == [
+        ["'=cmd", "name", "n", "x"],
+        ['\'=HYPERLINK("http://evil")', "'+1+2", "-5", "-3.2"],
+        ["'-2+3", "'@SUM(A1:A9)", "-5", "'\tlead"],
+        ["'\rcr", "safe = text", "+3", "'-"],
+        ["plain", "a-b", "0", "true"],
+    ]
+
+
+def test_html_and_pdf_reports_show_formula_like_cells_unchanged(ctx: JobContext) -> None:
+    result = run_report(ctx, title="t", columns=["f"], rows=[["=1+1"]], format="html")
+
+    assert "<td>=1+1</td>" in stored(ctx, result).read_text(encoding="utf-8")
+
+
+def test_building_a_pdf_logs_nothing_below_warning_from_font_subsetting(
+    ctx: JobContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    run_report(ctx, title="Quiet", columns=COLUMNS, rows=ROWS, format="pdf")
+
+    chatter = [r for r in caplog.records if r.name.startswith("fontTools")]
+    assert chatter == []
+
+
+@dataclass
+class RecordingContext(JobContext):
+    """A JobContext that keeps every progress report, unthrottled."""
+
+    reports: list[tuple[float, str | None]] = field(default_factory=list)
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        assert 0.0 <= fraction <= 1.0
+        self.reports.append((fraction, message))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "html", "pdf"])
+def test_a_report_reports_progress_rising_to_one_as_its_rows_render(
+    tmp_path: Path, fmt: str
+) -> None:
+    ctx = RecordingContext(uuid.uuid4(), "REPORT_GENERATION", 1, 0, tmp_path)
+    rows = [[f"r{i}", i] for i in range(12_000)]
+
+    run_report(ctx, title="Big", columns=["name", "n"], rows=rows, format=fmt)
+
+    fractions = [fraction for fraction, _ in ctx.reports]
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == 1.0 and fractions.count(1.0) == 1
+    assert len([f for f in fractions if 0.0 < f < 1.0]) >= 20  # 12,000 rows, 500 a chunk
+    assert ctx.reports[-1][1] == "report ready: 12,000 rows"
+    assert any(message and "6,000 of 12,000 rows" in message for _, message in ctx.reports)
+
+
+def test_an_empty_report_still_ends_its_progress_at_one(tmp_path: Path) -> None:
+    ctx = RecordingContext(uuid.uuid4(), "REPORT_GENERATION", 1, 0, tmp_path)
+
+    run_report(ctx, title="Nothing", columns=["a"], rows=[], format="csv")
+
+    assert ctx.reports[-1][0] == 1.0
