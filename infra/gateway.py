@@ -38,14 +38,16 @@ from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common import auth, clients
 from common import metrics as job_metrics
 from common.auth import ANONYMOUS, Principal
+from common.auth import Scope as TokenScope
 from common.cache import FINAL_CHANNEL, FINAL_STATES
 from common.errors import ApiError, ServiceUnavailable
 from common.http import check_storable
@@ -101,6 +103,7 @@ class FinalDocuments:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.size = 0
+        self.hits = 0  # answers from memory not yet added to the shared counter
         self._docs: OrderedDict[str, bytes] = OrderedDict()
 
     def get(self, job_id: str) -> bytes | None:
@@ -138,21 +141,35 @@ class Gateway:
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=32,
                                 keepalive_expiry=1.0),
             timeout=httpx.Timeout(60.0, connect=2.0), follow_redirects=False)
-        self._listener: asyncio.Task[None] | None = None
         self._metrics: Any = None
 
     # -- life ------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        self._listener = asyncio.create_task(self.listen_for_final_documents())
+        tasks = [asyncio.create_task(self.listen_for_final_documents()),
+                 asyncio.create_task(self.count_memory_hits())]
         try:
             yield
         finally:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            self._flush_hits()
             await self.http.aclose()
+
+    async def count_memory_hits(self) -> None:
+        """Add answers from memory to the shared lookup counter once a second: counting
+        each in the multiprocess counter file costs about a tenth of such an answer."""
+        while True:
+            await asyncio.sleep(1.0)
+            self._flush_hits()
+
+    def _flush_hits(self) -> None:
+        hits, self.memory.hits = self.memory.hits, 0
+        if hits:
+            job_metrics.STATUS_LOOKUPS.labels("memory").inc(hits)
 
     async def listen_for_final_documents(self) -> None:
         """Keep the final documents the cache announces; reconnect after any trouble."""
@@ -215,7 +232,7 @@ class Gateway:
         if job_id is not None:
             doc = self.memory.get(job_id)
             if doc is not None:
-                job_metrics.STATUS_LOOKUPS.labels("memory").inc()
+                self.memory.hits += 1
                 return Response(doc, media_type="application/json")
         body = await self.read_body(request) if request.method not in ("GET", "HEAD") else None
         raw_path = request.scope.get("raw_path") or request.url.path.encode()
@@ -312,6 +329,45 @@ class Gateway:
         return Response(self._openapi, media_type="application/json")
 
 
+JOB_PATH = re.compile(r"/jobs/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+
+
+class RememberedLookups:
+    """ASGI wrapper: `GET /jobs/{id}` of a remembered final job, answered before routing.
+
+    The hot path of every client that polls. It answers only when the document is in
+    memory and the token is already verified in this process; anything else (a miss, an
+    unknown or refused token, another route) goes to the app, which says why.
+    """
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") \
+                and not scope["query_string"]:
+            match = JOB_PATH.fullmatch(scope["path"])
+            doc = self.gateway.memory.get(match.group(1)) if match else None
+            if doc is not None and self._allowed(scope):
+                self.gateway.memory.hits += 1
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(doc)).encode())]})
+                await send({"type": "http.response.body",
+                            "body": doc if scope["method"] == "GET" else b""})
+                return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        header = next((v.decode("latin-1") for k, v in scope["headers"]
+                       if k == b"authorization"), None)
+        try:
+            return self.gateway.auth.cached(header, TokenScope.READ) is not None
+        except ApiError:
+            return False  # the app answers the 401 or 403 itself
+
+
 class _Close:
     """Background task of a streamed answer: release the upstream connection."""
 
@@ -327,6 +383,8 @@ def _guarded(handler: Callable[[Request], Awaitable[Response]]
     async def guarded(request: Request) -> Response:
         try:
             return await handler(request)
+        except ClientDisconnect:  # nobody to answer; nothing was forwarded
+            return Response(status_code=400)
         except ApiError as exc:
             return problem(exc, request.url.path)
         except ServiceUnavailable as exc:
@@ -413,10 +471,17 @@ def create_gateway(upstreams: dict[str, str]) -> Starlette:
     return app
 
 
-def app_from_environment() -> Starlette:
+def create_front(upstreams: dict[str, str]) -> ASGIApp:
+    """The gateway app behind its fast path for remembered job documents."""
+    app = create_gateway(upstreams)
+    return RememberedLookups(app, app.state.gateway)
+
+
+def app_from_environment() -> ASGIApp:
     """The uvicorn factory: upstream URLs from JOBS_SUBMIT_URL and JOBS_STATUS_URL."""
     _die_with_parent()
     configure_logging("gateway")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per forwarded request
     clients.needs("database_url", "redis_url")
     missing = [n for n in ("JOBS_SUBMIT_URL", "JOBS_STATUS_URL") if not os.environ.get(n)]
     if missing:
@@ -425,8 +490,8 @@ def app_from_environment() -> Starlette:
     if not settings.auth:
         log.warning("JOBS_AUTH=off: every route is open to anyone who reaches this port;"
                     " for local experiments only")
-    return create_gateway({"submit": os.environ["JOBS_SUBMIT_URL"].rstrip("/"),
-                           "status": os.environ["JOBS_STATUS_URL"].rstrip("/")})
+    return create_front({"submit": os.environ["JOBS_SUBMIT_URL"].rstrip("/"),
+                         "status": os.environ["JOBS_STATUS_URL"].rstrip("/")})
 
 
 def _die_with_parent() -> None:
