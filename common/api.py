@@ -224,9 +224,9 @@ def stats() -> Stats:
         for minute, outcome, n in conn.run(
                 "SELECT date_trunc('minute', finished_at), outcome, count(*) FROM job_attempts"
                 " WHERE finished_at > now() - interval '15 minutes' GROUP BY 1, 2 ORDER BY 1"):
-            entry = minutes.setdefault(minute.isoformat(), {"minute": minute.isoformat(),
-                                                           "completed": 0, "failed": 0})
-            key = "completed" if outcome == "COMPLETED" else "failed"
+            entry = minutes.setdefault(minute.isoformat(), {
+                "minute": minute.isoformat(), "completed": 0, "failed": 0, "cancelled": 0})
+            key = {"COMPLETED": "completed", "CANCELLED": "cancelled"}.get(outcome, "failed")
             entry[key] += n
         recent = jobs.recent(conn, limit=20)
         running = jobs.recent(conn, limit=50, status="IN_PROGRESS")

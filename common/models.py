@@ -166,6 +166,7 @@ class MinuteCounts(BaseModel):
     minute: datetime
     completed: int
     failed: int
+    cancelled: int = Field(0, description="Attempts stopped by a cancel request")
 
 
 class Stats(BaseModel):
