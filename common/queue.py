@@ -70,8 +70,55 @@ def job_event(topic: str, job_id: uuid.UUID | str, job_type: str, *, ce_id: str 
     )
 
 
+def _is_fatal(exc: BaseException) -> bool:
+    """Whether `exc` says the producer can never send again (librdkafka's fatal errors)."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return isinstance(err, KafkaError) and err.fatal()
+
+
+class _Delivery:
+    """The broker's acknowledgements that one `send` waits for."""
+
+    def __init__(self, count: int, on_done: Callable[[_Delivery], None]) -> None:
+        self.pending = count
+        self.errors: list[str] = []
+        self.abandoned = False  # given up on by us, not failed by the broker
+        self.done = threading.Event()
+        self._on_done = on_done
+        self._lock = threading.Lock()
+
+    def report(self, err: KafkaError | None) -> None:
+        """One message's delivery report."""
+        with self._lock:
+            if self.done.is_set():
+                return  # abandoned already: a late report changes nothing
+            if err is not None:
+                self.errors.append(str(err))
+            self.pending -= 1
+            if self.pending > 0:
+                return
+            self.done.set()
+        self._on_done(self)
+
+    def abandon(self, reason: str) -> bool:
+        """Stop waiting for what is still pending; False if everything was reported."""
+        with self._lock:
+            if self.done.is_set():
+                return False
+            self.abandoned = True
+            self.errors.append(reason)
+            self.done.set()
+        return True
+
+
 class Publisher:
-    """An idempotent, acks=all producer that confirms delivery before returning."""
+    """An idempotent, acks=all producer that confirms delivery before returning.
+
+    One thread polls the producer (delivery reports run inside poll()). A producer that
+    failed for good (the broker restarted and forgot its producer id, a delivery never
+    confirmed) is replaced, by that thread or the next send; whoever still waits for
+    the old one is answered at once (ServiceUnavailable) rather than at its deadline.
+    """
 
     def __init__(self, bootstrap_servers: str, *, timeout: float = 5.0,
                  config: dict[str, Any] | None = None) -> None:
@@ -91,7 +138,8 @@ class Publisher:
         conf["error_cb"] = self._on_error
         self._conf = conf
         self._producer = Producer(conf)
-        self._fatal: KafkaError | str | None = None
+        self._fatal: str | None = None  # why self._producer must be replaced
+        self._waiting: set[_Delivery] = set()  # sends not yet confirmed by self._producer
         self._lock = threading.Lock()
         self._poller = threading.Thread(target=self._poll_forever, name="kafka-poll", daemon=True)
         self._closed = threading.Event()
@@ -99,24 +147,65 @@ class Publisher:
 
     def _poll_forever(self) -> None:
         # Delivery callbacks run inside poll(); one thread serves every waiting request.
+        # Only close() may end this loop: without it no send is ever confirmed again.
         while not self._closed.is_set():
-            self._producer.poll(0.05)
+            producer = self._producer
+            try:
+                producer.poll(0.05)
+            except Exception as exc:
+                if _is_fatal(exc):
+                    # e.g. UNKNOWN_PRODUCER_ID or OUT_OF_ORDER_SEQUENCE_NUMBER once a
+                    # restarted broker forgot this idempotent producer: it is done for.
+                    log.error("kafka producer failed for good (%s); replacing it", exc)
+                    self._mark_fatal(str(exc), producer)
+                else:
+                    log.exception("polling the kafka producer failed; polling on")
+                    self._closed.wait(0.05)  # no busy loop if it keeps failing
+            try:
+                if self._fatal is not None:
+                    self._renew_if_fatal()
+            except ServiceUnavailable as exc:
+                log.error("%s; trying again", exc)
+                self._closed.wait(0.5)
 
     def _on_error(self, err: KafkaError) -> None:
+        # confluent-kafka raises fatal errors from poll() instead; older ones call this.
         if err.fatal():
-            # e.g. the broker lost the idempotent producer's state in a restart: this
-            # producer can never send again, so the next publish builds a new one.
-            log.error("kafka producer failed for good (%s); it will be recreated", err)
-            self._fatal = err
+            log.error("kafka producer failed for good (%s); it will be replaced", err)
+            self._mark_fatal(str(err))
+
+    def _mark_fatal(self, reason: str, producer: Any = None) -> None:
+        """Have `producer` (default: the current one) replaced; a report about a producer
+        replaced already changes nothing."""
+        with self._lock:
+            if producer is None or producer is self._producer:
+                self._fatal = self._fatal or reason
+
+    def _forget(self, delivery: _Delivery) -> None:
+        with self._lock:
+            self._waiting.discard(delivery)
 
     def _renew_if_fatal(self) -> None:
         with self._lock:
             if self._fatal is None:
                 return
-            old, self._producer = self._producer, Producer(self._conf)
-            self._fatal = None
-        old.purge(in_queue=True, in_flight=True)
-        old.flush(0)
+            reason = self._fatal
+            try:
+                fresh = Producer(self._conf)
+            except KafkaException as exc:
+                raise ServiceUnavailable("kafka", f"cannot create a producer: {exc}") from exc
+            old, self._producer, self._fatal = self._producer, fresh, None
+            stranded, self._waiting = self._waiting, set()
+        log.warning("replaced the kafka producer (%s); %d send(s) in flight failed",
+                    reason, len(stranded))
+        for delivery in stranded:
+            delivery.abandon(f"producer replaced ({reason}); not confirmed")
+        # What the old producer holds can never be confirmed now; drop it without waiting.
+        try:
+            old.purge(in_queue=True, in_flight=True)
+            old.flush(0)
+        except Exception as exc:  # its own fatal error, once more: nothing left to do
+            log.debug("discarding the old kafka producer: %s", exc)
 
     def warm(self, topic: str, timeout: float = 5.0) -> None:
         """Fetch the topic's metadata now rather than on the first send."""
@@ -138,52 +227,58 @@ class Publisher:
             return lambda: None
         self._renew_if_fatal()
         deadline = time.monotonic() + (timeout or self.timeout)
-        done = threading.Event()
-        pending = [len(events)]
-        errors: list[str] = []
-        lock = threading.Lock()
+        delivery = _Delivery(len(events), self._forget)
+        with self._lock:
+            producer = self._producer
+            self._waiting.add(delivery)
 
         def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-            with lock:
-                if err is not None:
-                    errors.append(str(err))
-                    if err.fatal():
-                        self._fatal = err
-                pending[0] -= 1
-                if pending[0] == 0:
-                    done.set()
+            if err is not None and err.fatal():
+                self._mark_fatal(str(err), producer)
+            delivery.report(err)
 
         sent_at = datetime.now(UTC).isoformat()
-        for event in events:
-            message = event.message(sent_at)
-            while True:
-                try:
-                    self._producer.produce(
-                        event.topic,
-                        key=message.key,
-                        value=message.value,
-                        # dict[str, bytes] is one (dict is invariant to mypy)
-                        headers=cast(dict[str, str | bytes | None], message.headers),
-                        on_delivery=on_delivery,
-                    )
-                    break
-                except BufferError:
-                    # Local queue full: let the poller drain it, within our deadline.
-                    if time.monotonic() > deadline:
-                        raise ServiceUnavailable("kafka", "producer queue is full") from None
-                    time.sleep(0.005)
-                except KafkaException as exc:
-                    raise ServiceUnavailable("kafka", str(exc)) from exc
+        try:
+            for event in events:
+                message = event.message(sent_at)
+                while True:
+                    try:
+                        producer.produce(
+                            event.topic,
+                            key=message.key,
+                            value=message.value,
+                            # dict[str, bytes] is one (dict is invariant to mypy)
+                            headers=cast(dict[str, str | bytes | None], message.headers),
+                            on_delivery=on_delivery,
+                        )
+                        break
+                    except BufferError:
+                        # Local queue full: let the poller drain it, within our deadline.
+                        if time.monotonic() > deadline:
+                            raise ServiceUnavailable("kafka", "producer queue is full") from None
+                        time.sleep(0.005)
+                    except KafkaException as exc:
+                        if _is_fatal(exc):
+                            self._mark_fatal(str(exc), producer)
+                        raise ServiceUnavailable("kafka", str(exc)) from exc
+        except BaseException:
+            # Nobody will wait for the part already handed over.
+            delivery.abandon("send failed")
+            self._forget(delivery)
+            raise
 
         def wait() -> None:
-            if not done.wait(max(0.0, deadline - time.monotonic())):
+            if not delivery.done.wait(max(0.0, deadline - time.monotonic())) \
+                    and delivery.abandon("delivery not confirmed in time"):
+                self._forget(delivery)
                 # A producer stuck after a broker restart (its idempotence state is gone on
-                # the broker) may never recover by itself: the next publish builds a new one.
-                self._fatal = "delivery not confirmed in time"
+                # the broker) may never recover by itself: have it replaced.
+                self._mark_fatal("delivery not confirmed in time", producer)
                 raise ServiceUnavailable("kafka", "delivery not confirmed in time")
-            if errors:
-                self._fatal = errors[0]
-                raise ServiceUnavailable("kafka", errors[0])
+            if delivery.errors:
+                if not delivery.abandoned:
+                    self._mark_fatal(delivery.errors[0], producer)
+                raise ServiceUnavailable("kafka", delivery.errors[0])
 
         return wait
 
@@ -191,6 +286,10 @@ class Publisher:
         self._closed.set()
         self._poller.join(timeout=1)
         self._producer.flush(2)
+        with self._lock:
+            stranded, self._waiting = self._waiting, set()
+        for delivery in stranded:
+            delivery.abandon("publisher closed")
 
 
 _publishers: dict[str, Publisher] = {}

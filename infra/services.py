@@ -2,7 +2,9 @@
 
 Each server is our child, in its own session (a terminal's Ctrl-C reaches only us, so we can
 stop the servers in order), on a free loopback port, with data and log under a folder the
-caller chooses. Nothing is registered with atexit: the caller stops what it starts.
+caller chooses. Nothing is registered with atexit: the caller stops what it starts; if we
+are killed before we can (kill -9), each server gets its stop signal from the kernel
+(PR_SET_PDEATHSIG, see `spawn`), so none runs on forever.
 
 Running as root: PostgreSQL refuses to, so initdb and the postmaster run as the system user
 ``jobs-postgres`` (created on first use with useradd), which owns data_dir/pgdata. It needs
@@ -18,6 +20,7 @@ allows traversal only, not listing. Side effect: ``SHOW data_directory`` says /p
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import importlib.util
 import logging
@@ -30,10 +33,13 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 import psutil
@@ -115,6 +121,82 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proce
         time.sleep(0.01)  # poll interval; the deadline above bounds the wait
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int, parent: int | None = None) -> Callable[[], None]:
+    """A function that has its caller get `sig` when `parent` dies, even by SIGKILL (Linux;
+    a no-op elsewhere), and exit at once if `parent` is gone already.
+
+    `parent` defaults to this process: the function is then a `preexec_fn`, which Popen
+    runs after its user/group switch (a switch would clear the setting). The kernel counts
+    the *thread* that forked as the parent: start children with `spawn`.
+    """
+    parent = os.getpid() if parent is None else parent
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return lambda: None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig))
+        if os.getppid() != parent:
+            os._exit(1)  # the parent died before prctl: nobody would signal us
+
+    return preexec
+
+
+class _Spawner:
+    """Starts processes from one thread that lives as long as this process does.
+
+    PR_SET_PDEATHSIG fires when the thread that forked the child ends, not the process: a
+    child started from a short-lived thread (a supervisor's, a test's helper) would get
+    its signal as soon as that thread returned.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def run(self, start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():  # none yet, or we forked
+                self._jobs = SimpleQueue()
+                self._thread = threading.Thread(target=self._serve, args=(self._jobs,),
+                                                name="spawner", daemon=True)
+                self._thread.start()
+                self._pid = os.getpid()
+            jobs = self._jobs
+        if threading.current_thread() is self._thread:
+            return start()
+        done: Future[subprocess.Popen[bytes]] = Future()
+        jobs.put((start, done))
+        return done.result()
+
+    @staticmethod
+    def _serve(jobs: SimpleQueue[tuple[Callable[[], Any], Future[Any]]]) -> None:
+        while True:
+            start, done = jobs.get()
+            try:
+                done.set_result(start())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+
+_spawner = _Spawner()
+
+
+def spawn(argv: list[str], *, death_signal: int = signal.SIGTERM,
+          **popen_kwargs: Any) -> subprocess.Popen[bytes]:
+    """subprocess.Popen in its own session (a terminal's Ctrl-C reaches only us), whose
+    process gets `death_signal` when we die, however we die."""
+    return _spawner.run(lambda: subprocess.Popen(
+        argv, start_new_session=True, preexec_fn=die_with_parent(death_signal),
+        **popen_kwargs))
+
+
 @dataclass(eq=False)
 class ServerProcess:
     """A server running as our child process, restartable on the same port and data."""
@@ -128,6 +210,7 @@ class ServerProcess:
     probe: Callable[[float], None] = field(repr=False)  # one attempt; raises until ready
     stop_signal: int = signal.SIGTERM
     stop_grace: float | None = None  # SIGKILL after this many seconds, if less than timeout
+    death_signal: int | None = None  # sent by the kernel if we die first; None: stop_signal
     popen_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
     prepare: Callable[[], None] | None = field(default=None, repr=False)
     cleanup: Callable[[], None] | None = field(default=None, repr=False)
@@ -159,9 +242,9 @@ class ServerProcess:
         with self.log_path.open("ab") as logf:
             logf.write(f"--- {time.strftime('%F %T')} starting {self.name}\n".encode())
             logf.flush()
-            self._proc = proc = subprocess.Popen(
+            self._proc = proc = spawn(
                 self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                start_new_session=True, **self.popen_kwargs,
+                death_signal=self.death_signal or self.stop_signal, **self.popen_kwargs,
             )  # fmt: skip
         last_error: Exception | None = None
         while (code := proc.poll()) is None:
@@ -451,7 +534,7 @@ def start_kafka(data_dir: Path, port: int | None = None, timeout: float = 30) ->
     server = ServerProcess(
         "kafka", f"{HOST}:{port}", port, data_dir, data_dir / "kafka.log", argv, probe,
         # On SIGTERM Tansu waits ~5 s for connected clients; memory storage has nothing to flush.
-        stop_grace=1.0, popen_kwargs={"cwd": data_dir},
+        stop_grace=1.0, death_signal=signal.SIGKILL, popen_kwargs={"cwd": data_dir},
     )  # fmt: skip
     server.start(timeout)
     return server

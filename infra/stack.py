@@ -61,9 +61,13 @@ class Child:
     _pump: threading.Thread | None = field(default=None, repr=False)
 
     def start(self) -> None:
+        # Its own session: a terminal's Ctrl-C reaches only the stack, which stops us in
+        # order. SIGTERM from the kernel if the stack is killed before it can (kill -9).
+        self.proc = services.spawn(self.argv, env=self.env, cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, death_signal=signal.SIGTERM)
+        # Only now: with the stopped process still in self.proc, the supervisor would take
+        # its exit for a crash and start another one over this.
         self.stopping = False
-        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
         self._pump = threading.Thread(target=self._copy_output, args=(self.proc,), daemon=True)
         self._pump.start()
 
@@ -100,9 +104,27 @@ class Child:
     def resume(self) -> None:
         self.signal(signal.SIGCONT)
 
+    def end_leftovers(self, grace: float = 5.0) -> None:
+        """Once the main process is gone (kill -9), end what it left in its process group:
+        its workers, which would hold its port. SIGTERM, then SIGKILL after `grace`."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        for sig, patience in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            left = _group_members(self.proc.pid)  # the session's group: its pid is the pgid
+            if not left:
+                return
+            log.warning("%s: stopping %d process(es) it left behind", self.name, len(left))
+            for proc in left:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(sig)
+            deadline = time.monotonic() + patience
+            while _group_members(self.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)  # poll interval; the deadline bounds the wait
+
     def stop(self, grace: float = 15.0) -> None:
         self.stopping = True
         if not self.alive() or self.proc is None:
+            self.end_leftovers()
             return
         self.signal(signal.SIGCONT)
         self.signal(signal.SIGTERM)
@@ -111,6 +133,22 @@ class Child:
         except subprocess.TimeoutExpired:
             self.signal(signal.SIGKILL)
             self.proc.wait()
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    """The live processes of a process group (a zombie is as good as gone)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []
+    except PermissionError:
+        pass  # some member is not ours to signal: look anyway
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+    return members
 
 
 class Stack:
@@ -339,6 +377,7 @@ class Stack:
                 code = child.proc.returncode
                 child.restarts += 1
                 log.warning("%s exited (%s); restarting", child.name, code)
+                child.end_leftovers()
                 time.sleep(min(2.0, 0.2 * child.restarts))
                 if not self._stop.is_set() and not child.stopping:
                     child.start()
@@ -430,6 +469,13 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def _started_by_make() -> bool:
+    with contextlib.suppress(psutil.Error):
+        parent = psutil.Process().parent()
+        return parent is not None and parent.name() in ("make", "gmake")
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
@@ -446,8 +492,12 @@ def main(argv: list[str] | None = None) -> None:
     def on_signal(signum: int, _frame: object) -> None:
         stopping.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # SIGHUP: the terminal went away; stop as for Ctrl-C rather than die without cleaning up.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    if _started_by_make():
+        # `make run` killed (even by SIGKILL) stops the stack as SIGTERM does.
+        services.die_with_parent(signal.SIGTERM, parent=os.getppid())()
     started = time.monotonic()
     try:
         stack.start()

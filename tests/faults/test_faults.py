@@ -4,12 +4,19 @@ servers stopped and restarted. After each fault, the invariants hold for every j
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
+import psutil
 import pytest
 import redis
 from confluent_kafka import Consumer, TopicPartition
@@ -213,3 +220,144 @@ def test_sigterm_lets_an_in_flight_job_finish(fault_stack, fapi, fdb):
     jobs = invariants(fault_stack, fdb, ids)
     assert {j["status"] for j in jobs.values()} == {"COMPLETED"}
     assert {j["attempts"] for j in jobs.values()} == {1}, "SIGTERM cut a job short"
+
+
+def keep_submitting(api: Api, stop: threading.Event, accepted: list[str]) -> None:
+    while not stop.is_set():
+        reply = api.submit("NOOP")
+        assert reply.status == 202, reply.body
+        accepted.append(reply.json["job_id"])
+
+
+def all_acknowledged(api: Api, accepted: list[str], n: int = 16) -> bool:
+    """n concurrent submits (spread over both submit workers): none deferred?"""
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        replies = list(pool.map(lambda _: api.submit("NOOP"), range(n)))
+    assert {r.status for r in replies} == {202}, [r.body for r in replies]
+    accepted += [r.json["job_id"] for r in replies]
+    return not any("x-jobs-enqueue" in r.headers for r in replies)
+
+
+def test_submits_are_acknowledged_again_after_each_of_three_broker_restarts(
+        fault_stack, fapi, fdb):
+    accepted: list[str] = []
+    for _ in range(3):
+        # Submits in flight while the broker restarts: it forgets the idempotent producers
+        # that sent them, and their next poll() raises a fatal error.
+        stop = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            loads = [pool.submit(keep_submitting, fapi, stop, accepted) for _ in range(8)]
+            wanted = len(accepted) + 40
+            try:
+                wait_for(lambda n=wanted: len(accepted) >= n, 30, "submits to flow")
+                fault_stack.restart_service("kafka")
+            finally:
+                stop.set()
+            for load in loads:
+                load.result()
+        wait_for(lambda: all_acknowledged(fapi, accepted), 60,
+                 "submits acknowledged by the restarted broker (no X-Jobs-Enqueue: deferred)")
+    jobs = invariants(fault_stack, fdb, accepted)
+    assert {j["status"] for j in jobs.values()} == {"COMPLETED"}
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running (a zombie is as good as gone)."""
+    running = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                running.append(proc)
+    return running
+
+
+def end(procs: list[psutil.Process]) -> None:
+    """SIGKILL what is left, so that a failed test leaves no process behind either."""
+    for proc in alive(procs):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_a_gateway_killed_with_sigkill_takes_its_workers_along_and_comes_back_on_its_port(
+        fault_stack):
+    gateway = fault_stack.children["gateway"]
+    main = psutil.Process(gateway.pid)
+    workers = main.children(recursive=True)
+    assert workers, "the gateway runs no workers"
+    os.kill(main.pid, signal.SIGKILL)  # the main process only, not its group
+    try:
+        wait_for(lambda: not alive(workers), 30, "the killed gateway's workers to exit")
+    finally:
+        end(workers)
+    wait_for(lambda: gateway.pid not in (None, main.pid) and healthy(fault_stack.gateway_url),
+             60, "the restarted gateway to answer /healthz on its port")
+
+
+def test_a_stack_killed_with_sigkill_leaves_no_process_it_started_running(tmp_path):
+    from infra import services
+
+    data_dir = tmp_path / "data"
+    port = services.free_port()
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
+    log_path = tmp_path / "stack.log"
+    with log_path.open("wb") as log:
+        stack = subprocess.Popen(
+            [sys.executable, "-m", "infra.stack", "--data-dir", str(data_dir),
+             "--port", str(port), "--quiet"],
+            cwd=Path(__file__).resolve().parents[2], env=env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    started: list[psutil.Process] = []
+    try:
+        wait_for(lambda: stack.poll() is not None or "Jobs stack is up" in log_path.read_text(),
+                 90, "the stack to start")
+        assert stack.poll() is None, log_path.read_text()[-3000:]
+        assert healthy(f"http://127.0.0.1:{port}")
+        for line in (data_dir / "stack.pids").read_text().split():
+            proc = psutil.Process(int(line.partition(":")[0]))
+            started += [proc, *proc.children(recursive=True)]
+        started += psutil.Process(stack.pid).children(recursive=True)
+        started = list({p.pid: p for p in started}.values())
+        assert len(started) > 10, started  # services, functions, their workers, bridges
+        os.kill(stack.pid, signal.SIGKILL)
+        stack.wait()
+        wait_for(lambda: not alive(started), 60, "every process the stack started to exit")
+    finally:
+        end(started)
+        if stack.poll() is None:
+            stack.kill()
+            stack.wait()
+
+
+def test_a_gateway_killed_while_its_workers_start_leaves_none_of_them_behind(fault_stack):
+    # Killed before its workers reach the app factory (where they ask to die with their
+    # parent), the workers would serve on its port forever: the supervisor ends them.
+    gateway = fault_stack.children["gateway"]
+    gateway.stop()
+    gateway.start()
+    main = psutil.Process(gateway.pid)
+
+    def spawned_workers() -> list[psutil.Process]:
+        workers = []
+        for proc in main.children():
+            with contextlib.suppress(psutil.Error):  # one that ended meanwhile
+                if "spawn_main" in " ".join(proc.cmdline()):
+                    workers.append(proc)
+        return workers
+
+    workers = wait_for(lambda: len(spawned_workers()) == 2 and spawned_workers(), 30,
+                       "the gateway to spawn its workers")
+    os.kill(main.pid, signal.SIGKILL)
+    try:
+        wait_for(lambda: not alive(workers), 30, "the killed gateway's workers to exit")
+    finally:
+        end(workers)
+    wait_for(lambda: gateway.pid not in (None, main.pid) and healthy(fault_stack.gateway_url),
+             60, "the restarted gateway to answer /healthz on its port")

@@ -7,6 +7,7 @@ import email.policy
 import logging
 import smtplib
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from confluent_kafka import Consumer, Producer
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from common.errors import ServiceUnavailable
+from common.queue import Publisher, job_event
 from infra.services import (
     ServerProcess,
     create_topics,
@@ -269,3 +272,57 @@ def test_smtp_sink_stores_a_mail_as_an_eml_file_and_refuses_reject_recipients(
     smtp.stop()
     _assert_gone(procs)
     assert "received SIGTERM" in smtp.log_path.read_text()
+
+
+def test_a_publisher_under_load_confirms_sends_again_after_each_of_three_broker_restarts(
+    kafka: ServerProcess,
+) -> None:
+    # The broker keeps everything in memory: a restart forgets the idempotent producer's id
+    # and sequence numbers, and the producer's next poll() raises a fatal KafkaException.
+    create_topics(kafka.url, {"job-queue": 4})
+    publisher = Publisher(kafka.url, timeout=2, config={"logger": KAFKA_LOG})
+    confirmed = [0]
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        # Keeps messages in flight, so that each restart catches some of them.
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                publisher.publish([job_event("job-queue", f"load-{worker}-{n}-{i}", "NOOP")
+                                   for i in range(3)])
+                confirmed[0] += 1
+            except ServiceUnavailable:
+                pass
+
+    def confirmed_in_a_row(wanted: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        streak, last_error = 0, None
+        while streak < wanted:
+            assert time.monotonic() < deadline, f"{streak} confirmed in a row; {last_error}"
+            try:
+                publisher.publish([job_event("job-queue", uuid.uuid4(), "NOOP")])
+                streak += 1
+            except ServiceUnavailable as exc:
+                streak, last_error = 0, exc
+
+    threads = [threading.Thread(target=load, args=(n,), daemon=True) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(3):
+            before = confirmed[0]
+            deadline = time.monotonic() + 30
+            while confirmed[0] < before + 50:
+                assert time.monotonic() < deadline, "the load made no progress"
+                time.sleep(0.01)  # poll interval; the deadline bounds the wait
+            kafka.restart()
+            create_topics(kafka.url, {"job-queue": 4})
+            confirmed_in_a_row(20, timeout=30)
+            assert publisher._poller.is_alive()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        publisher.close()
