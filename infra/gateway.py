@@ -495,12 +495,16 @@ def app_from_environment() -> ASGIApp:
 
 
 def _die_with_parent() -> None:
-    """A worker ends when the process that started it dies, even by SIGKILL (Linux)."""
-    import ctypes
+    """A worker ends when the process that started it dies, even by SIGKILL (Linux), and
+    at once if that process is gone already."""
+    import multiprocessing
     import signal
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    from infra.services import die_with_parent
+
+    parent = multiprocessing.parent_process()  # None: uvicorn runs one worker in-process
+    if parent is not None and parent.pid is not None:
+        die_with_parent(signal.SIGTERM, parent=parent.pid)()
 
 
 def readiness(upstreams: dict[str, str]) -> dict[str, dict[str, Any]]:
