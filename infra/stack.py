@@ -204,7 +204,7 @@ class Stack:
                 proc.kill()
             except (psutil.Error, ValueError):
                 continue
-        self._pidfile.unlink()
+        self._pidfile.unlink(missing_ok=True)
 
     def _record_pids(self) -> None:
         pids = [s.pid for s in self.services.values()] + [c.pid for c in self.children.values()]
@@ -501,7 +501,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     try:
         stack.start()
-        print(stack.summary() + f"\n(started in {time.monotonic() - started:.1f}s)", flush=True)
+        print(stack.summary() + f"\n(services and processes started in"
+              f" {time.monotonic() - started:.1f}s)", flush=True)
         stopping.wait()
     finally:
         print("\nstopping...", flush=True)
