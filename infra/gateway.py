@@ -2,7 +2,7 @@
 
 An ASGI app (Starlette on uvicorn) whose routes come from the API declaration
 (`common.routes`): operations of the `submit` and `status` functions are forwarded to
-them with httpx, the gateway's own (tokens, whoami, metrics, health, readiness, the
+them with aiohttp, the gateway's own (tokens, whoami, metrics, health, readiness, the
 OpenAPI document) are answered here. Every operation that needs a token is checked here,
 and again by the function that answers it. Beside the API: Swagger UI (assets from the
 swagger-ui-bundle package, no CDN) and the dashboard.
@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import httpx
+import aiohttp
 import redis.asyncio as aioredis
+import yarl
 from pydantic import BaseModel
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -136,17 +138,18 @@ class Gateway:
         self.settings = clients.settings()
         self.auth = clients.authenticator()
         self.memory = FinalDocuments(memory_bytes)
-        self.http = httpx.AsyncClient(
-            # gunicorn closes an idle keep-alive connection after 2 s: reuse under 1 s only.
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=32,
-                                keepalive_expiry=1.0),
-            timeout=httpx.Timeout(60.0, connect=2.0), follow_redirects=False)
+        self._http: aiohttp.ClientSession | None = None  # made in the event loop (lifespan)
         self._metrics: Any = None
 
     # -- life ------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._http = aiohttp.ClientSession(
+            # gunicorn closes an idle keep-alive connection after 2 s: reuse under 1 s only.
+            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=1.0),
+            timeout=aiohttp.ClientTimeout(total=60, sock_connect=2), auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
         tasks = [asyncio.create_task(self.listen_for_final_documents()),
                  asyncio.create_task(self.count_memory_hits())]
         try:
@@ -157,7 +160,7 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             self._flush_hits()
-            await self.http.aclose()
+            await self._http.close()
 
     async def count_memory_hits(self) -> None:
         """Add answers from memory to the shared lookup counter once a second: counting
@@ -240,35 +243,36 @@ class Gateway:
         if request.url.query:
             url += "?" + request.url.query
         headers = [(k, v) for k, v in request.headers.items() if k not in HOP_BY_HOP]
-        stream = op.operation_id == "getArtifact"
-        upstream_request = self.http.build_request(request.method, url, headers=headers,
-                                                   content=body)
         try:
-            response = await self._send(upstream_request, stream=stream,
-                                        idempotent=request.method in ("GET", "HEAD"))
-        except httpx.HTTPError as exc:
+            response = await self._send(request.method, yarl.URL(url, encoded=True),
+                                        headers, body)
+            if op.operation_id == "getArtifact":  # files stream; JSON answers are small
+                return StreamingResponse(
+                    response.content.iter_chunked(65536), status_code=response.status,
+                    headers=_passed_on(response), background=BackgroundTask(response.release))
+            content = await response.read()
+        except aiohttp.ClientError as exc:
             log.warning("%s unreachable: %s", op.function, exc)
             raise ApiError(503, "Service unavailable",
                            f"the {op.function} function is not answering",
                            headers={"Retry-After": "2"}) from exc
-        out_headers = {k: v for k, v in response.headers.items() if k not in HOP_BY_HOP}
-        if stream:
-            return StreamingResponse(response.aiter_raw(), status_code=response.status_code,
-                                     headers=out_headers, background=_Close(response))
-        if job_id is not None and response.status_code == 200:
-            self.memory.remember(job_id, response.content)
-        return Response(response.content, status_code=response.status_code,
-                        headers=out_headers)
+        response.release()
+        if job_id is not None and response.status == 200:
+            self.memory.remember(job_id, content)
+        return Response(content, status_code=response.status, headers=_passed_on(response))
 
-    async def _send(self, upstream_request: httpx.Request, *, stream: bool,
-                    idempotent: bool) -> httpx.Response:
-        try:
-            return await self.http.send(upstream_request, stream=stream)
-        except (httpx.RemoteProtocolError, httpx.ReadError):
-            # A kept-alive connection the function closed meanwhile: a GET may go again.
-            if not idempotent:
-                raise
-            return await self.http.send(upstream_request, stream=stream)
+    async def _send(self, method: str, url: yarl.URL, headers: list[tuple[str, str]],
+                    body: bytes | None) -> aiohttp.ClientResponse:
+        assert self._http is not None, "the gateway's lifespan has not started"
+        for attempt in (1, 2):
+            try:
+                return await self._http.request(method, url, headers=headers, data=body,
+                                                allow_redirects=False)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # A kept-alive connection the function closed meanwhile: a GET may go again.
+                if attempt == 2 or method not in ("GET", "HEAD"):
+                    raise
+        raise AssertionError("unreachable")
 
     # -- the gateway's own operations --------------------------------------------------
 
@@ -368,14 +372,9 @@ class RememberedLookups:
             return False  # the app answers the 401 or 403 itself
 
 
-class _Close:
-    """Background task of a streamed answer: release the upstream connection."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-
-    async def __call__(self) -> None:
-        await self.response.aclose()
+def _passed_on(response: aiohttp.ClientResponse) -> dict[str, str]:
+    """The upstream answer's headers a client should see (no hop-by-hop ones)."""
+    return {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
 
 
 def _guarded(handler: Callable[[Request], Awaitable[Response]]
@@ -481,7 +480,6 @@ def app_from_environment() -> ASGIApp:
     """The uvicorn factory: upstream URLs from JOBS_SUBMIT_URL and JOBS_STATUS_URL."""
     _die_with_parent()
     configure_logging("gateway")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per forwarded request
     clients.needs("database_url", "redis_url")
     missing = [n for n in ("JOBS_SUBMIT_URL", "JOBS_STATUS_URL") if not os.environ.get(n)]
     if missing:
