@@ -89,7 +89,9 @@ def replay(conn: Connection, job_id: str) -> dict[str, Any]:
     """DEAD_LETTER -> QUEUED with a fresh retry budget; attempts and their history stay."""
     row = transition(conn, job_id, JobStatus.QUEUED, sources=[JobStatus.DEAD_LETTER],
                      values={"retries": 0, "result_json": None, "next_attempt_at": None,
-                             "published_at": None, "lease_expires_at": None})
+                             "published_at": None, "lease_expires_at": None,
+                             # a cancel asked of an earlier cycle does not stop this one
+                             "cancel_requested_at": None})
     if row is None:
         raise jobs.refuse_move(conn, job_id, "Job is not dead-lettered",
                                "only DEAD_LETTER jobs can be replayed")

@@ -309,9 +309,9 @@ class Processor:
         started = [self._start(row) for row in claimed]
         for running in started:
             self._finish(running)
-        done = [r for r in started if r.error is None]
-        cancelled = [r for r in started if r.error is not None and
-                     r.ctx.stop_reason == "cancelled"]
+        # A cancel request wins whatever the handler did after it: returned or raised.
+        cancelled = [r for r in started if r.ctx.stop_reason == "cancelled"]
+        done = [r for r in started if r.error is None and r not in cancelled]
         failed = [r for r in started if r.error is not None and r not in cancelled]
         outcomes: dict[str, Outcome] = {}
         rows: list[dict[str, Any]] = []
