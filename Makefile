@@ -34,7 +34,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Issue 5: ours vs Dramatiq, Celery and RQ on this machine (bench/run.py; about 10 minutes).
+# Ours vs Dramatiq, Celery and RQ on this machine (bench/run.py; about 3 minutes).
 # The peers go into bench/.venv-peers. Options: make bench BENCH_ARGS='--quick --only ours,celery'
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)

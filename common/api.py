@@ -123,13 +123,15 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
     return [JobDocument.model_validate(doc) for doc in docs], refusal is None
 
 
-def check_type_scope(principal: Principal, job_type: str, payload: dict[str, Any]) -> None:
-    """Some job types need more than `jobs:submit` (DATA_EXPORT reads every job: admin)."""
+def check_type_scope(principal: Principal, job_type: str, payload: dict[str, Any],
+                     doing: str = "submitting") -> None:
+    """Some job types need more than `jobs:submit` or `jobs:read` (DATA_EXPORT reads every
+    job: admin), to submit them and to download what they made."""
     jt = get_job_type(job_type)
     scope = None if jt is None else jt.scope(payload) if callable(jt.scope) else jt.scope
     if scope and not principal.allows(scope):
-        raise ApiError(403, "Forbidden", f"submitting {job_type} with this payload needs the"
-                                         f" {scope!r} scope, which this token lacks")
+        raise ApiError(403, "Forbidden", f"{doing} a {job_type} job needs the {scope!r}"
+                                         " scope, which this token lacks")
 
 
 def _max_retries(submission: JobSubmission, default: int) -> int:

@@ -84,6 +84,9 @@ class Dispatcher:
             return render(op, self.handlers[endpoint](request, principal, **args))
         except ApiError as exc:
             return problem(exc, request.path)
+        except HTTPException as exc:  # werkzeug's own, e.g. 416 for a Range past the file
+            return problem(ApiError(exc.code or 500, exc.name, exc.description or exc.name),
+                           request.path)
         except ServiceUnavailable as exc:
             log.warning("%s %s: %s", request.method, request.path, exc)
             return problem(ApiError(503, "Service unavailable",

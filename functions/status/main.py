@@ -32,6 +32,8 @@ def get_many(request: flask.Request, principal: Principal) -> JobPage:
 
 def get_artifact(request: flask.Request, principal: Principal, job_id: str) -> flask.Response:
     doc = api.get_job(job_id)
+    clients.handlers()
+    api.check_type_scope(principal, doc.job_type, doc.payload, "downloading the file of")
     result = doc.result if isinstance(doc.result, dict) else None
     name = result.get("artifact") if result else None
     if doc.status != "COMPLETED" or not name:

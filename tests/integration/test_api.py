@@ -248,3 +248,14 @@ def test_a_single_key_can_never_name_an_item_of_a_batch(api):
                                              "payload": {"message": "batch"}}]})
     assert batch.status == 202, batch.body
     assert batch.json["jobs"][0]["job_id"] != single.json["job_id"]
+
+
+@pytest.mark.parametrize("byte_range", ["bytes=99999999-", "bytes=5-2", "bytes=abc"])
+def test_a_range_the_artifact_cannot_satisfy_is_a_problem_never_a_500(api, byte_range):
+    job = api.wait_status(api.submit("REPORT_GENERATION", {
+        "title": "r", "columns": ["a"], "rows": [[1]], "format": "csv"}).json["job_id"])
+    reply = api.request("GET", f"/jobs/{job['job_id']}/artifact",
+                        headers={"Range": byte_range})
+    assert reply.status in (200, 206, 416), reply.body[:300]
+    if reply.status == 416:
+        assert reply.content_type == "application/problem+json"

@@ -77,12 +77,17 @@ def test_a_job_records_the_name_of_the_token_that_submitted_it(api, stack):
     assert api.job(doc["job_id"])["submitted_by"] == "billing-service"
 
 
-def test_exporting_the_jobs_table_needs_an_admin_token(api, stack):
-    _, token = make_token(api, "submitter", "jobs:submit")
+def test_exporting_the_jobs_table_and_downloading_the_export_need_an_admin_token(api, stack):
+    _, token = make_token(api, "submitter", "jobs:submit", "jobs:read")
+    holder = Api(stack.gateway_url, token)
     export = {"dataset": "jobs", "format": "jsonl"}
-    reply = Api(stack.gateway_url, token).submit("DATA_EXPORT", export)
+    reply = holder.submit("DATA_EXPORT", export)
     assert reply.status == 403 and "admin" in reply.json["detail"], reply.body
-    assert api.submit("DATA_EXPORT", export).status == 202
+    made = api.wait_status(api.submit("DATA_EXPORT", export).json["job_id"])
+    assert made["status"] == "COMPLETED"
+    refused = holder.request("GET", f"/jobs/{made['job_id']}/artifact")
+    assert refused.status == 403 and "admin" in refused.json["detail"], refused.body
+    assert api.request("GET", f"/jobs/{made['job_id']}/artifact").status == 200
 
 
 def test_a_revoked_token_is_refused_within_the_auth_cache_time(api, stack):
