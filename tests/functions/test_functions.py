@@ -14,15 +14,12 @@ Where the stack's own bridge does race the test, the combined effect is what is 
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import json
 import os
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from cloudevents.conversion import to_binary
@@ -34,27 +31,13 @@ from common.db import Database, rows_as_dicts
 from common.settings import get_settings
 from infra.bridge import binary_request
 from infra.services import create_topics
-from tests.support.client import wait_for
+from tests.support.client import in_thread, wait_for
 
 pytestmark = pytest.mark.integration
 FUNCTIONS = Path(__file__).resolve().parents[2] / "functions"
 WAIT = 20.0
-T = TypeVar("T")
 
 
-def in_thread(call: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
-    """`call(*args, **kwargs)` in a daemon thread: if the code under test hangs, the test
-    fails at its deadline and the test process can still exit."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            future.set_result(call(*args, **kwargs))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, daemon=True).start()
-    return future
 
 
 def client(name: str, target: str, signature: str = "http"):

@@ -13,8 +13,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -30,13 +30,12 @@ from common.queue import DEAD_LETTER_EVENT_TYPE, JOB_EVENT_TYPE, Publisher
 from common.settings import Settings
 from common.sweeper import publish_due, reclaim_expired
 from infra.services import ServerProcess, create_topics, start_postgres, start_redis
-from tests.support.client import wait_for
+from tests.support.client import in_thread, wait_for
 
 pytestmark = pytest.mark.integration
 
 WAIT = 15.0  # deadline of every wait
 JOB_TYPE = "SWEEPER_PROBE"  # registered nowhere: the sweeper takes the global policy
-T = TypeVar("T")
 
 
 # -- servers and clients ---------------------------------------------------------------
@@ -93,19 +92,6 @@ def running(redis_server: ServerProcess, postgres: ServerProcess) -> Iterator[No
     postgres.start(60)
 
 
-def in_thread(call: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
-    """`call(*args, **kwargs)` in a daemon thread: if the code under test hangs, the test
-    fails at its deadline and the test process can still exit."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            future.set_result(call(*args, **kwargs))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, daemon=True).start()
-    return future
 
 
 def backend_pid(db: Database) -> int:

@@ -26,9 +26,9 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 import pytest
@@ -55,11 +55,11 @@ from common.processing import Failure, Outcome, Processor, policy_for, record_fa
 from common.queue import Event
 from common.settings import Settings
 from common.sweeper import reclaim_expired
+from tests.support.client import in_thread
 
 pytestmark = pytest.mark.integration
 
 S = JobStatus
-T = TypeVar("T")
 JOB_TYPE = "LIFECYCLE_PROBE"
 LEASE_SECONDS = 3600.0  # only a forced expiry (the crash rule) ends a lease
 HANDLER_LIMIT = 120.0  # the type's time limit: far past any step, so it never fires here
@@ -166,19 +166,6 @@ def lifecycle_probe(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     return SCRIPT.run(ctx)
 
 
-def in_thread(call: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
-    """`call(*args, **kwargs)` in a daemon thread: if the code under test hangs, the test
-    fails at its deadline and the test process can still exit."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            future.set_result(call(*args, **kwargs))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, daemon=True).start()
-    return future
 
 
 class RecordingPublisher:
