@@ -55,6 +55,10 @@ class Settings(BaseModel):
     requeue_after_seconds: float = Field(30.0, gt=0)
     metrics_token: str = Field("", description="A bearer token that may read /metrics only")
     gateway_memory_bytes: int = Field(32 << 20, ge=0)
+    # The gateway's connections (infra/http_guard.py): 414, 431, and 408 after the timeout.
+    gateway_max_url_bytes: int = Field(8192, ge=256)
+    gateway_max_header_bytes: int = Field(32768, ge=1024)
+    gateway_read_timeout_seconds: float = Field(15.0, gt=0)
 
 
 ENV = {
@@ -82,6 +86,9 @@ ENV = {
     "requeue_after_seconds": "JOBS_REQUEUE_AFTER_SECONDS",
     "metrics_token": "JOBS_METRICS_TOKEN",
     "gateway_memory_bytes": "JOBS_GATEWAY_MEMORY_BYTES",
+    "gateway_max_url_bytes": "JOBS_GATEWAY_MAX_URL_BYTES",
+    "gateway_max_header_bytes": "JOBS_GATEWAY_MAX_HEADER_BYTES",
+    "gateway_read_timeout_seconds": "JOBS_GATEWAY_READ_TIMEOUT_SECONDS",
 }
 
 

@@ -567,6 +567,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["JOBS_STATUS_URL"] = args.status
     uvicorn.run("infra.gateway:app_from_environment", factory=True, host=args.host,
                 port=args.port, workers=args.workers, log_level="warning", access_log=False,
+                http="infra.http_guard:GuardedHttpToolsProtocol",  # limits and timeouts
                 timeout_keep_alive=30, timeout_graceful_shutdown=30,
                 server_header=False, proxy_headers=False)
 
