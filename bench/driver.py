@@ -53,6 +53,9 @@ def summary(name: str, result: dict[str, Any]) -> str:
     if name == "w5":
         return (f"{result['submits_per_s']:.0f} submits/s, p50 {result['p50_ms']:.1f} ms, "
                 f"p99 {result['p99_ms']:.1f} ms, {result['errors']} errors")
+    if name == "w6":
+        return (f"{result['submits_per_s']:.0f} submits/s, p50 {result['p50_ms']:.2f} ms, "
+                f"p99 {result['p99_ms']:.2f} ms")
     return json.dumps(result)
 
 

@@ -438,6 +438,9 @@ ROWS = [
     ("w5", "submits_per_s", "W5 submit: jobs/s", "higher"),
     ("w5", "p50_ms", "W5 submit: p50 ms", "lower"),
     ("w5", "p99_ms", "W5 submit: p99 ms", "lower"),
+    ("w6", "submits_per_s", "W6 one client, single submits: /s", "higher"),
+    ("w6", "p50_ms", "W6 single submit: p50 ms", "lower"),
+    ("w6", "p99_ms", "W6 single submit: p99 ms", "lower"),
 ]
 
 
@@ -653,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"Workloads ({args.mode}): W1 {p['w1_jobs']} no-op jobs; W2 {p['w2_jobs']} jobs at "
         f"{p['w2_rate']:.0f}/s; W3 {p['w3_lookups']} lookups, 1 client; W4 {p['w4_jobs']} "
         f"always-failing jobs, 3 retries, no backoff; W5 {p['w5_clients']} clients for "
-        f"{p['w5_seconds']:.0f} s")
+        f"{p['w5_seconds']:.0f} s; W6 {p['w6_jobs']} single submits, 1 client, in sequence")
     for system in table["systems"]:
         r = results[system]
         say(f"  {system:<9} {r.get('workers', '')}")

@@ -1,4 +1,4 @@
-"""The five workloads of issue 5, written once against a small `System` interface.
+"""The workloads (W1-W5 of issue 5, W6 of issue 13), written once against one `System` API.
 
 Standard library only: this module runs in our virtualenv (imported as `bench.workloads`)
 and in the peers' one (imported as `workloads`, with bench/ on PYTHONPATH).
@@ -36,16 +36,18 @@ from typing import Any
 
 PARAMS: dict[str, dict[str, Any]] = {
     "full": {"w1_jobs": 5000, "w2_jobs": 200, "w2_rate": 50.0, "w3_lookups": 20000,
-             "w4_jobs": 200, "w5_clients": 8, "w5_seconds": 10.0, "warmup_jobs": 50},
+             "w4_jobs": 200, "w5_clients": 8, "w5_seconds": 10.0, "w6_jobs": 1000,
+             "warmup_jobs": 50},
     "quick": {"w1_jobs": 500, "w2_jobs": 50, "w2_rate": 50.0, "w3_lookups": 2000,
-              "w4_jobs": 20, "w5_clients": 8, "w5_seconds": 2.0, "warmup_jobs": 20},
+              "w4_jobs": 20, "w5_clients": 8, "w5_seconds": 2.0, "w6_jobs": 100,
+              "warmup_jobs": 20},
 }
 # Seconds each workload may take before it reports "timeout" (full run; quick runs use less).
 TIMEOUTS: dict[str, dict[str, float]] = {
-    "full": {"warmup": 60, "w1": 200, "w2": 90, "w3": 120, "w4": 150, "w5": 40},
-    "quick": {"warmup": 60, "w1": 60, "w2": 30, "w3": 30, "w4": 60, "w5": 15},
+    "full": {"warmup": 60, "w1": 200, "w2": 90, "w3": 120, "w4": 150, "w5": 40, "w6": 60},
+    "quick": {"warmup": 60, "w1": 60, "w2": 30, "w3": 30, "w4": 60, "w5": 15, "w6": 15},
 }
-WORKLOADS = ("w1", "w2", "w3", "w4", "w5")
+WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "w6")
 STOP_POLL = 0.05     # W1/W4: seconds between two checks of the stop condition
 STATUS_POLL = 0.001  # W2: a poller's passes over its jobs in flight start at most this often
 W2_POLLERS = 4       # W2: threads polling the jobs in flight
@@ -297,8 +299,27 @@ def w5_submit(system: Any, p: dict[str, Any], deadline: float, state: dict[str, 
             "errors": len(errors)}
 
 
+def w6_single_submits(system: Any, p: dict[str, Any], deadline: float, state: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """w6_jobs single submits from one client, one after another: what a web app that
+    enqueues one job per request sees."""
+    n = p["w6_jobs"]
+    latencies: list[float] = []
+    start = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        if t > deadline:
+            raise Timeout(f"{len(latencies)} of {n} single submits made in time")
+        system.submit_noop()
+        latencies.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - start
+    return {"jobs": n, "seconds": elapsed, "submits_per_s": n / elapsed,
+            **latency_summary(latencies)}
+
+
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "w1": w1_drain, "w2": w2_latency, "w3": w3_status, "w4": w4_failures, "w5": w5_submit,
+    "w6": w6_single_submits,
 }
 
 
