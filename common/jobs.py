@@ -132,13 +132,14 @@ class PublishMarks:
         self.db = db
         self.interval = interval
         self._pending: list[tuple[str, int]] = []
-        self._lock = threading.Lock()
+        self._arrived = threading.Condition()
         self._thread: threading.Thread | None = None
 
     def add(self, published: list[tuple[str, int]]) -> None:
         """Queue (job id, attempts when published) marks."""
-        with self._lock:
+        with self._arrived:
             self._pending.extend(published)
+            self._arrived.notify()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="publish-marks",
                                                 daemon=True)
@@ -146,14 +147,15 @@ class PublishMarks:
 
     def _loop(self) -> None:
         while True:
-            time.sleep(self.interval)
-            with self._lock:
+            with self._arrived:  # asleep while there is nothing to mark
+                self._arrived.wait_for(lambda: self._pending)
+            time.sleep(self.interval)  # let the marks of concurrent submits join this batch
+            with self._arrived:
                 batch, self._pending = self._pending, []
-            if batch:
-                try:
-                    mark_published(self.db, batch)
-                except Exception as exc:
-                    log.warning("could not mark %d job(s) published: %s", len(batch), exc)
+            try:
+                mark_published(self.db, batch)
+            except Exception as exc:
+                log.warning("could not mark %d job(s) published: %s", len(batch), exc)
 
 
 def mark_published(db: Database, published: list[tuple[str, int]]) -> None:

@@ -151,7 +151,7 @@ class Publisher:
         while not self._closed.is_set():
             producer = self._producer
             try:
-                producer.poll(0.05)
+                producer.poll(0.5)  # returns at once when a delivery report is due
             except Exception as exc:
                 if _is_fatal(exc):
                     # e.g. UNKNOWN_PRODUCER_ID or OUT_OF_ORDER_SEQUENCE_NUMBER once a

@@ -415,8 +415,8 @@ def _permanent(status: int) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS",
-                                                              "127.0.0.1:9092"))
+    parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
+                        help="the Kafka brokers (default: KAFKA_BOOTSTRAP_SERVERS; no fallback)")
     parser.add_argument("--topic", required=True)
     parser.add_argument("--group", help="consumer group (default: bridge-<topic>)")
     parser.add_argument("--target", required=True, help="function URL to POST events to")
@@ -429,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fetch-wait-ms", type=int, default=10,
                         help="longest a fetch waits for records (latency vs idle broker CPU)")
     args = parser.parse_args(argv)
+    if not args.bootstrap:
+        parser.error("KAFKA_BOOTSTRAP_SERVERS is not set and --bootstrap was not given")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bridge[%(process)d] %(message)s")
     bridge = Bridge(bootstrap=args.bootstrap, topic=args.topic,
                     group=args.group or f"bridge-{args.topic}", target=args.target,

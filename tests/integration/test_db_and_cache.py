@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import sys
 import threading
 import time
 import uuid
@@ -505,3 +506,31 @@ def test_publish_due_republishes_jobs_never_published_or_published_long_ago(
     marked = dict(db.run("SELECT job_id::text, published_at > now() - interval '1 minute'"
                          " FROM jobs"))
     assert marked == {never: True, fresh: None, lost: True, sent: True}
+
+
+def test_publish_marks_are_written_in_batches_and_the_marker_sleeps_when_idle(tables):
+    db = tables
+    marks = jobs.PublishMarks(db, interval=0.05)
+    first = [str(new_job(db)["job_id"]) for _ in range(3)]
+    marks.add([(job_id, 0) for job_id in first])
+
+    def published(ids: list[str]) -> bool:
+        rows = db.run("SELECT count(*) FROM jobs WHERE job_id = ANY(CAST(:ids AS uuid[]))"
+                      " AND published_at IS NOT NULL", ids=ids)
+        return rows[0][0] == len(ids)
+
+    wait_for(lambda: published(first), WAIT, "the first marks")
+    assert marks._thread is not None
+    ident = marks._thread.ident
+
+    def asleep_until_work() -> bool:  # in Condition.wait_for, not in a timed sleep loop
+        frame, names = sys._current_frames().get(ident), []  # type: ignore[arg-type]
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        return "wait_for" in names
+
+    wait_for(asleep_until_work, WAIT, "the marker to wait for work")
+    later = [str(new_job(db)["job_id"]) for _ in range(2)]
+    marks.add([(job_id, 0) for job_id in later])  # woken by new work, not by a timer
+    wait_for(lambda: published(later), WAIT, "marks added after an idle spell")
