@@ -75,9 +75,6 @@ class StatusCache:
         self._put = self._client.register_script(_PUT_IF_NEWER)
         self._down_until = 0.0
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-        self.errors = 0
 
     @property
     def available(self) -> bool:
@@ -85,7 +82,6 @@ class StatusCache:
 
     def _trip(self, exc: Exception) -> None:
         with self._lock:
-            self.errors += 1
             if self.available:
                 log.warning("redis unavailable, serving from PostgreSQL: %s", exc)
             self._down_until = time.monotonic() + self.cooldown
@@ -100,9 +96,7 @@ class StatusCache:
             self._trip(exc)
             return None
         if raw is None:
-            self.misses += 1
             return None
-        self.hits += 1
         return json.loads(raw)  # type: ignore[arg-type]
 
     def put(self, documents: Iterable[dict[str, Any]]) -> bool:

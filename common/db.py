@@ -159,7 +159,6 @@ class Database:
         # (connection, when it was returned): the most recently used first
         self._idle: queue.LifoQueue[tuple[Connection, float]] = queue.LifoQueue()
         self._size = size
-        self._lock = threading.Lock()
 
     def _connect(self) -> Connection:
         try:

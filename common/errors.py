@@ -25,10 +25,6 @@ class HandlerTimeout(JobError):
     """The handler ran past its time limit; counts as a failed attempt."""
 
 
-class ShutdownRequested(BaseException):  # noqa: N818 - a signal, not an error
-    """Raised into a handler on SIGTERM; a BaseException so `except Exception` can't swallow it."""
-
-
 class ServiceUnavailable(Exception):
     """A dependency (PostgreSQL, Kafka) is down; the caller should try again later."""
 

@@ -35,7 +35,6 @@ class JobContext:
     retries: int
     artifact_dir: Path
     cancelled: threading.Event = field(default_factory=threading.Event)
-    extras: dict[str, Any] = field(default_factory=dict)
     stop_reason: str | None = None
     progress_sink: Callable[[float, str | None], None] | None = field(default=None, repr=False)
     _last_progress: float = field(default=0.0, repr=False)

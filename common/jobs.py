@@ -363,17 +363,6 @@ def claim_sql(job_id: str, lease_seconds: float) -> tuple[str, dict[str, Any]]:
             params)
 
 
-def complete_sql(job_id: str, attempt: int, result: Any) -> tuple[str, dict[str, Any]]:
-    """IN_PROGRESS -> COMPLETED for `attempt`, and its attempt row, as one statement."""
-    update, params = transition_sql(
-        job_id, S.COMPLETED, sources=[S.IN_PROGRESS], attempt=attempt,
-        values={"result_json": result, "lease_expires_at": None, "error_message": None})
-    return (f"WITH moved AS ({update}), finished AS (UPDATE job_attempts SET finished_at = now(),"
-            " outcome = 'COMPLETED', error = NULL FROM moved WHERE job_attempts.job_id ="
-            " moved.job_id AND job_attempts.attempt = moved.attempts) SELECT * FROM moved",
-            params)
-
-
 def claim_many_sql(job_ids: list[str], lease_seconds: float) -> tuple[str, dict[str, Any]]:
     """`claim_sql` for many jobs in one statement; returns the rows of those claimed."""
     update, params = transition_many_sql(
@@ -386,8 +375,9 @@ def claim_many_sql(job_ids: list[str], lease_seconds: float) -> tuple[str, dict[
 
 
 def complete_many_sql(done: list[tuple[str, int, Any]]) -> tuple[str, dict[str, Any]]:
-    """`complete_sql` for many (job id, attempt, result) in one statement; returns the rows
-    of those moved (an attempt that lost its job is left out)."""
+    """IN_PROGRESS -> COMPLETED for many (job id, attempt, result), with their attempt rows,
+    in one statement; returns the rows of those moved (an attempt that lost its job is left
+    out)."""
     update, params = transition_many_sql(
         S.COMPLETED, {"id": [d[0] for d in done], "attempt": [d[1] for d in done],
                       "result": [d[2] for d in done]},

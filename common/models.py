@@ -41,10 +41,6 @@ class JobStatus(str, Enum):
     """Set by `POST /jobs/{id}/cancel` for a QUEUED or RETRYING job (it never runs again),
     or by `process` when a running handler stopped after a cancel request; terminal."""
 
-    @property
-    def terminal(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.DEAD_LETTER, JobStatus.CANCELLED)
-
 
 RUN_AT_MIN = datetime(1970, 1, 1, tzinfo=UTC)
 RUN_AT_AHEAD = timedelta(days=36525)

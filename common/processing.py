@@ -162,13 +162,6 @@ class Processor:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def handle(self, message: JobMessage) -> Outcome:
-        """Process one delivery of `message`; safe to call twice for the same message."""
-        result = self.handle_batch([message])[0]
-        if isinstance(result, PoisonMessage):
-            raise result
-        return result
-
     def handle_batch(self, messages: list[JobMessage]) -> list[Outcome | PoisonMessage]:
         """Process several deliveries at once, each with the guarantees of `handle`: one
         statement claims them all, their handlers run side by side, one statement records

@@ -345,7 +345,7 @@ def claimed(db: Database, max_retries: int = 3, lease: float = 3600) -> dict[str
 
 def completed(db: Database) -> dict[str, Any]:
     row = claimed(db)
-    sql, params = jobs.complete_sql(str(row["job_id"]), row["attempts"], {"ok": True})
+    sql, params = jobs.complete_many_sql([(str(row["job_id"]), row["attempts"], {"ok": True})])
     with db.transaction() as conn:
         assert conn.run(sql, **params), "the attempt owns its job"
         return jobs.get_job(conn, str(row["job_id"])) or {}
