@@ -24,6 +24,10 @@ class Settings(BaseModel):
     smtp_from: str = "jobs@localhost"
     queue_topic: str = "job-queue"
     dlq_topic: str = "job-dlq"
+    # The consumer groups that deliver each topic to its function (the local bridges, the
+    # KafkaSources of infra/knative): the lag metric and /readyz look at the first.
+    queue_consumer_group: str = "jobs-process"
+    dlq_consumer_group: str = "jobs-dlq"
     max_retries: int = Field(3, ge=0, le=100)
     backoff_base_seconds: float = Field(1.0, ge=0)
     backoff_max_seconds: float = Field(300.0, ge=0)
@@ -69,6 +73,8 @@ ENV = {
     "smtp_from": "SMTP_FROM",
     "queue_topic": "JOBS_QUEUE_TOPIC",
     "dlq_topic": "JOBS_DLQ_TOPIC",
+    "queue_consumer_group": "JOBS_QUEUE_CONSUMER_GROUP",
+    "dlq_consumer_group": "JOBS_DLQ_CONSUMER_GROUP",
     "max_retries": "JOBS_MAX_RETRIES",
     "backoff_base_seconds": "JOBS_BACKOFF_BASE_SECONDS",
     "backoff_max_seconds": "JOBS_BACKOFF_MAX_SECONDS",

@@ -319,7 +319,7 @@ class Gateway:
         from infra.metrics import MetricsEndpoint
 
         if self._metrics is None:
-            self._metrics = MetricsEndpoint()
+            self._metrics = MetricsEndpoint(clients.settings().queue_consumer_group)
         body = await run_in_threadpool(self._metrics.render)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -523,6 +523,7 @@ def _die_with_parent() -> None:
 
 def readiness(upstreams: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Each dependency and function, checked with a short timeout."""
+    from confluent_kafka import ConsumerGroupState
     from confluent_kafka.admin import AdminClient
 
     settings = clients.settings()
@@ -542,8 +543,18 @@ def readiness(upstreams: dict[str, str]) -> dict[str, dict[str, Any]]:
             raise RuntimeError("no answer to PING")
 
     check("redis", redis_ping)
-    check("kafka", lambda: AdminClient({
-        "bootstrap.servers": settings.kafka_bootstrap_servers}).list_topics(timeout=2))
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    check("kafka", lambda: admin.list_topics(timeout=2))
+
+    def consumed(group: str, topic: str) -> None:
+        # A group that has not finished joining would leave the first jobs waiting for it.
+        state = admin.describe_consumer_groups([group], request_timeout=2)[group].result().state
+        if state != ConsumerGroupState.STABLE:
+            raise RuntimeError(f"consumer group {group} is {state.name}: nothing delivers"
+                               f" {topic} to its function yet")
+
+    check(f"trigger:{settings.queue_topic}",
+          lambda: consumed(settings.queue_consumer_group, settings.queue_topic))
     for name, url in upstreams.items():
         parsed = urlparse(url)
         check(f"function:{name}", lambda p=parsed: socket.create_connection(

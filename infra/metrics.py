@@ -95,7 +95,7 @@ class LiveCollector(Collector):
 class MetricsEndpoint:
     """Builds the exposition text; one per gateway process."""
 
-    def __init__(self, consumer_group: str = "process") -> None:
+    def __init__(self, consumer_group: str = "jobs-process") -> None:
         self.registry = CollectorRegistry()
         counters = None
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,14 +263,15 @@ class Stack:
                                "--port", str(port)], port=port, extra_env={"THREADS": threads,
                                                        "WORKERS": workers})
         queue_topic, dlq_topic = list(topics)
+        settings = load_settings(env)
         url = self.function_url
         self._child("bridge-q", [py, "-m", "infra.bridge", "--topic", queue_topic,
                                  "--target", url("process"), "--dlq-topic", dlq_topic,
-                                 "--group", "process", "--max-in-flight",
+                                 "--group", settings.queue_consumer_group, "--max-in-flight",
                                  str(self.bridge_in_flight), "--batch-size",
                                  str(self.batch_size)])
         self._child("bridge-d", [py, "-m", "infra.bridge", "--topic", dlq_topic,
-                                 "--target", url("dlq"), "--group", "dlq",
+                                 "--target", url("dlq"), "--group", settings.dlq_consumer_group,
                                  "--fetch-wait-ms", "250"])  # dead letters are not urgent
         # The gateway: the same ASGI app that infra/knative deploys, on the public port.
         self._child("gateway", [py, "-m", "infra.gateway", "--port", str(self.gateway_port),
@@ -280,6 +282,8 @@ class Stack:
             child.start()
         self._record_pids()
         self._wait_http(f"{self.gateway_url}/healthz", 60)
+        # Ready means a job submitted now runs now: the bridges have joined their groups.
+        self._wait_http(f"{self.gateway_url}/readyz", 60)
         for name in ("submit", "status", "process", "dlq", "sweeper"):
             self._wait_port(self.children[name].port or 0, 60)
         self._spawn(self._supervise)
@@ -341,7 +345,9 @@ class Stack:
                         return
             except OSError as exc:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{url} did not come up: {exc}") from exc
+                    said = exc.read().decode(errors="replace")[:600] \
+                        if isinstance(exc, urllib.error.HTTPError) else ""
+                    raise RuntimeError(f"{url} did not come up: {exc} {said}") from exc
             time.sleep(0.1)
 
     @staticmethod

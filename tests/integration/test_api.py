@@ -205,7 +205,8 @@ def test_health_and_readiness_report_each_dependency(api):
     assert api.request("GET", "/healthz").json == {"status": "ok"}
     ready = api.request("GET", "/readyz").json
     assert ready["ready"] is True
-    assert {"postgresql", "redis", "kafka"} <= set(ready["checks"])
+    assert {"postgresql", "redis", "kafka", "trigger:job-queue"} <= set(ready["checks"])
+    assert all(check["ok"] for check in ready["checks"].values())
 
 
 def test_a_final_document_is_announced_to_the_gateway_before_anyone_asks(api, stack):
