@@ -13,7 +13,7 @@ from common.handlers import load_handlers
 from common.jobs import PublishMarks
 from common.processing import Processor
 from common.queue import Publisher, get_publisher
-from common.settings import MissingSetting, Settings, get_settings, require
+from common.settings import MissingSetting, Settings, get_settings, kafka_client_config, require
 
 log = logging.getLogger(__name__)
 _ready: set[str] = set()
@@ -93,7 +93,8 @@ def cache() -> StatusCache:
 def publisher() -> Publisher:
     s = get_settings()
     require(s, "kafka_bootstrap_servers")
-    return get_publisher(s.kafka_bootstrap_servers, timeout=s.publish_timeout_seconds)
+    return get_publisher(s.kafka_bootstrap_servers, timeout=s.publish_timeout_seconds,
+                         config=kafka_client_config(s))
 
 
 def handlers() -> None:

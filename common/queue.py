@@ -296,10 +296,13 @@ _publishers: dict[str, Publisher] = {}
 _publishers_lock = threading.Lock()
 
 
-def get_publisher(bootstrap_servers: str, timeout: float = 5.0) -> Publisher:
-    """The process-wide publisher for a cluster, created on first use."""
+def get_publisher(bootstrap_servers: str, timeout: float = 5.0,
+                  config: dict[str, Any] | None = None) -> Publisher:
+    """The process-wide publisher for a cluster, created on first use; `config` adds
+    librdkafka properties (security, `common.settings.kafka_client_config`)."""
     with _publishers_lock:
         pub = _publishers.get(bootstrap_servers)
         if pub is None:
-            pub = _publishers[bootstrap_servers] = Publisher(bootstrap_servers, timeout=timeout)
+            pub = _publishers[bootstrap_servers] = Publisher(bootstrap_servers, timeout=timeout,
+                                                             config=config)
         return pub

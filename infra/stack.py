@@ -28,7 +28,7 @@ import psutil
 
 from common.auth import bootstrap_admin_token
 from common.db import Database, migrate
-from common.settings import load_settings
+from common.settings import kafka_client_config, load_settings
 from infra import services
 
 log = logging.getLogger("stack")
@@ -167,6 +167,10 @@ class Stack:
         self.process_workers = process_workers
         self.batch_size = batch_size
         self.env = dict(os.environ if env is None else env)
+        flag = self.env.get("JOBS_LOCAL_TLS", "").strip().lower()
+        if flag not in ("", "0", "1", "false", "true", "off", "on"):
+            raise ValueError(f"JOBS_LOCAL_TLS must be 1 or 0 (true/false, on/off), not {flag!r}")
+        self.local_tls = flag in ("1", "true", "on")
         self.services: dict[str, services.ServerProcess] = {}
         self.children: dict[str, Child] = {}
         self._stop = threading.Event()
@@ -219,11 +223,18 @@ class Stack:
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._reap_leftovers()
         env = self.env
+        # JOBS_LOCAL_TLS=1: our PostgreSQL and Redis serve TLS only, with certificates made
+        # now, and every client verifies them (the distribution's servers: the PyPI builds
+        # have no TLS). Tansu cannot serve TLS: Kafka stays plaintext.
+        tls = services.Tls.make(self.data_dir / "tls") if self.local_tls else None
+        suffix = "-tls" if tls else ""  # another server version: a cluster of its own
         if not env.get("DATABASE_URL"):
-            self.services["postgresql"] = services.start_postgres(self.data_dir / "postgres")
+            self.services["postgresql"] = services.start_postgres(
+                self.data_dir / f"postgres{suffix}", tls=tls)
             env["DATABASE_URL"] = self.services["postgresql"].url
         if not env.get("REDIS_URL"):
-            self.services["redis"] = services.start_redis(self.data_dir / "redis")
+            self.services["redis"] = services.start_redis(self.data_dir / f"redis{suffix}",
+                                                          tls=tls)
             env["REDIS_URL"] = self.services["redis"].url
         if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
             self.services["kafka"] = services.start_kafka(self.data_dir / "kafka")
@@ -240,7 +251,8 @@ class Stack:
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         env["PYTHONUNBUFFERED"] = "1"
         topics = self.topics
-        services.create_topics(env["KAFKA_BOOTSTRAP_SERVERS"], topics)
+        services.create_topics(env["KAFKA_BOOTSTRAP_SERVERS"], topics,
+                               config=kafka_client_config(load_settings(env)))
         db = Database(env["DATABASE_URL"])
         try:
             migrate(db)
@@ -409,7 +421,8 @@ class Stack:
             f"   (Swagger UI: {self.gateway_url}/swagger-ui.html)",
             f"  PostgreSQL    {env['DATABASE_URL']}",
             f"  Redis         {env['REDIS_URL']}",
-            f"  Kafka         {env['KAFKA_BOOTSTRAP_SERVERS']}  topics: job-queue, job-dlq",
+            f"  Kafka         {env['KAFKA_BOOTSTRAP_SERVERS']}  topics: job-queue, job-dlq"
+            + ("  (plaintext: Tansu 0.6.0 cannot serve TLS)" if self.local_tls else ""),
             f"  SMTP          {env['SMTP_URL']}"
             + (f"  (mail lands in {self.data_dir / 'mail'})" if "smtp" in self.services else ""),
             f"  artifacts     {env['JOBS_ARTIFACT_DIR']}",

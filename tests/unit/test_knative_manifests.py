@@ -79,6 +79,7 @@ AUTOSCALING = {f"autoscaling.knative.dev/{k}" for k in (
     "panic-threshold-percentage", "scale-down-delay", "scale-to-zero-pod-retention-period",
     "class")}
 MAX_REVISION_TIMEOUT = 600  # Knative Serving's default max-revision-timeout-seconds
+KAFKA_SECRET = "jobs-kafka"
 KAFKA_SOURCE_FIELDS = {"consumers", "bootstrapServers", "net", "topics", "consumerGroup",
                        "initialOffset", "delivery", "ordering", "sink", "ceOverrides"}
 KAFKA_SINK_FIELDS = {"topic", "numPartitions", "replicationFactor", "bootstrapServers",
@@ -461,6 +462,11 @@ def test_config_map_and_secret_references_resolve_to_keys_that_exist():
         for env_from in container.get("envFrom", []):
             if "configMapRef" in env_from:
                 assert env_from["configMapRef"]["name"] == config_map["metadata"]["name"]
+            elif env_from["secretRef"]["name"] == KAFKA_SECRET:
+                # Kafka credentials for a managed cluster: optional (plaintext without it)
+                # and described in secret.yaml.
+                assert env_from["secretRef"].get("optional") is True, name
+                assert f"name: {KAFKA_SECRET}" in (KNATIVE / "secret.yaml").read_text()
             else:
                 assert env_from["secretRef"]["name"] == secret["metadata"]["name"]
         assert any("configMapRef" in e for e in container.get("envFrom", [])), name
