@@ -39,7 +39,7 @@ def database() -> Database:
     """The PostgreSQL pool; the schema is migrated on this process's first use."""
     s = get_settings()
     require(s, "database_url")
-    db = get_database(s.database_url)
+    db = get_database(s.database_url, size=s.db_pool_size, wait=s.db_pool_wait_seconds)
     if s.database_url not in _ready:
         with _lock:
             if s.database_url not in _ready:

@@ -150,15 +150,19 @@ def timestamptz_in(text: str) -> datetime | str:
 
 
 class Database:
-    """A thread-safe pool of pg8000 connections to one DSN."""
+    """A thread-safe pool of at most `size` pg8000 connections to one DSN. A caller that
+    finds them all busy waits up to `wait` seconds, then gets ServiceUnavailable (a 503,
+    or a redelivery): a burst never opens more connections than PostgreSQL (or a pooler)
+    was sized for."""
 
-    def __init__(self, dsn: str, size: int = 64, session_sql: tuple[str, ...] = ()) -> None:
+    def __init__(self, dsn: str, size: int = 64, wait: float = 10.0) -> None:
         self.dsn = dsn
-        self.session_sql = session_sql  # run on every new connection
         self._kwargs = connect_kwargs(dsn)
         # (connection, when it was returned): the most recently used first
         self._idle: queue.LifoQueue[tuple[Connection, float]] = queue.LifoQueue()
         self._size = size
+        self.wait = wait
+        self._slots = threading.BoundedSemaphore(size)  # connections lent out or opening
 
     def _connect(self) -> Connection:
         try:
@@ -168,8 +172,6 @@ class Database:
                 raise ServiceUnavailable("postgresql", str(exc)) from exc
             raise
         conn.register_in_adapter(TIMESTAMPTZ_OID, timestamptz_in)
-        for statement in self.session_sql:
-            self._run_fresh(conn, statement)
         return conn
 
     def _run_fresh(self, conn: Connection, statement: str) -> None:
@@ -214,7 +216,14 @@ class Database:
     @contextmanager
     def connection(self, begin: bool = False) -> Iterator[Connection]:
         """Borrow a connection; a broken one is discarded, never returned to the pool."""
-        conn = self._checkout(begin)
+        if not self._slots.acquire(timeout=self.wait):
+            raise ServiceUnavailable("postgresql", f"all {self._size} connections of this"
+                                     f" process stayed busy for {self.wait:g} s", 1)
+        try:
+            conn = self._checkout(begin)
+        except BaseException:
+            self._slots.release()
+            raise
         healthy = True
         try:
             yield conn
@@ -237,10 +246,8 @@ class Database:
             raise
         finally:
             if healthy:
-                if self._idle.qsize() < self._size:
-                    self._idle.put((conn, time.monotonic()))
-                else:
-                    self._close_quietly(conn)
+                self._idle.put((conn, time.monotonic()))
+            self._slots.release()
 
     @contextmanager
     def transaction(self, durable: bool = True) -> Iterator[Connection]:
@@ -313,34 +320,23 @@ def migration_files() -> list[tuple[int, str, str]]:
 def migrate(db: Database) -> list[str]:
     """Apply pending migrations; safe to run twice and from several processes at once."""
     applied: list[str] = []
-    with db.connection() as conn:
-        conn.run("SELECT pg_advisory_lock(:k)", k=MIGRATION_LOCK_KEY)
-        try:
-            conn.run(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {row[0] for row in conn.run("SELECT version FROM schema_migrations")}
-            for version, name, sql in migration_files():
-                if version in done:
-                    continue
-                conn.run("BEGIN")
-                try:
-                    conn.execute_simple(sql)
-                    conn.run(
-                        "INSERT INTO schema_migrations (version, name) VALUES (:v, :n)",
-                        v=version,
-                        n=name,
-                    )
-                    conn.run("COMMIT")
-                except BaseException:
-                    conn.run("ROLLBACK")
-                    raise
-                log.info("applied migration %s", name)
-                applied.append(name)
-        finally:
-            conn.run("SELECT pg_advisory_unlock(:k)", k=MIGRATION_LOCK_KEY)
+    # Each file in a transaction of its own (a new enum value must be committed before a
+    # later file uses it), under a transaction-level lock: a pooler in transaction mode
+    # may hand each statement outside a transaction to another server connection, so a
+    # session lock could be taken on one and released on another.
+    for version, name, sql in migration_files():
+        with db.transaction() as conn:
+            conn.run("SELECT pg_advisory_xact_lock(:k)", k=MIGRATION_LOCK_KEY)
+            conn.run("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                     " version integer PRIMARY KEY, name text NOT NULL,"
+                     " applied_at timestamptz NOT NULL DEFAULT now())")
+            if conn.run("SELECT 1 FROM schema_migrations WHERE version = :v", v=version):
+                continue
+            conn.execute_simple(sql)
+            conn.run("INSERT INTO schema_migrations (version, name) VALUES (:v, :n)",
+                     v=version, n=name)
+        log.info("applied migration %s", name)
+        applied.append(name)
     return applied
 
 
@@ -348,12 +344,12 @@ _databases: dict[str, Database] = {}
 _databases_lock = threading.Lock()
 
 
-def get_database(dsn: str) -> Database:
+def get_database(dsn: str, size: int = 64, wait: float = 10.0) -> Database:
     """The process-wide pool for `dsn`, created on first use."""
     with _databases_lock:
         db = _databases.get(dsn)
         if db is None:
-            db = _databases[dsn] = Database(dsn)
+            db = _databases[dsn] = Database(dsn, size=size, wait=wait)
         return db
 
 
@@ -368,9 +364,11 @@ class GroupCommitter:
 
     def __init__(self, db: Database, max_batch: int = 64, durable: bool = True) -> None:
         # Not durable: commits do not wait for the WAL flush (see Database.transaction),
-        # set once per connection of a small pool of its own.
-        self.db = db if durable else Database(
-            db.dsn, size=4, session_sql=("SET synchronous_commit TO OFF",))
+        # on a small pool of its own (claims never wait behind handlers' connections).
+        # Set per transaction (SET LOCAL), never per session: behind a pooler in
+        # transaction mode a session setting would leak to whoever gets the connection.
+        self.db = db if durable else Database(db.dsn, size=4, wait=db.wait)
+        self.durable = durable
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -413,11 +411,11 @@ class GroupCommitter:
 
     def _commit(self, batch: list[_Op]) -> None:
         try:
-            if len(batch) == 1 and batch[0].single:
+            if len(batch) == 1 and batch[0].single and self.durable:
                 # Nothing to group with: one statement in autocommit, two round trips fewer.
                 results = [self.db.autocommit(batch[0].work)]
             else:
-                with self.db.transaction() as conn:
+                with self.db.transaction(durable=self.durable) as conn:
                     results = [op.work(conn) for op in batch]
         except ServiceUnavailable as exc:
             for op in batch:

@@ -21,6 +21,9 @@ class Settings(BaseModel):
     # Service addresses have no default: a process never falls back to whatever listens
     # on a standard port. `make run` starts each one not given and passes its URL.
     database_url: str = ""
+    # Connections each process may hold open (threads beyond it wait, then get a 503).
+    db_pool_size: int = Field(32, ge=1, le=1000)
+    db_pool_wait_seconds: float = Field(10.0, gt=0)
     redis_url: str = ""
     kafka_bootstrap_servers: str = ""
     # How every Kafka client of the system connects (see `kafka_client_config`).
@@ -112,6 +115,8 @@ class Settings(BaseModel):
 
 ENV = {
     "database_url": "DATABASE_URL",
+    "db_pool_size": "JOBS_DB_POOL_SIZE",
+    "db_pool_wait_seconds": "JOBS_DB_POOL_WAIT_SECONDS",
     "redis_url": "REDIS_URL",
     "kafka_bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS",
     "kafka_security_protocol": "KAFKA_SECURITY_PROTOCOL",

@@ -24,7 +24,7 @@ from pg8000.exceptions import DatabaseError
 
 from common import jobs
 from common.cache import FINAL_CHANNEL, StatusCache, cache_key
-from common.db import Database, GroupCommitter, migrate
+from common.db import Database, GroupCommitter, migrate, migration_files
 from common.errors import ServiceUnavailable
 from common.models import JobSubmission
 from common.queue import DEAD_LETTER_EVENT_TYPE, JOB_EVENT_TYPE, Publisher
@@ -161,18 +161,25 @@ def test_a_failing_statement_in_a_group_fails_only_its_caller(db, probe_table):
 # -- the connection pool ---------------------------------------------------------------
 
 
-def test_the_pool_reuses_connections_and_keeps_no_more_than_its_size(postgres):
+def test_the_pool_reuses_connections_and_never_opens_more_than_its_size(postgres):
     name = f"pool-{uuid.uuid4().hex[:8]}"
-    db = Database(f"{postgres.url}?application_name={name}", size=2)
+    db = Database(f"{postgres.url}?application_name={name}", size=2, wait=0.5)
     try:
         first = backend_pid(db)
         assert backend_pid(db) == first, "a returned connection is used again"
-        with db.connection() as a, db.connection() as b, db.connection() as c:
-            held = {backend_pid_of(conn) for conn in (a, b, c)}
-        assert len(held) == 3 and first in held
-        assert backend_pid(db) in held
-        # Three came back, two are kept: the third was closed.
-        wait_for(lambda: connections_named(db, name) == 2, WAIT, "the third connection closed")
+        with db.connection() as a, db.connection() as b:
+            held = {backend_pid_of(conn) for conn in (a, b)}
+            assert len(held) == 2 and first in held
+            started = time.monotonic()
+            # A third caller waits its turn, then is told to come back.
+            with pytest.raises(ServiceUnavailable, match="all 2 connections"), db.connection():
+                pass
+            assert time.monotonic() - started >= 0.5
+            # A caller waiting when one is returned gets it.
+            waiter = in_thread(backend_pid, db)
+            time.sleep(0.1)  # time to block on the pool (it gets a held one either way)
+        assert waiter.result(timeout=WAIT) in held
+        assert connections_named(db, name) == 2
     finally:
         db.close()
 
@@ -534,3 +541,30 @@ def test_publish_marks_are_written_in_batches_and_the_marker_sleeps_when_idle(ta
     later = [str(new_job(db)["job_id"]) for _ in range(2)]
     marks.add([(job_id, 0) for job_id in later])  # woken by new work, not by a timer
     wait_for(lambda: published(later), WAIT, "marks added after an idle spell")
+
+
+def test_migrations_run_once_when_four_processes_start_at_once(postgres):
+    name = f"mig_{uuid.uuid4().hex[:8]}"
+    admin = Database(postgres.url, size=1)
+    admin.run(f"CREATE DATABASE {name}")
+    url = postgres.url.rsplit("/", 1)[0] + f"/{name}"
+    pools = [Database(url, size=2) for _ in range(4)]
+    try:
+        gate = threading.Barrier(4)
+
+        def start(db: Database) -> list[str]:
+            gate.wait()
+            return migrate(db)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            applied = list(pool.map(start, pools))
+        files = [name for _, name, _ in migration_files()]
+        assert sorted(sum(applied, [])) == sorted(files), "each file applied exactly once"
+        assert [r[0] for r in pools[0].run("SELECT name FROM schema_migrations"
+                                           " ORDER BY version")] == files
+        assert migrate(pools[0]) == [], "a second run applies nothing"
+    finally:
+        for db in pools:
+            db.close()
+        admin.run(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.close()
