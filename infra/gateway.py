@@ -12,7 +12,7 @@ them, so such a document never changes) is answered from this process's memory, 
 from the cache's announcements of final documents (Redis pub/sub) and from the status
 function's answers. Every other lookup goes to the status function.
 
-Run: python -m infra.gateway --port 8080 --submit URL --status URL [--workers 2]
+Run: python -m infra.gateway --port 8080 --submit URL[,URL...] --status URL[,URL...] [--workers 2]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -136,7 +137,11 @@ class Gateway:
     """What the routes share: upstream clients, the token checker, remembered documents."""
 
     def __init__(self, upstreams: dict[str, str], *, memory_bytes: int = 32 << 20) -> None:
+        # Each function's URL, or several comma-separated (replicas): taken in turn.
         self.upstreams = upstreams
+        self._replicas = {name: [u.strip().rstrip("/") for u in urls.split(",")]
+                          for name, urls in upstreams.items()}
+        self._turn = {name: itertools.count() for name in upstreams}
         self.settings = clients.settings()
         self.auth = clients.authenticator()
         self.memory = FinalDocuments(memory_bytes)
@@ -244,13 +249,13 @@ class Gateway:
                 return Response(doc, media_type="application/json")
         body = await self.read_body(request) if request.method not in ("GET", "HEAD") else None
         raw_path = request.scope.get("raw_path") or request.url.path.encode()
-        url = self.upstreams[op.function] + raw_path.decode("latin-1")
+        path = raw_path.decode("latin-1")
         if request.url.query:
-            url += "?" + request.url.query
+            path += "?" + request.url.query
         headers = [(k, v) for k, v in request.headers.items() if k not in HOP_BY_HOP]
         try:
-            response = await self._send(request.method, yarl.URL(url, encoded=True),
-                                        headers, body)
+            response = await self._send_to_any(op.function, request.method, path, headers,
+                                               body)
             if op.operation_id == "getArtifact":  # files stream; JSON answers are small
                 return StreamingResponse(
                     response.content.iter_chunked(65536), status_code=response.status,
@@ -265,6 +270,23 @@ class Gateway:
         if job_id is not None and response.status == 200:
             self.memory.remember(job_id, content)
         return Response(content, status_code=response.status, headers=_passed_on(response))
+
+    async def _send_to_any(self, function: str, method: str, path: str,
+                           headers: list[tuple[str, str]], body: bytes | None
+                           ) -> aiohttp.ClientResponse:
+        """To the function's replicas in turn. One that refuses the connection never saw
+        the request, so the next one is asked, whatever the method."""
+        replicas = self._replicas[function]
+        start = next(self._turn[function])
+        for i in range(len(replicas)):
+            url = yarl.URL(replicas[(start + i) % len(replicas)] + path, encoded=True)
+            try:
+                return await self._send(method, url, headers, body)
+            except aiohttp.ClientConnectorError as exc:
+                if i == len(replicas) - 1:
+                    raise
+                log.warning("%s is not answering (%s); asking another replica", url, exc)
+        raise AssertionError("unreachable")
 
     async def _send(self, method: str, url: yarl.URL, headers: list[tuple[str, str]],
                     body: bytes | None) -> aiohttp.ClientResponse:
@@ -505,8 +527,8 @@ def app_from_environment() -> ASGIApp:
     if not settings.auth:
         log.warning("JOBS_AUTH=off: every route is open to anyone who reaches this port;"
                     " for local experiments only")
-    return create_front({"submit": os.environ["JOBS_SUBMIT_URL"].rstrip("/"),
-                         "status": os.environ["JOBS_STATUS_URL"].rstrip("/")})
+    return create_front({"submit": os.environ["JOBS_SUBMIT_URL"],
+                         "status": os.environ["JOBS_STATUS_URL"]})
 
 
 def _die_with_parent() -> None:
@@ -556,10 +578,12 @@ def readiness(upstreams: dict[str, str]) -> dict[str, dict[str, Any]]:
 
     check(f"trigger:{settings.queue_topic}",
           lambda: consumed(settings.queue_consumer_group, settings.queue_topic))
-    for name, url in upstreams.items():
-        parsed = urlparse(url)
-        check(f"function:{name}", lambda p=parsed: socket.create_connection(
-            (p.hostname, p.port or 80), timeout=1).close())
+    for name, urls in upstreams.items():
+        for i, url in enumerate(urls.split(",")):
+            parsed = urlparse(url.strip())
+            check(f"function:{name}" + (f"-{i + 1}" if i else ""),
+                  lambda p=parsed: socket.create_connection(
+                      (p.hostname, p.port or 80), timeout=1).close())
     return checks
 
 

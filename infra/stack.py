@@ -171,6 +171,11 @@ class Stack:
         if flag not in ("", "0", "1", "false", "true", "off", "on"):
             raise ValueError(f"JOBS_LOCAL_TLS must be 1 or 0 (true/false, on/off), not {flag!r}")
         self.local_tls = flag in ("1", "true", "on")
+        replicas = self.env.get("JOBS_REPLICAS", "1").strip() or "1"
+        if not replicas.isdigit() or not 1 <= int(replicas) <= 8:
+            raise ValueError(f"JOBS_REPLICAS must be a whole number from 1 to 8, not {replicas!r}")
+        self.replicas = int(replicas)
+        self.replica_suffixes = [""] + [f"-{i}" for i in range(2, self.replicas + 1)]
         self.services: dict[str, services.ServerProcess] = {}
         self.children: dict[str, Child] = {}
         self._stop = threading.Event()
@@ -263,43 +268,52 @@ class Stack:
             db.close()
 
         py = sys.executable
-        for name, (target, signature) in FUNCTIONS.items():
-            port = services.free_port()
-            threads = str(max(16, self.bridge_in_flight)) if name == "process" else "8"
-            # Two worker processes for the busy functions: one per core, past the GIL.
-            workers = str(self.process_workers) if name in ("process", "submit", "status") \
-                else "1"
-            self._child(name, [py, "-m", "functions_framework", "--target", target,
-                               "--source", str(ROOT / "functions" / name / "main.py"),
-                               "--signature-type", signature, "--host", "127.0.0.1",
-                               "--port", str(port)], port=port, extra_env={"THREADS": threads,
-                                                       "WORKERS": workers})
+        # JOBS_REPLICAS=N: N of every function, N bridges per topic in one consumer group
+        # (each feeding its own instance of the function) and N sweepers, side by side.
+        # The first of each keeps the plain name ("process"), the others "process-2", ...
+        for replica in self.replica_suffixes:
+            for name, (target, signature) in FUNCTIONS.items():
+                port = services.free_port()
+                threads = str(max(16, self.bridge_in_flight)) if name == "process" else "8"
+                # Two worker processes for the busy functions: one per core, past the GIL.
+                workers = str(self.process_workers) \
+                    if name in ("process", "submit", "status") else "1"
+                self._child(name + replica, [
+                    py, "-m", "functions_framework", "--target", target,
+                    "--source", str(ROOT / "functions" / name / "main.py"),
+                    "--signature-type", signature, "--host", "127.0.0.1", "--port", str(port)],
+                    port=port, extra_env={"THREADS": threads, "WORKERS": workers})
         queue_topic, dlq_topic = list(topics)
         settings = load_settings(env)
         url = self.function_url
-        self._child("bridge-q", [py, "-m", "infra.bridge", "--topic", queue_topic,
-                                 "--target", url("process"), "--dlq-topic", dlq_topic,
-                                 "--group", settings.queue_consumer_group, "--max-in-flight",
-                                 str(self.bridge_in_flight), "--batch-size",
-                                 str(self.batch_size)])
-        self._child("bridge-d", [py, "-m", "infra.bridge", "--topic", dlq_topic,
-                                 "--target", url("dlq"), "--group", settings.dlq_consumer_group,
-                                 "--fetch-wait-ms", "250"])  # dead letters are not urgent
-        # The gateway: the same ASGI app that infra/knative deploys, on the public port.
-        self._child("gateway", [py, "-m", "infra.gateway", "--port", str(self.gateway_port),
-                                "--submit", url("submit"), "--status", url("status"),
-                                "--workers", str(self.process_workers)],
-                    port=self.gateway_port)
+        for replica in self.replica_suffixes:
+            self._child("bridge-q" + replica, [
+                py, "-m", "infra.bridge", "--topic", queue_topic,
+                "--target", url("process" + replica), "--dlq-topic", dlq_topic,
+                "--group", settings.queue_consumer_group, "--max-in-flight",
+                str(self.bridge_in_flight), "--batch-size", str(self.batch_size)])
+            self._child("bridge-d" + replica, [
+                py, "-m", "infra.bridge", "--topic", dlq_topic, "--target", url("dlq" + replica),
+                "--group", settings.dlq_consumer_group,
+                "--fetch-wait-ms", "250"])  # dead letters are not urgent
+        # The gateway: the same ASGI app that infra/knative deploys, on the public port;
+        # with replicas it spreads each function's requests over them.
+        self._child("gateway", [
+            py, "-m", "infra.gateway", "--port", str(self.gateway_port),
+            "--submit", ",".join(url("submit" + r) for r in self.replica_suffixes),
+            "--status", ",".join(url("status" + r) for r in self.replica_suffixes),
+            "--workers", str(self.process_workers)], port=self.gateway_port)
         for child in self.children.values():
             child.start()
         self._record_pids()
         self._wait_http(f"{self.gateway_url}/healthz", 60)
         # Ready means a job submitted now runs now: the bridges have joined their groups.
         self._wait_http(f"{self.gateway_url}/readyz", 60)
-        for name in ("submit", "status", "process", "dlq", "sweeper"):
-            self._wait_port(self.children[name].port or 0, 60)
+        for name in FUNCTIONS:
+            for replica in self.replica_suffixes:
+                self._wait_port(self.children[name + replica].port or 0, 60)
         self._spawn(self._supervise)
-        self._spawn(self._tick_sweeper)
+        self._tick_sweepers()
 
     @property
     def topics(self) -> dict[str, int]:
@@ -401,11 +415,16 @@ class Stack:
                     child.start()
                     self._record_pids()
 
-    def _tick_sweeper(self) -> None:
-        """The local Cloud Scheduler: POST to the sweeper function every interval."""
+    def _tick_sweepers(self) -> None:
+        """The local Cloud Scheduler: each sweeper is POSTed to every interval (with
+        replicas, side by side: their ticks must not publish a job twice)."""
+        for replica in self.replica_suffixes:
+            self._spawn(lambda name="sweeper" + replica: self._tick_sweeper(name))
+
+    def _tick_sweeper(self, name: str) -> None:
         while not self._stop.wait(self.sweep_interval):
             try:
-                request = urllib.request.Request(self.function_url("sweeper"), data=b"{}",
+                request = urllib.request.Request(self.function_url(name), data=b"{}",
                                                  method="POST",
                                                  headers={"Content-Type": "application/json"})
                 urllib.request.urlopen(request, timeout=30).read()
@@ -428,7 +447,8 @@ class Stack:
             f"  artifacts     {env['JOBS_ARTIFACT_DIR']}",
         ]
         for name in FUNCTIONS:
-            lines.append(f"  function      {name:<8} {self.function_url(name)}")
+            lines.append(f"  function      {name:<8} " + ", ".join(
+                self.function_url(name + r) for r in self.replica_suffixes))
         lines += [
             "  bridges       job-queue -> process, job-dlq -> dlq",
             f"  logs          {self.data_dir / 'logs'}",
@@ -458,8 +478,9 @@ class Stack:
 
     def stop(self) -> None:
         self._stop.set()
-        order = ["gateway", "bridge-q", "bridge-d", "submit", "status",
-                 "process", "dlq", "sweeper"]
+        order = [name + replica for name in ("gateway", "bridge-q", "bridge-d", "submit",
+                                             "status", "process", "dlq", "sweeper")
+                 for replica in self.replica_suffixes]
         for name in order:
             if name in self.children:
                 self.children[name].stopping = True

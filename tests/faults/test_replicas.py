@@ -1,0 +1,105 @@
+"""Two of everything side by side (`JOBS_REPLICAS=2`): two of each function, two bridges per
+topic in one consumer group, two sweepers ticking at once, the gateway spreading requests
+over both submit and status functions. The invariants hold for every job, with and without
+one replica killed, and no job ever ran two attempts at once."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from common.db import Database
+from infra import services
+from infra.stack import Stack
+from tests.conftest import SERVICE_VARS, TEST_HANDLERS
+from tests.support.client import Api, wait_for
+from tests.support.invariants import check_invariants, jobs_by_id
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
+    env.update(JOBS_REPLICAS="2", JOBS_HANDLER_MODULES=TEST_HANDLERS, JOBS_LEASE_SECONDS="3",
+               JOBS_REQUEUE_AFTER_SECONDS="4", JOBS_BACKOFF_BASE_SECONDS="0.1",
+               JOBS_BACKOFF_MAX_SECONDS="0.5")
+    stack = Stack(tmp_path_factory.mktemp("replicas"), gateway_port=services.free_port(),
+                  echo=False, env=env, sweep_interval=0.5, process_workers=1).start()
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def papi(pair: Stack) -> Api:
+    return Api(pair.gateway_url, pair.admin_token)
+
+
+@pytest.fixture(scope="module")
+def pdb(pair: Stack) -> Iterator[Database]:
+    db = Database(pair.env["DATABASE_URL"])
+    yield db
+    db.close()
+
+
+def submit_mix(api: Api) -> list[str]:
+    """300 no-ops in batches, 60 single submits from 6 clients (both submit functions get
+    some), 20 jobs failing twice before succeeding and 10 that always fail."""
+    ids: list[str] = []
+    for job_type, payload, n in (("NOOP", {}, 300), ("FLAKY", {"failures": 2}, 20),
+                                 ("ALWAYS_FAIL", {}, 10)):
+        reply = api.request("POST", "/jobs/batch",
+                            json_body={"jobs": [{"job_type": job_type, "payload": payload}] * n})
+        assert reply.status == 202, reply.body
+        ids += [job["job_id"] for job in reply.json["jobs"]]
+
+    def one(i: int) -> str:
+        reply = api.submit("ECHO", {"message": f"single {i}"})
+        assert reply.status == 202, reply.body
+        return str(reply.json["job_id"])
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        ids += list(pool.map(one, range(60)))
+    return ids
+
+
+def assert_no_overlapping_attempts(db: Database, job_ids: list[str]) -> None:
+    """Each attempt of a job started after the one before it had finished (or had been
+    taken back when its lease ran out): never two live leases on one job."""
+    overlaps = db.run(
+        "SELECT a.job_id::text, a.attempt, b.attempt FROM job_attempts a"
+        " JOIN job_attempts b ON a.job_id = b.job_id AND b.attempt = a.attempt + 1"
+        " WHERE a.job_id = ANY(CAST(:ids AS uuid[]))"
+        " AND (a.finished_at IS NULL OR b.started_at < a.finished_at)", ids=job_ids)
+    assert overlaps == [], f"attempts that overlapped: {overlaps[:10]}"
+
+
+def test_two_of_everything_side_by_side_lose_nothing_and_run_nothing_twice(pair, papi, pdb):
+    ids = submit_mix(papi)
+    jobs = check_invariants(pdb, pair.env["REDIS_URL"], ids)
+    by_type = dict(pdb.run("SELECT job_type, array_agg(DISTINCT status::text) FROM jobs"
+                           " WHERE job_id = ANY(CAST(:ids AS uuid[])) GROUP BY job_type",
+                           ids=ids))
+    assert by_type == {"NOOP": ["COMPLETED"], "ECHO": ["COMPLETED"], "FLAKY": ["COMPLETED"],
+                       "ALWAYS_FAIL": ["DEAD_LETTER"]}
+    assert all(j["attempts"] == 3 for j in jobs.values() if j["status"] == "COMPLETED"
+               and j["retries"] == 2)
+    assert_no_overlapping_attempts(pdb, ids)
+    # Both bridges of the job queue took partitions of the one consumer group.
+    for name in ("bridge-q", "bridge-q-2"):
+        log = (pair.data_dir / "logs" / f"{name}.log").read_text()
+        assert " assigned [" in log, f"{name} never got a partition"
+
+
+def test_a_replica_killed_mid_run_loses_nothing(pair, papi, pdb):
+    ids = submit_mix(papi)
+    wait_for(lambda: sum(j["status"] == "COMPLETED"
+                         for j in jobs_by_id(pdb, ids).values()) >= 20, 30, "some progress")
+    pair.children["process-2"].kill()  # the supervisor restarts it
+    pair.children["submit-2"].kill()
+    ids += submit_mix(papi)  # the gateway's requests to the dead submit come back as 503s
+    check_invariants(pdb, pair.env["REDIS_URL"], ids)
+    assert_no_overlapping_attempts(pdb, ids)
