@@ -218,14 +218,14 @@ def stats() -> Stats:
     with clients.database().connection() as conn:
         counts = {s.value: 0 for s in JobStatus}
         by_type: dict[str, dict[str, int]] = {}
-        for job_type, status, n in conn.run(
-                "SELECT job_type, status::text, count(*) FROM jobs GROUP BY 1, 2"):
+        for job_type, status, n in jobs.counts(conn):
             counts[status] += n
             by_type.setdefault(job_type, {})[status] = n
         minutes: dict[str, dict[str, Any]] = {}
         for minute, outcome, n in conn.run(
                 "SELECT date_trunc('minute', finished_at), outcome, count(*) FROM job_attempts"
-                " WHERE finished_at > now() - interval '15 minutes' GROUP BY 1, 2 ORDER BY 1"):
+                " WHERE finished_at > now() - interval '15 minutes'"
+                " AND finished_at IS NOT NULL GROUP BY 1, 2 ORDER BY 1"):
             entry = minutes.setdefault(minute.isoformat(), {
                 "minute": minute.isoformat(), "completed": 0, "failed": 0, "cancelled": 0})
             key = {"COMPLETED": "completed", "CANCELLED": "cancelled"}.get(outcome, "failed")

@@ -11,8 +11,9 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,17 @@ def find_artifact(
     if not path.is_file() or not path.resolve().is_relative_to(root):
         return None
     return path, content_type_for(filename)
+
+
+def delete_artifacts(artifact_dir: Path | str, job_ids: Iterable[UUID | str]) -> int:
+    """Remove these jobs' artifact folders; returns how many existed."""
+    removed = 0
+    for job_id in job_ids:
+        folder = artifact_path(artifact_dir, job_id)
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 @contextmanager

@@ -134,6 +134,22 @@ class StatusCache:
             if isinstance(result, Exception):
                 raise result
 
+    def forget(self, job_ids: Iterable[str]) -> bool:
+        """Drop these jobs' documents (deleted jobs); False if Redis failed. One key per
+        command, pipelined."""
+        ids = list(job_ids)
+        if not ids or not self.available:
+            return not ids
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.delete(cache_key(job_id))
+            pipe.execute()
+            return True
+        except redis.RedisError as exc:
+            self._trip(exc)
+            return False
+
     def ping(self) -> bool:
         try:
             return bool(self._client.ping())

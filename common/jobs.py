@@ -191,6 +191,15 @@ def get_job(conn: Connection, job_id: str) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
+def counts(conn: Connection) -> list[tuple[str, str, int]]:
+    """(job type, status, how many) for every pair with jobs: the folded counts plus the
+    changes not yet folded (see migration 0005), read in one snapshot; no scan of jobs."""
+    return [(t, s, int(n)) for t, s, n in conn.run(
+        "SELECT job_type, status::text, sum(n) FROM (SELECT job_type, status, n FROM job_counts"
+        " UNION ALL SELECT job_type, status, delta FROM job_count_changes) AS c"
+        " GROUP BY 1, 2 HAVING sum(n) <> 0 ORDER BY 1, 2")]
+
+
 def encode_cursor(*parts: Any) -> str:
     raw = json.dumps([p.isoformat() if isinstance(p, datetime) else str(p) for p in parts])
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")

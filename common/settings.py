@@ -104,6 +104,11 @@ class Settings(BaseModel):
     publish_timeout_seconds: float = Field(5.0, gt=0)
     redis_timeout_seconds: float = Field(0.5, gt=0)
     cache_ttl_seconds: int = 7 * 24 * 3600
+    # Retention (the sweeper deletes in batches): COMPLETED and CANCELLED jobs, with their
+    # attempts and artifacts, this many days after they finished; DEAD_LETTER jobs and
+    # dead-letter records after the second. 0 keeps them forever.
+    retain_finished_days: float = Field(7.0, ge=0)
+    retain_dead_days: float = Field(30.0, ge=0)
     requeue_after_seconds: float = Field(30.0, gt=0)
     metrics_token: str = Field("", description="A bearer token that may read /metrics only")
     gateway_memory_bytes: int = Field(32 << 20, ge=0)
@@ -144,6 +149,8 @@ ENV = {
     "publish_timeout_seconds": "JOBS_PUBLISH_TIMEOUT_SECONDS",
     "redis_timeout_seconds": "JOBS_REDIS_TIMEOUT_SECONDS",
     "cache_ttl_seconds": "JOBS_CACHE_TTL_SECONDS",
+    "retain_finished_days": "JOBS_RETAIN_FINISHED_DAYS",
+    "retain_dead_days": "JOBS_RETAIN_DEAD_DAYS",
     "requeue_after_seconds": "JOBS_REQUEUE_AFTER_SECONDS",
     "metrics_token": "JOBS_METRICS_TOKEN",
     "gateway_memory_bytes": "JOBS_GATEWAY_MEMORY_BYTES",

@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from common import jobs
+from common.artifacts import delete_artifacts
 from common.cache import StatusCache
 from common.db import Database, rows_as_dicts
 from common.errors import ServiceUnavailable
@@ -51,6 +52,59 @@ ORDER BY lease_expires_at
 LIMIT :limit
 FOR UPDATE SKIP LOCKED
 """
+
+
+_EXPIRED_FINAL = """
+DELETE FROM jobs WHERE job_id IN (
+    SELECT job_id FROM jobs
+    WHERE status IN ('COMPLETED', 'CANCELLED', 'DEAD_LETTER')
+      AND updated_at < now() - make_interval(secs => CASE WHEN status = 'DEAD_LETTER'
+                          THEN CAST(:dead AS float8) ELSE CAST(:finished AS float8) END)
+    ORDER BY updated_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED)
+RETURNING job_id::text
+"""
+
+
+def forget_old_jobs(db: Database, cache: StatusCache, settings: Settings,
+                    limit: int = 1000) -> int:
+    """Retention: delete final jobs past their time (with their attempts, cache entries and
+    artifacts) and old dead-letter records, one bounded batch per call: short
+    transactions, no long locks. Returns how many jobs were deleted."""
+    day = 86400.0
+    finished = settings.retain_finished_days * day or float("inf")
+    dead = settings.retain_dead_days * day or float("inf")
+    if finished == dead == float("inf"):
+        return 0
+    # make_interval takes no infinity: a century stands for "forever".
+    finished, dead = (min(x, 36525 * day) for x in (finished, dead))
+    with db.transaction() as conn:
+        ids = [row[0] for row in conn.run(_EXPIRED_FINAL, finished=finished, dead=dead,
+                                          limit=limit)]
+        if ids:
+            conn.run("DELETE FROM cache_repairs WHERE job_id = ANY(CAST(:ids AS uuid[]))",
+                     ids=ids)
+        conn.run("DELETE FROM dead_letters WHERE dead_letter_id IN (SELECT dead_letter_id"
+                 " FROM dead_letters WHERE dead_lettered_at < now() - make_interval(secs =>"
+                 " CAST(:dead AS float8)) ORDER BY dead_lettered_at LIMIT :limit"
+                 " FOR UPDATE SKIP LOCKED)",
+                 dead=dead, limit=limit)
+    if ids:
+        cache.forget(ids)  # a failure here leaves entries that expire with their TTL
+        delete_artifacts(settings.artifact_dir, ids)
+        log.info("deleted %d job(s) past their retention", len(ids))
+    return len(ids)
+
+
+def fold_counts(db: Database) -> int:
+    """Add the ledger of count changes (written by triggers on jobs) into job_counts."""
+    rows = db.run("WITH folded AS (DELETE FROM job_count_changes RETURNING job_type, status,"
+                  " delta) INSERT INTO job_counts (job_type, status, n) SELECT job_type,"
+                  " status, sum(delta) FROM folded GROUP BY 1, 2 ORDER BY 1, 2"
+                  " ON CONFLICT (job_type, status) DO UPDATE SET n = job_counts.n + EXCLUDED.n"
+                  " RETURNING 1")
+    return len(rows)
 
 
 def reclaim_expired(db: Database, cache: StatusCache, publisher: Publisher,
@@ -107,6 +161,8 @@ def sweep(db: Database, cache: StatusCache, publisher: Publisher,
         "reclaimed": lambda: reclaim_expired(db, cache, publisher, settings),
         "published": lambda: publish_due(db, publisher, settings),
         "cache_repaired": lambda: jobs.repair_cache(db, cache),
+        "deleted": lambda: forget_old_jobs(db, cache, settings),
+        "counts_folded": lambda: fold_counts(db),
     }
     for name, step in steps.items():
         # Each step on its own: a broker outage must not stop the cache repair, and so on.

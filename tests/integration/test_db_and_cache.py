@@ -23,13 +23,14 @@ from confluent_kafka import Consumer, TopicPartition
 from pg8000.exceptions import DatabaseError
 
 from common import jobs
+from common.artifacts import find_artifact, write_artifact
 from common.cache import FINAL_CHANNEL, StatusCache, cache_key
 from common.db import Database, GroupCommitter, migrate, migration_files
 from common.errors import ServiceUnavailable
 from common.models import JobSubmission
 from common.queue import DEAD_LETTER_EVENT_TYPE, JOB_EVENT_TYPE, Publisher
 from common.settings import Settings
-from common.sweeper import publish_due, reclaim_expired
+from common.sweeper import fold_counts, forget_old_jobs, publish_due, reclaim_expired
 from infra.services import ServerProcess, create_topics, start_postgres, start_redis
 from tests.support.client import in_thread, wait_for
 
@@ -62,7 +63,7 @@ def db(postgres: ServerProcess) -> Iterator[Database]:
 @pytest.fixture
 def tables(db: Database) -> Database:
     """The jobs tables, empty."""
-    db.run("TRUNCATE jobs, job_attempts, dead_letters, cache_repairs")
+    db.run("TRUNCATE jobs, job_attempts, dead_letters, cache_repairs")  # counts too (trigger)
     return db
 
 
@@ -568,3 +569,98 @@ def test_migrations_run_once_when_four_processes_start_at_once(postgres):
             db.close()
         admin.run(f"DROP DATABASE {name} WITH (FORCE)")
         admin.close()
+
+
+# -- counts and retention --------------------------------------------------------------
+
+
+def counted(db: Database) -> dict[tuple[str, str], int]:
+    with db.connection() as conn:
+        return {(t, s): n for t, s, n in jobs.counts(conn)}
+
+
+def scanned(db: Database) -> dict[tuple[str, str], int]:
+    return {(t, s): n for t, s, n in db.run(
+        "SELECT job_type, status::text, count(*) FROM jobs GROUP BY 1, 2")}
+
+
+def test_counts_follow_every_insert_transition_and_delete_without_scanning(tables):
+    db = tables
+    assert counted(db) == {}
+    rows = [claimed(db) for _ in range(3)] + [new_job(db) for _ in range(2)]
+    assert counted(db) == scanned(db) == {(JOB_TYPE, "IN_PROGRESS"): 3, (JOB_TYPE, "QUEUED"): 2}
+    sql, params = jobs.complete_many_sql([(str(r["job_id"]), r["attempts"], {"ok": 1})
+                                          for r in rows[:2]])
+    db.run(sql, **params)
+    db.run("UPDATE jobs SET published_at = now()")  # no status change: nothing to count
+    assert counted(db) == scanned(db)
+    assert fold_counts(db) >= 1
+    assert db.run("SELECT count(*) FROM job_count_changes") == [[0]]
+    assert counted(db) == scanned(db)
+    db.run("DELETE FROM jobs WHERE job_id = CAST(:id AS uuid)", id=str(rows[0]["job_id"]))
+    assert counted(db) == scanned(db) == {(JOB_TYPE, "IN_PROGRESS"): 1,
+                                          (JOB_TYPE, "COMPLETED"): 1, (JOB_TYPE, "QUEUED"): 2}
+    db.run("TRUNCATE jobs CASCADE")
+    assert counted(db) == {}
+
+
+def test_counts_stay_exact_under_concurrent_writers_and_folds(tables):
+    db = tables
+
+    def work(i: int) -> None:
+        row = claimed(db)
+        if i % 3:
+            sql, params = jobs.complete_many_sql([(str(row["job_id"]), row["attempts"], {})])
+            db.run(sql, **params)
+        if i % 7 == 0:
+            fold_counts(db)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(120)))
+    assert counted(db) == scanned(db)
+    fold_counts(db)
+    assert counted(db) == scanned(db) == {(JOB_TYPE, "IN_PROGRESS"): 40,
+                                          (JOB_TYPE, "COMPLETED"): 80}
+
+
+def test_retention_deletes_old_final_jobs_with_their_traces_and_keeps_the_rest(
+        tables, raw, redis_server, tmp_path):
+    db = tables
+    settings = Settings(database_url="x", artifact_dir=tmp_path, retain_finished_days=7,
+                        retain_dead_days=30)
+    cache = StatusCache(redis_server.url)
+    old_done, new_done, old_dead, young_dead = (completed(db) for _ in range(4))
+    db.run("UPDATE jobs SET status = 'DEAD_LETTER' WHERE job_id = ANY(CAST(:ids AS uuid[]))",
+           ids=[str(old_dead["job_id"]), str(young_dead["job_id"])])
+    waiting = new_job(db)
+    for row, days in ((old_done, 8), (old_dead, 31), (young_dead, 10), (waiting, 400)):
+        db.run("UPDATE jobs SET updated_at = now() - make_interval(days => :d)"
+               " WHERE job_id = CAST(:id AS uuid)", d=days, id=str(row["job_id"]))
+    db.run("INSERT INTO dead_letters (dead_letter_id, job_id, reason, dead_lettered_at)"
+           " VALUES ('old', CAST(:a AS uuid), 'x', now() - interval '31 days'),"
+           " ('young', CAST(:b AS uuid), 'x', now() - interval '10 days')",
+           a=str(old_dead["job_id"]), b=str(young_dead["job_id"]))
+    every = [old_done, new_done, old_dead, young_dead, waiting]
+    for row in every:
+        write_artifact(tmp_path, row["job_id"], "out.txt", lambda f: f.write(b"data"))
+    assert cache.put([{"job_id": str(r["job_id"]), "version": 99, "status": "COMPLETED"}
+                      for r in every])
+
+    assert forget_old_jobs(db, cache, settings, limit=1) == 1  # bounded batches
+    assert forget_old_jobs(db, cache, settings) == 1
+    assert forget_old_jobs(db, cache, settings) == 0
+    gone = {str(old_done["job_id"]), str(old_dead["job_id"])}
+    left = {r[0] for r in db.run("SELECT job_id::text FROM jobs")}
+    assert left == {str(r["job_id"]) for r in every} - gone
+    assert db.run("SELECT count(*) FROM job_attempts WHERE job_id = ANY(CAST(:ids AS uuid[]))",
+                  ids=list(gone)) == [[0]]
+    assert [r[0] for r in db.run("SELECT dead_letter_id FROM dead_letters")] == ["young"]
+    for row in every:
+        kept = str(row["job_id"]) not in gone
+        assert (find_artifact(tmp_path, row["job_id"]) is not None) == kept
+        assert (raw.hget(cache_key(str(row["job_id"])), "doc") is not None) == kept
+    assert counted(db) == scanned(db)
+
+    forever = settings.model_copy(update={"retain_finished_days": 0, "retain_dead_days": 0})
+    db.run("UPDATE jobs SET updated_at = now() - interval '1000 days'")
+    assert forget_old_jobs(db, cache, forever) == 0
