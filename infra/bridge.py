@@ -8,7 +8,10 @@ a record that is not finished: finished means the function answered 2xx, or the
 record was handed to the dead-letter topic. Connection errors and 5xx are retried
 with backoff; a 4xx (other than 408/429) dead-letters the record at once, as do
 other 5xx after `retries` attempts. 502/503/504 and connection errors are retried
-until they succeed: an outage pauses delivery, it never dead-letters.
+until they succeed: an outage pauses delivery, it never dead-letters. With
+`--delivery knative` they too get `retries` attempts and are then dead-lettered, as a
+KafkaSource's `delivery` does (`retry`, exponential backoff, `deadLetterSink`): the
+fault suite runs that mode to show a long outage still loses nothing.
 
 Run one by hand:  python -m infra.bridge --topic job-queue --target http://127.0.0.1:8083
 """
@@ -177,13 +180,15 @@ class Bridge:
                  batch_size: int = 1, fetch_wait_ms: int = 10,
                  backoff_base: float = 0.2, backoff_max: float = 10.0,
                  request_timeout: float = 600.0,
-                 kafka_config: dict[str, str] | None = None) -> None:
+                 kafka_config: dict[str, str] | None = None,
+                 retry_outages_forever: bool = True) -> None:
         self.topic = topic
         self.target = target
         self.batch_size = max(1, batch_size)
         self.dlq_topic = dlq_topic
         self.max_in_flight = max_in_flight
         self.retries = retries
+        self.retry_outages_forever = retry_outages_forever  # False: as Knative delivers
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.source = f"/apis/v1/namespaces/default/kafkasources/{group}#{topic}"
@@ -371,7 +376,8 @@ class Bridge:
                 status, payload = None, str(exc).encode()
             if status is not None and (200 <= status < 300 or _permanent(status)):
                 return Delivery(status, payload, attempt)
-            forever = status is None or status in RETRY_FOREVER or status in (408, 429)
+            forever = self.retry_outages_forever and (
+                status is None or status in RETRY_FOREVER or status in (408, 429))
             if not forever and attempt > self.retries:
                 return Delivery(status, payload, attempt)
             if self._stopping.is_set():
@@ -427,6 +433,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dlq-topic", help="where undeliverable records go")
     parser.add_argument("--max-in-flight", type=int, default=16)
     parser.add_argument("--retries", type=int, default=5)
+    parser.add_argument("--delivery", choices=("local", "knative"), default="local",
+                        help="local: outages (502/503/504, no connection) are retried until"
+                             " they end; knative: they get --retries attempts, then the"
+                             " dead-letter topic, as a KafkaSource's delivery settings do")
+    parser.add_argument("--backoff-base", type=float, default=0.2,
+                        help="first retry delay in seconds, doubling each time")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="records per request (CloudEvents batched content mode); 1 ="
                              " one binary-mode event per request, as a Knative KafkaSource")
@@ -441,7 +453,9 @@ def main(argv: list[str] | None = None) -> None:
                     dlq_topic=args.dlq_topic, max_in_flight=args.max_in_flight,
                     retries=args.retries, batch_size=args.batch_size,
                     fetch_wait_ms=args.fetch_wait_ms,
-                    kafka_config=kafka_client_config(load_settings()))
+                    kafka_config=kafka_client_config(load_settings()),
+                    retry_outages_forever=args.delivery == "local",
+                    backoff_base=args.backoff_base)
     signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
     signal.signal(signal.SIGINT, lambda *_: bridge.stop())
     bridge.run()

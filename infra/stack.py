@@ -158,7 +158,8 @@ class Stack:
     def __init__(self, data_dir: Path, *, gateway_port: int = 8080, echo: bool = True,
                  env: dict[str, str] | None = None, sweep_interval: float = 1.0,
                  bridge_in_flight: int = 256, process_workers: int = 2,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, bridge_delivery: str = "local",
+                 bridge_retries: int = 5) -> None:
         self.data_dir = data_dir.resolve()
         self.gateway_port = gateway_port
         self.echo = echo
@@ -166,6 +167,12 @@ class Stack:
         self.bridge_in_flight = bridge_in_flight
         self.process_workers = process_workers
         self.batch_size = batch_size
+        # "knative": the job-queue bridge gives an outage `bridge_retries` attempts and then
+        # dead-letters the record, as a KafkaSource's delivery settings do (see bridge.py).
+        if bridge_delivery not in ("local", "knative"):
+            raise ValueError(f"bridge_delivery must be local or knative, not {bridge_delivery!r}")
+        self.bridge_delivery = bridge_delivery
+        self.bridge_retries = bridge_retries
         self.env = dict(os.environ if env is None else env)
         flag = self.env.get("JOBS_LOCAL_TLS", "").strip().lower()
         if flag not in ("", "0", "1", "false", "true", "off", "on"):
@@ -291,7 +298,8 @@ class Stack:
                 py, "-m", "infra.bridge", "--topic", queue_topic,
                 "--target", url("process" + replica), "--dlq-topic", dlq_topic,
                 "--group", settings.queue_consumer_group, "--max-in-flight",
-                str(self.bridge_in_flight), "--batch-size", str(self.batch_size)])
+                str(self.bridge_in_flight), "--batch-size", str(self.batch_size),
+                "--delivery", self.bridge_delivery, "--retries", str(self.bridge_retries)])
             self._child("bridge-d" + replica, [
                 py, "-m", "infra.bridge", "--topic", dlq_topic, "--target", url("dlq" + replica),
                 "--group", settings.dlq_consumer_group,

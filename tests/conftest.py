@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.client import Api
+from tests.support.services import service_urls
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_HANDLERS = str(ROOT / "tests" / "support" / "handlers.py")
@@ -52,6 +54,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
     data_dir = tmp_path_factory.mktemp("stack")
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
+    urls = contextlib.ExitStack()
+    env.update(urls.enter_context(service_urls(os.environ)))  # JOBS_TEST_SERVICES
     env.update(
         JOBS_HANDLER_MODULES=TEST_HANDLERS,
         JOBS_BACKOFF_BASE_SECONDS="0.2",
@@ -64,6 +68,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
                     sweep_interval=0.5).start()
     yield running
     running.stop()
+    urls.close()
 
 
 @pytest.fixture(scope="session")

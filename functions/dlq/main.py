@@ -9,7 +9,7 @@ import flask
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from common import clients
+from common import clients, metrics
 from common.deadletters import insert_dead_letter
 from common.errors import ApiError, ServiceUnavailable
 from common.http import problem
@@ -55,11 +55,26 @@ def _is_uuid(value: str) -> bool:
         return False
 
 
+# A job in one of these states is not dead: a record about it that the trigger could not
+# deliver (an outage longer than a KafkaSource's retries) is the sweeper's to publish again.
+STILL_WAITING = ("QUEUED", "RETRYING", "IN_PROGRESS")
+
+
 @functions_framework.cloud_event
 def record_dead_letter(event: CloudEvent) -> None:
     letter = letter_from_event(event)
+    undeliverable = event["type"] != DEAD_LETTER_EVENT_TYPE
     try:
         with clients.database().transaction() as conn:
+            if undeliverable and letter["job_id"] and conn.run(
+                    "SELECT 1 FROM jobs WHERE job_id = CAST(:id AS uuid)"
+                    " AND status = ANY(CAST(:waiting AS job_status[]))",
+                    id=letter["job_id"], waiting=list(STILL_WAITING)):
+                metrics.LEFT_TO_SWEEPER.labels(letter["job_type"] or "?").inc()
+                log.warning("job %s: its record was undeliverable (%s) but the job still"
+                            " waits; left to the sweeper, not a dead letter",
+                            letter["job_id"], letter["reason"])
+                return
             new = insert_dead_letter(conn, letter)
     except ServiceUnavailable as exc:
         flask.abort(problem(ApiError(503, "Service unavailable", str(exc),

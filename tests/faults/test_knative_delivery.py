@@ -1,0 +1,62 @@
+"""The job-queue trigger as Knative runs it: an outage gets a bounded number of delivery
+attempts, then the record goes to the dead-letter topic (a KafkaSource's `delivery.retry`
+and `deadLetterSink`). A PostgreSQL outage longer than those retries must still lose
+nothing and leave no dead letters for jobs that later complete: `dlq` recognises a record
+whose job still waits and leaves the job to the sweeper."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from common.db import Database
+from infra import services
+from infra.stack import Stack
+from tests.conftest import SERVICE_VARS, TEST_HANDLERS
+from tests.support.client import Api, wait_for
+from tests.support.invariants import check_invariants
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+
+@pytest.fixture(scope="module")
+def knative_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
+    env.update(JOBS_HANDLER_MODULES=TEST_HANDLERS, JOBS_LEASE_SECONDS="3",
+               JOBS_REQUEUE_AFTER_SECONDS="4", JOBS_BACKOFF_BASE_SECONDS="0.1",
+               JOBS_BACKOFF_MAX_SECONDS="0.5")
+    # Two retries, 0.2 s then 0.4 s apart: a 4 s outage outlasts them.
+    stack = Stack(tmp_path_factory.mktemp("knative-delivery"),
+                  gateway_port=services.free_port(), echo=False, env=env, sweep_interval=0.5,
+                  process_workers=1, bridge_delivery="knative", bridge_retries=2).start()
+    yield stack
+    stack.stop()
+
+
+def test_an_outage_longer_than_the_retries_loses_nothing_and_dead_letters_nothing(
+        knative_stack):
+    api = Api(knative_stack.gateway_url, knative_stack.admin_token)
+    db = Database(knative_stack.env["DATABASE_URL"])
+    try:
+        # Submit needs PostgreSQL: stop it right after the jobs are accepted, while most
+        # of their records are still being delivered.
+        reply = api.request("POST", "/jobs/batch", json_body={
+            "jobs": [{"job_type": "SLEEPY", "payload": {"seconds": 0.2}}] * 40})
+        assert reply.status == 202, reply.body
+        ids = [job["job_id"] for job in reply.json["jobs"]]
+        knative_stack.stop_service("postgresql")
+        time.sleep(4)  # the outage itself: no condition to wait for while it lasts
+        knative_stack.restart_service("postgresql")
+        jobs = check_invariants(db, knative_stack.env["REDIS_URL"], ids)
+        assert {j["status"] for j in jobs.values()} == {"COMPLETED"}
+        assert db.run("SELECT count(*) FROM dead_letters") == [[0]]
+        bridge_log = (knative_stack.data_dir / "logs" / "bridge-q.log").read_text()
+        assert "dead-lettered to" in bridge_log, "the outage never outlasted the retries"
+        wait_for(lambda: "left to the sweeper" in
+                 (knative_stack.data_dir / "logs" / "dlq.log").read_text(), 30,
+                 "dlq to recognise a record whose job still waits")
+    finally:
+        db.close()
