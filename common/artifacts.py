@@ -1,8 +1,14 @@
-"""Job artifacts on disk: one folder per job, written atomically, found again for download.
+"""Job artifacts: one folder per job, written atomically, found again for download.
 
-Layout: `<artifact_dir>/<job_id>/<filename>`. A job's result records the
-filename; the API serves it at `/jobs/<job_id>/artifact` under that name, so each
-job's file is named after the job (`report-3f2c9a1b.pdf`, see `artifact_name`).
+Layout: `<store>/<job_id>/<filename>`. A job's result records the filename; the API
+serves it at `/jobs/<job_id>/artifact` under that name, so each job's file is named after
+the job (`report-3f2c9a1b.pdf`, see `artifact_name`).
+
+The store (`JOBS_ARTIFACT_URL`, or the folder `JOBS_ARTIFACT_DIR`) is a local folder
+(a path or `file:///...`: written to a temp file, fsynced and renamed) or object storage
+through fsspec: `gs://bucket/prefix` (gcsfs), `s3://bucket/prefix` (s3fs), `memory://...`
+(tests). An object is uploaded once complete from a local temp file, so it is never seen
+half written either.
 """
 
 from __future__ import annotations
@@ -16,9 +22,17 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import unquote, urlsplit
 from uuid import UUID
+
+#: A store: a local folder, or a URL (file, gs, s3, memory).
+Store = Path | str
+#: Object-storage protocols and the package each needs (`pip install -e '.[gcs]'`, ...).
+REMOTE_PROTOCOLS = {"gs": "gcsfs (extra: gcs)", "gcs": "gcsfs (extra: gcs)",
+                    "s3": "s3fs (extra: s3)", "memory": "fsspec"}
 
 #: Content type by file extension; anything else is served as octet-stream.
 CONTENT_TYPES = {
@@ -44,7 +58,7 @@ _PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 class ArtifactInfo:
     """A stored artifact: where it is, how big, its checksum and what it is."""
 
-    path: Path
+    path: Path | str  # a local path, or the object's URL
     filename: str
     bytes: int
     sha256: str
@@ -94,13 +108,74 @@ def csv_safe(text: str) -> str:
     return text
 
 
-def artifact_path(artifact_dir: Path | str, job_id: UUID | str) -> Path:
-    """The folder holding a job's artifacts; `job_id` must be a UUID, so it cannot escape."""
-    return Path(artifact_dir) / _job_folder_name(job_id)
+def check_store(store: Store) -> None:
+    """ValueError unless `store` is a folder or a URL this module can write to; an object
+    store's library must be installed (no silent fallback to a local folder)."""
+    text = str(store)
+    if "://" not in text:
+        return
+    protocol = text.split("://", 1)[0].lower()
+    if protocol == "file":
+        parts = urlsplit(text)
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ValueError(f"a file:// artifact URL needs an absolute path on this"
+                             f" machine (file:///data/artifacts): {text!r}")
+        return
+    if protocol not in REMOTE_PROTOCOLS:
+        raise ValueError(f"artifact store {text!r}: the scheme must be file, gs, s3 or memory")
+    try:
+        _filesystem(protocol)
+    except ImportError as exc:
+        raise ValueError(f"artifact store {text!r} needs {REMOTE_PROTOCOLS[protocol]}:"
+                         f" {exc}") from exc
+
+
+@cache
+def _filesystem(protocol: str) -> Any:
+    import fsspec
+
+    return fsspec.filesystem(protocol)
+
+
+def _remote(store: Store) -> tuple[Any, str, str] | None:
+    """(filesystem, root path, protocol) of an object store; None for a local folder."""
+    text = str(store)
+    if "://" not in text or text.lower().startswith("file://"):
+        return None
+    protocol, rest = text.split("://", 1)
+    return _filesystem(protocol.lower()), rest.rstrip("/"), protocol.lower()
+
+
+def _local_dir(store: Store) -> Path:
+    text = str(store)
+    if text.lower().startswith("file://"):
+        return Path(unquote(urlsplit(text).path))
+    return Path(store)
+
+
+def artifact_path(artifact_dir: Store, job_id: UUID | str) -> Path:
+    """The local folder holding a job's artifacts; `job_id` must be a UUID, so it cannot
+    escape."""
+    return _local_dir(artifact_dir) / _job_folder_name(job_id)
+
+
+def _write_remote(remote: tuple[Any, str, str], job_id: UUID | str, filename: str,
+                  writer: Callable[[IO[bytes]], Any]) -> ArtifactInfo:
+    fs, root, protocol = remote
+    with tempfile.NamedTemporaryFile(prefix=_TEMP_PREFIX) as out:
+        writer(out)
+        out.flush()
+        size = out.tell()
+        out.seek(0)
+        digest = hashlib.file_digest(out, "sha256").hexdigest()
+        key = f"{root}/{_job_folder_name(job_id)}/{filename}"
+        fs.put_file(out.name, key)  # the object appears only once whole
+    return ArtifactInfo(path=f"{protocol}://{key}", filename=filename, bytes=size,
+                        sha256=digest, content_type=content_type_for(filename))
 
 
 def write_artifact(
-    artifact_dir: Path | str,
+    artifact_dir: Store,
     job_id: UUID | str,
     filename: str,
     writer: Callable[[IO[bytes]], Any],
@@ -113,6 +188,9 @@ def write_artifact(
     which is what a retried attempt wants.
     """
     _check_filename(filename)
+    remote = _remote(artifact_dir)
+    if remote is not None:
+        return _write_remote(remote, job_id, filename, writer)
     folder = artifact_path(artifact_dir, job_id)
     folder.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=folder)
@@ -141,9 +219,10 @@ def write_artifact(
 
 
 def find_artifact(
-    artifact_dir: Path | str, job_id: UUID | str, filename: str | None = None
-) -> tuple[Path, str] | None:
-    """(path, content type) of a job's artifact, or None when there is none.
+    artifact_dir: Store, job_id: UUID | str, filename: str | None = None
+) -> tuple[Path | str, str] | None:
+    """(local path or object URL, content type) of a job's artifact, or None when there is
+    none.
 
     `filename` is the one the job's result records; without it the job's folder
     must hold exactly one finished file. Anything that is not a UUID or a plain
@@ -155,6 +234,19 @@ def find_artifact(
             _check_filename(filename)
     except ValueError:
         return None
+    remote = _remote(artifact_dir)
+    if remote is not None:
+        fs, root, protocol = remote
+        prefix = f"{root}/{_job_folder_name(job_id)}"
+        if filename is None:
+            found = [p.rsplit("/", 1)[-1] for p in fs.ls(prefix, detail=False)] \
+                if fs.exists(prefix) else []
+            names = [n for n in found if _SAFE_NAME.fullmatch(n)]
+            if len(names) != 1:
+                return None
+            filename = names[0]
+        key = f"{prefix}/{filename}"
+        return (f"{protocol}://{key}", content_type_for(filename)) if fs.isfile(key) else None
     if filename is None:
         if not folder.is_dir():
             return None
@@ -163,16 +255,33 @@ def find_artifact(
             return None
         filename = names[0]
     path = folder / filename
-    root = Path(artifact_dir).resolve()
+    top = _local_dir(artifact_dir).resolve()
     # Belt and braces: a symlink planted in the folder must not lead elsewhere either.
-    if not path.is_file() or not path.resolve().is_relative_to(root):
+    if not path.is_file() or not path.resolve().is_relative_to(top):
         return None
     return path, content_type_for(filename)
 
 
-def delete_artifacts(artifact_dir: Path | str, job_ids: Iterable[UUID | str]) -> int:
+def open_artifact(url: str) -> IO[bytes]:
+    """A stored object (a URL `find_artifact` answered), open for reading."""
+    fs, key, _ = _remote(url) or (None, "", "")
+    if fs is None:
+        raise ValueError(f"{url!r} is not in an object store")
+    return fs.open(key, "rb")
+
+
+def delete_artifacts(artifact_dir: Store, job_ids: Iterable[UUID | str]) -> int:
     """Remove these jobs' artifact folders; returns how many existed."""
     removed = 0
+    remote = _remote(artifact_dir)
+    if remote is not None:
+        fs, root, _ = remote
+        for job_id in job_ids:
+            prefix = f"{root}/{_job_folder_name(job_id)}"
+            if fs.exists(prefix):
+                fs.rm(prefix, recursive=True)
+                removed += 1
+        return removed
     for job_id in job_ids:
         folder = artifact_path(artifact_dir, job_id)
         if folder.is_dir():

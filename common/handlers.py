@@ -33,7 +33,7 @@ class JobContext:
     job_type: str
     attempt: int
     retries: int
-    artifact_dir: Path
+    artifact_dir: Path | str  # where write_artifact stores: a folder or an object-store URL
     cancelled: threading.Event = field(default_factory=threading.Event)
     stop_reason: str | None = None
     progress_sink: Callable[[float, str | None], None] | None = field(default=None, repr=False)

@@ -253,7 +253,7 @@ class Processor:
         jt = get_job_type(row["job_type"])  # the job's own type, whatever the message said
         ctx = JobContext(
             job_id=row["job_id"], job_type=row["job_type"], attempt=attempt,
-            retries=row["retries"], artifact_dir=self.settings.artifact_dir,
+            retries=row["retries"], artifact_dir=self.settings.artifact_store,
             progress_sink=lambda fraction, text: self._progress(job_id, attempt, fraction, text),
         )
         with self._running_lock:

@@ -51,6 +51,9 @@ class Settings(BaseModel):
     lease_seconds: float = Field(30.0, gt=0)
     handler_modules: str = ""
     artifact_dir: Path = DEFAULT_DATA_DIR / "artifacts"
+    # Where artifacts live when not in artifact_dir: file:///path, gs://bucket/prefix,
+    # s3://bucket/prefix (see common.artifacts); checked at start, never ignored.
+    artifact_url: str = ""
     max_body_bytes: int = 256 * 1024
     # API bearer tokens (common/auth.py): JOBS_AUTH=off lets every request in as admin.
     auth: bool = True
@@ -88,6 +91,20 @@ class Settings(BaseModel):
         if self.kafka_ssl_ca_location and not Path(self.kafka_ssl_ca_location).is_file():
             raise ValueError(f"KAFKA_SSL_CA_LOCATION {self.kafka_ssl_ca_location} is not a file")
         return self
+
+    @field_validator("artifact_url")
+    @classmethod
+    def _artifact_store_usable(cls, value: str) -> str:
+        if value:
+            from common.artifacts import check_store
+
+            check_store(value)
+        return value
+
+    @property
+    def artifact_store(self) -> str | Path:
+        """Where artifacts are written and read: JOBS_ARTIFACT_URL, else JOBS_ARTIFACT_DIR."""
+        return self.artifact_url or self.artifact_dir
 
     @field_validator("auth", mode="before")
     @classmethod
@@ -143,6 +160,7 @@ ENV = {
     "lease_seconds": "JOBS_LEASE_SECONDS",
     "handler_modules": "JOBS_HANDLER_MODULES",
     "artifact_dir": "JOBS_ARTIFACT_DIR",
+    "artifact_url": "JOBS_ARTIFACT_URL",
     "max_body_bytes": "JOBS_MAX_BODY_BYTES",
     "auth": "JOBS_AUTH",
     "auth_cache_seconds": "JOBS_AUTH_CACHE_SECONDS",

@@ -92,7 +92,7 @@ def forget_old_jobs(db: Database, cache: StatusCache, settings: Settings,
                  dead=dead, limit=limit)
     if ids:
         cache.forget(ids)  # a failure here leaves entries that expire with their TTL
-        delete_artifacts(settings.artifact_dir, ids)
+        delete_artifacts(settings.artifact_store, ids)
         log.info("deleted %d job(s) past their retention", len(ids))
     return len(ids)
 

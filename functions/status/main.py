@@ -39,13 +39,16 @@ def get_artifact(request: flask.Request, principal: Principal, job_id: str) -> f
     if doc.status != "COMPLETED" or not name:
         raise ApiError(404, "No artifact", f"job {doc.job_id} has no artifact"
                        f" (status {doc.status.value})")
-    found = artifacts.find_artifact(clients.settings().artifact_dir, str(doc.job_id), name)
+    found = artifacts.find_artifact(clients.settings().artifact_store, str(doc.job_id), name)
     if found is None:
         raise ApiError(404, "Artifact missing",
                        f"the artifact {name!r} of job {doc.job_id} is no longer stored")
-    path, content_type = found
-    return flask.send_file(path, mimetype=content_type, as_attachment=True,
-                           download_name=path.name)
+    where, content_type = found
+    if isinstance(where, str):  # in object storage: streamed (no ranges)
+        return flask.send_file(artifacts.open_artifact(where), mimetype=content_type,
+                               as_attachment=True, download_name=name)
+    return flask.send_file(where, mimetype=content_type, as_attachment=True,
+                           download_name=where.name)
 
 
 def get_dead_letters(request: flask.Request, principal: Principal) -> DeadLetterPage:

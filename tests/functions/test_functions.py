@@ -326,3 +326,27 @@ def test_the_batch_target_also_takes_one_binary_mode_event(alone):
     assert attempts_of(alone["DATABASE_URL"], job_id) == [(1, "COMPLETED", None)]
     bad_headers, bad_body = job_event(str(uuid.uuid4()), "ECHO")
     assert batch_client.post("/", headers=bad_headers, data=bad_body).status_code == 400
+
+
+def test_a_report_in_object_storage_is_written_by_process_and_streamed_by_status(
+        alone, monkeypatch):
+    """JOBS_ARTIFACT_URL names object storage (here fsspec's in-memory store, shared by the
+    functions this test runs in one process): the report is uploaded whole and the
+    download streams it from there."""
+    import fsspec
+
+    store = f"memory://jobs-artifacts-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("JOBS_ARTIFACT_URL", store)
+    get_settings.cache_clear()
+    job_id = submit("REPORT_GENERATION", {"title": "Stored away", "columns": ["a", "b"],
+                                          "rows": [[1, "x"], [2, "y"]], "format": "csv"})
+    deliver(job_id, "REPORT_GENERATION")
+    result = job_row(alone["DATABASE_URL"], job_id)["result_json"]
+    key = f"{store.split('://')[1]}/{job_id}/{result['artifact']}"
+    stored = fsspec.filesystem("memory").cat_file(key)
+    assert len(stored) == result["bytes"] and stored.startswith(b"a,b")
+    reply = client("status", "get_job_status").get(f"/jobs/{job_id}/artifact")
+    assert reply.status_code == 200 and reply.data == stored
+    assert reply.headers["Content-Type"].startswith("text/csv")
+    assert result["artifact"] in reply.headers["Content-Disposition"]
+    assert not list(Path(alone["JOBS_ARTIFACT_DIR"]).glob(f"{job_id}*")), "nothing on disk"

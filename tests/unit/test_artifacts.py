@@ -197,3 +197,64 @@ def test_a_csv_cell_that_would_run_as_a_formula_is_prefixed_but_a_number_is_not(
     cell: str, written: str
 ) -> None:
     assert csv_safe(cell) == written
+
+
+# -- object storage (fsspec) ------------------------------------------------------------
+
+
+def test_object_storage_writes_whole_objects_and_finds_opens_and_deletes_them():
+    import fsspec
+
+    from common.artifacts import delete_artifacts, open_artifact
+
+    store = f"memory://unit-{uuid.uuid4().hex[:8]}/prefix"
+    job = str(uuid.uuid4())
+    info = write_artifact(store, job, "out.csv", lambda f: f.write(b"a,b\n1,2\n"))
+    assert info.path == f"{store}/{job}/out.csv" and info.bytes == 8
+    assert info.sha256 == hashlib.sha256(b"a,b\n1,2\n").hexdigest()
+    assert find_artifact(store, job, "out.csv") == (info.path, "text/csv")
+    assert find_artifact(store, job) == (info.path, "text/csv")  # the only file
+    assert find_artifact(store, job, "other.csv") is None
+    assert find_artifact(store, "not-a-uuid", "out.csv") is None
+    with open_artifact(str(info.path)) as stored:
+        assert stored.read() == b"a,b\n1,2\n"
+
+    def broken(f):
+        f.write(b"half")
+        raise RuntimeError("the writer failed")
+
+    with pytest.raises(RuntimeError):
+        write_artifact(store, job, "half.csv", broken)
+    assert not fsspec.filesystem("memory").exists(f"{store[9:]}/{job}/half.csv")
+    assert delete_artifacts(store, [job, str(uuid.uuid4())]) == 1
+    assert find_artifact(store, job, "out.csv") is None
+
+
+def test_a_file_url_is_the_local_folder(tmp_path):
+    job = str(uuid.uuid4())
+    info = write_artifact(tmp_path.as_uri(), job, "out.txt", lambda f: f.write(b"x"))
+    assert info.path == tmp_path / job / "out.txt"
+    assert find_artifact(str(tmp_path), job, "out.txt") == (info.path, "application/octet-stream")
+
+
+@pytest.mark.parametrize("url,says", [
+    ("ftp://host/artifacts", "the scheme must be file, gs, s3 or memory"),
+    ("file://relative/path", "needs an absolute path"),
+])
+def test_an_artifact_url_that_cannot_work_is_refused_at_start(url, says):
+    from common.settings import load_settings
+
+    with pytest.raises(ValueError, match=says):
+        load_settings({"JOBS_ARTIFACT_URL": url})
+
+
+def test_object_storage_without_its_library_is_an_error_naming_the_extra():
+    from common.settings import load_settings
+
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"needs gcsfs \(extra: gcs\)"):
+            load_settings({"JOBS_ARTIFACT_URL": "gs://bucket/artifacts"})
+    else:  # installed: the URL is accepted as it is
+        assert load_settings({"JOBS_ARTIFACT_URL": "gs://b/a"}).artifact_store == "gs://b/a"
