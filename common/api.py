@@ -180,7 +180,9 @@ def list_jobs(status: list[str] | None, job_type: list[str] | None, cursor: str 
     if bad:
         raise ApiError(400, "Bad status filter",
                        f"unknown status {bad[0]!r}; one of {', '.join(sorted(valid))}")
-    with clients.database().connection() as conn:
+    with clients.database().transaction() as conn:
+        if status:  # the pairs list_jobs reads and the rows: one snapshot
+            conn.run("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         rows, next_cursor = jobs.list_jobs(conn, status=status, job_type=job_type,
                                            cursor=cursor, limit=limit)
     return JobPage.model_validate({"items": [jobs.document(r) for r in rows],

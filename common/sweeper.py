@@ -40,7 +40,9 @@ WHERE (
                                     OR updated_at < now() - make_interval(secs => :grace)))
          OR published_at < now() - make_interval(secs => :stale))
 )
-ORDER BY next_attempt_at NULLS FIRST, created_at
+-- Longest due first, whatever made it due: a delayed job or a retry is never starved by
+-- a backlog of never-published ones (NULLS FIRST would put a thousand of them ahead).
+ORDER BY COALESCE(next_attempt_at, created_at), created_at
 LIMIT :limit
 FOR UPDATE SKIP LOCKED
 """

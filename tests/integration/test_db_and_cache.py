@@ -664,3 +664,51 @@ def test_retention_deletes_old_final_jobs_with_their_traces_and_keeps_the_rest(
     forever = settings.model_copy(update={"retain_finished_days": 0, "retain_dead_days": 0})
     db.run("UPDATE jobs SET updated_at = now() - interval '1000 days'")
     assert forget_old_jobs(db, cache, forever) == 0
+
+
+def test_listings_by_status_and_type_page_exactly_like_one_plain_query(tables):
+    db = tables
+    for job_type, status, n in (("A", "COMPLETED", 7), ("B", "COMPLETED", 5), ("A", "QUEUED", 4),
+                                ("B", "DEAD_LETTER", 3), ("C", "IN_PROGRESS", 2)):
+        db.run("INSERT INTO jobs (job_id, job_type, payload_json, status, created_at)"
+               " SELECT gen_random_uuid(), :t, '{}', CAST(:s AS job_status),"
+               " now() - i * interval '1 second' FROM generate_series(1, :n) AS i",
+               t=job_type, s=status, n=n)
+    cases = [(["COMPLETED"], None), (["COMPLETED", "QUEUED"], ["A"]), (None, ["B", "C"]),
+             (["QUEUED", "DEAD_LETTER", "IN_PROGRESS"], None), (None, None),
+             (["CANCELLED"], None), (["COMPLETED"], ["C"])]
+    for status, job_type in cases:
+        where, params = [], {}
+        if status:
+            where.append("status = ANY(CAST(:status AS job_status[]))")
+            params["status"] = status
+        if job_type:
+            where.append("job_type = ANY(CAST(:job_types AS text[]))")
+            params["job_types"] = job_type
+        expected = [r[0] for r in db.run(
+            "SELECT job_id::text FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY created_at DESC, job_id DESC", **params)]
+        got, cursor = [], None
+        with db.connection() as conn:
+            while True:
+                rows, cursor = jobs.list_jobs(conn, status=status, job_type=job_type,
+                                              cursor=cursor, limit=3)
+                got += [str(r["job_id"]) for r in rows]
+                if cursor is None:
+                    break
+        assert got == expected, (status, job_type)
+
+
+def test_publish_due_takes_the_longest_due_first_so_a_backlog_never_starves_a_delayed_job(
+        tables, kafka):
+    db, (publisher, settings) = tables, kafka
+    backlog = [str(new_job(db)["job_id"]) for _ in range(5)]
+    db.run("UPDATE jobs SET created_at = now() - interval '10 seconds',"
+           " updated_at = now() - interval '10 seconds'")  # never published, due for a while
+    delayed = str(new_job(db)["job_id"])
+    db.run("UPDATE jobs SET next_attempt_at = now() - interval '1 minute'"
+           " WHERE job_id = CAST(:id AS uuid)", id=delayed)  # due a minute ago
+    assert publish_due(db, publisher, settings, limit=3) == 3
+    published = {r[0] for r in db.run("SELECT job_id::text FROM jobs"
+                                      " WHERE published_at IS NOT NULL")}
+    assert delayed in published and len(published & set(backlog)) == 2
