@@ -149,6 +149,10 @@ def timestamptz_in(text: str) -> datetime | str:
         return pg8000.converters.timestamptz_in(text)  # infinity, BC dates...
 
 
+class PoolExhausted(ServiceUnavailable):
+    """Every connection of the pool stayed busy past the wait: come back later."""
+
+
 class Database:
     """A thread-safe pool of at most `size` pg8000 connections to one DSN. A caller that
     finds them all busy waits up to `wait` seconds, then gets ServiceUnavailable (a 503,
@@ -217,8 +221,8 @@ class Database:
     def connection(self, begin: bool = False) -> Iterator[Connection]:
         """Borrow a connection; a broken one is discarded, never returned to the pool."""
         if not self._slots.acquire(timeout=self.wait):
-            raise ServiceUnavailable("postgresql", f"all {self._size} connections of this"
-                                     f" process stayed busy for {self.wait:g} s", 1)
+            raise PoolExhausted("postgresql", f"all {self._size} connections of this"
+                                f" process stayed busy for {self.wait:g} s", 1)
         try:
             conn = self._checkout(begin)
         except BaseException:
@@ -282,6 +286,8 @@ class Database:
         try:
             with self.connection() as conn:
                 return work(conn)
+        except PoolExhausted:
+            raise  # waited once already; no second wait
         except ServiceUnavailable:
             with self.connection() as conn:
                 return work(conn)

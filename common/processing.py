@@ -104,6 +104,11 @@ class Processor:
         # (it was never reported done). The outcome's durable commit flushes the claim too.
         self.claims = GroupCommitter(db, durable=False)
         self.marks = jobs.PublishMarks(db)
+        # Lease renewals and progress reports on a pool of their own: a handler holding a
+        # connection of the main pool (DATA_EXPORT streams inside one) must never wait
+        # for another to report progress, and a busy pool must never starve the heartbeat
+        # (a missed renewal hands a running job to the sweeper).
+        self.beats = Database(db.dsn, size=2, wait=db.wait)
 
     # -- leases ----------------------------------------------------------------------
 
@@ -128,7 +133,7 @@ class Processor:
                 continue
             renew = time.monotonic() - last_renewal >= renew_every
             try:
-                rows = self.db.run(
+                rows = self.beats.run(
                     "UPDATE jobs SET lease_expires_at = CASE WHEN :renew THEN"
                     " now() + make_interval(secs => :lease) ELSE lease_expires_at END"
                     " FROM unnest(CAST(:ids AS uuid[]), CAST(:ns AS int[])) AS r(id, n)"
@@ -239,7 +244,7 @@ class Processor:
 
     def _progress(self, job_id: str, attempt: int, fraction: float, text: str | None) -> None:
         try:
-            with self.db.transaction() as conn:
+            with self.beats.transaction() as conn:
                 row = jobs.record_progress(conn, job_id, attempt, fraction, text)
         except ServiceUnavailable as exc:  # progress is best effort; the outcome is not
             log.warning("progress of job %s not recorded: %s", job_id, exc)

@@ -60,6 +60,8 @@ _EXPIRED_FINAL = """
 DELETE FROM jobs WHERE job_id IN (
     SELECT job_id FROM jobs
     WHERE status IN ('COMPLETED', 'CANCELLED', 'DEAD_LETTER')
+      -- the shorter period bounds the index range; the CASE then picks per status
+      AND updated_at < now() - make_interval(secs => CAST(:shorter AS float8))
       AND updated_at < now() - make_interval(secs => CASE WHEN status = 'DEAD_LETTER'
                           THEN CAST(:dead AS float8) ELSE CAST(:finished AS float8) END)
     ORDER BY updated_at
@@ -83,7 +85,7 @@ def forget_old_jobs(db: Database, cache: StatusCache, settings: Settings,
     finished, dead = (min(x, 36525 * day) for x in (finished, dead))
     with db.transaction() as conn:
         ids = [row[0] for row in conn.run(_EXPIRED_FINAL, finished=finished, dead=dead,
-                                          limit=limit)]
+                                          shorter=min(finished, dead), limit=limit)]
         if ids:
             conn.run("DELETE FROM cache_repairs WHERE job_id = ANY(CAST(:ids AS uuid[]))",
                      ids=ids)
@@ -94,7 +96,12 @@ def forget_old_jobs(db: Database, cache: StatusCache, settings: Settings,
                  dead=dead, limit=limit)
     if ids:
         cache.forget(ids)  # a failure here leaves entries that expire with their TTL
-        delete_artifacts(settings.artifact_store, ids)
+        try:
+            delete_artifacts(settings.artifact_store, ids)
+        except Exception as exc:  # e.g. object storage refusing: the rows are gone anyway
+            log.error("deleted %d job(s) past their retention but not all their artifacts"
+                      " (%s); these stay in %s: %s", len(ids), exc, settings.artifact_store,
+                      ", ".join(ids[:20]))
         log.info("deleted %d job(s) past their retention", len(ids))
     return len(ids)
 

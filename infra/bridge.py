@@ -428,7 +428,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
                         help="the Kafka brokers (default: KAFKA_BOOTSTRAP_SERVERS; no fallback)")
     parser.add_argument("--topic", required=True)
-    parser.add_argument("--group", help="consumer group (default: bridge-<topic>)")
+    parser.add_argument("--group", help="consumer group (default: JOBS_QUEUE_CONSUMER_GROUP"
+                        " for the job queue, JOBS_DLQ_CONSUMER_GROUP for the DLQ topic,"
+                        " else bridge-<topic>)")
     parser.add_argument("--target", required=True, help="function URL to POST events to")
     parser.add_argument("--dlq-topic", help="where undeliverable records go")
     parser.add_argument("--max-in-flight", type=int, default=16)
@@ -448,12 +450,15 @@ def main(argv: list[str] | None = None) -> None:
     if not args.bootstrap:
         parser.error("KAFKA_BOOTSTRAP_SERVERS is not set and --bootstrap was not given")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bridge[%(process)d] %(message)s")
-    bridge = Bridge(bootstrap=args.bootstrap, topic=args.topic,
-                    group=args.group or f"bridge-{args.topic}", target=args.target,
+    settings = load_settings()
+    group = args.group or {settings.queue_topic: settings.queue_consumer_group,
+                           settings.dlq_topic: settings.dlq_consumer_group}.get(
+                               args.topic, f"bridge-{args.topic}")
+    bridge = Bridge(bootstrap=args.bootstrap, topic=args.topic, group=group, target=args.target,
                     dlq_topic=args.dlq_topic, max_in_flight=args.max_in_flight,
                     retries=args.retries, batch_size=args.batch_size,
                     fetch_wait_ms=args.fetch_wait_ms,
-                    kafka_config=kafka_client_config(load_settings()),
+                    kafka_config=kafka_client_config(settings),
                     retry_outages_forever=args.delivery == "local",
                     backoff_base=args.backoff_base)
     signal.signal(signal.SIGTERM, lambda *_: bridge.stop())

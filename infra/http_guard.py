@@ -11,8 +11,10 @@ adds, from `Settings`:
 - a request target longer than `gateway_max_url_bytes`: 414;
 - request line and headers together longer than `gateway_max_header_bytes`: 431;
 - a request whose headers are not complete `gateway_read_timeout_seconds` after its first
-  byte: 408, then close; a connection that opens and sends nothing for that long, or a
-  request body that stops arriving for that long: closed (the app sees the client go);
+  byte: 408, then close; a connection that opens and sends nothing for that long, a request
+  body that stops arriving for that long or is not whole within BODY_TIMEOUTS times it:
+  closed (the app sees the client go). While uvicorn itself has stopped reading (a
+  pipelined request waits its turn, or a body past its buffer), no timer runs out;
 - every such answer, and llhttp's 400 for a request that is not HTTP, is
   `application/problem+json`, written by uvicorn's own response cycle after the answers to
   the requests before it on the connection, and the connection is then closed.
@@ -33,6 +35,7 @@ from common.settings import get_settings
 
 PROBLEM_JSON = b"application/problem+json"
 HEAD_SLICE = 4096
+BODY_TIMEOUTS = 4  # a whole body must arrive within this many read timeouts
 
 
 class Refused(Exception):  # noqa: N818 - raised inside a parser callback to stop parsing
@@ -66,12 +69,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_body = False  # headers of the current request parsed, its body not all read
         self._rejected = False  # an error answer is queued: read nothing more
         self._read_timer: asyncio.TimerHandle | None = None
+        self._body_deadline = 0.0  # loop time by which the current body must be whole
         self._refusal: ApiError | None = None  # what a callback refused the request with
 
     # Timers
     def _arm_read_timer(self) -> None:
         self._cancel_read_timer()
-        self._read_timer = self.loop.call_later(self.read_timeout, self._read_timed_out)
+        delay = self.read_timeout
+        if self._in_body:
+            delay = max(0.0, min(delay, self._body_deadline - self.loop.time()))
+        self._read_timer = self.loop.call_later(delay, self._read_timed_out)
 
     def _cancel_read_timer(self) -> None:
         if self._read_timer is not None:
@@ -81,6 +88,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _read_timed_out(self) -> None:
         self._read_timer = None
         if self.transport.is_closing() or self._rejected:
+            return
+        if self.flow.read_paused and not (self._in_body
+                                          and self.loop.time() >= self._body_deadline):
+            self._arm_read_timer()  # we are not reading: the client cannot be late
             return
         if self._in_body or not self._awaiting_headers:
             # Nothing of a request came (a client would resend on a new connection, as
@@ -177,6 +188,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_read_timer()
         self._awaiting_headers = False
         self._in_body = True
+        self._body_deadline = self.loop.time() + BODY_TIMEOUTS * self.read_timeout
         super().on_headers_complete()
         self._arm_read_timer()  # the body must keep arriving
 

@@ -13,11 +13,10 @@ from uuid import UUID
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from common.artifacts import artifact_name, csv_safe, text_writer, write_artifact
-from common.db import Connection, Database, get_database
+from common.db import Connection, Database
 from common.errors import RetryableError
 from common.handlers import JobContext, job_handler
 from common.models import JobStatus
-from common.settings import get_settings
 
 #: Rows fetched per query; each batch resumes after the last row of the previous one.
 BATCH_SIZE = 1000
@@ -191,7 +190,9 @@ def export_data(payload: ExportPayload, ctx: JobContext) -> dict[str, Any]:
     written to the artifact (`<dataset>-<short job id>.<format>`) as they arrive, with
     progress reported along the way. Keys and columns are the API's JSON names.
     """
-    return run_export(payload, ctx, get_database(get_settings().database_url))
+    from common import clients  # the process's pool, sized by JOBS_DB_POOL_SIZE
+
+    return run_export(payload, ctx, clients.database())
 
 
 def run_export(

@@ -68,9 +68,6 @@ CREATE TRIGGER jobs_counted_truncate AFTER TRUNCATE ON jobs
 INSERT INTO job_counts (job_type, status, n)
 SELECT job_type, status, count(*) FROM jobs GROUP BY 1, 2;
 
--- Completions per minute for /stats read recent attempts only.
-CREATE INDEX job_attempts_by_finish ON job_attempts (finished_at) WHERE finished_at IS NOT NULL;
-
 -- Retention: final jobs in the order they became final, for the sweeper's deletes.
 CREATE INDEX jobs_final_by_age ON jobs (updated_at)
     WHERE status IN ('COMPLETED', 'CANCELLED', 'DEAD_LETTER');

@@ -66,14 +66,17 @@ def record_dead_letter(event: CloudEvent) -> None:
     undeliverable = event["type"] != DEAD_LETTER_EVENT_TYPE
     try:
         with clients.database().transaction() as conn:
-            if undeliverable and letter["job_id"] and conn.run(
-                    "SELECT 1 FROM jobs WHERE job_id = CAST(:id AS uuid)"
-                    " AND status = ANY(CAST(:waiting AS job_status[]))",
-                    id=letter["job_id"], waiting=list(STILL_WAITING)):
+            state = conn.run("SELECT status::text FROM jobs WHERE job_id = CAST(:id AS uuid)",
+                             id=letter["job_id"]) if undeliverable and letter["job_id"] else []
+            if state and state[0][0] in STILL_WAITING:
                 metrics.LEFT_TO_SWEEPER.labels(letter["job_type"] or "?").inc()
                 log.warning("job %s: its record was undeliverable (%s) but the job still"
                             " waits; left to the sweeper, not a dead letter",
                             letter["job_id"], letter["reason"])
+                return
+            if state:  # finished meanwhile (or dead-lettered by process, with its own row)
+                log.info("job %s: an undeliverable record of it arrived after it ended %s;"
+                         " nothing to record", letter["job_id"], state[0][0])
                 return
             new = insert_dead_letter(conn, letter)
     except ServiceUnavailable as exc:

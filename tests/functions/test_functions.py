@@ -350,3 +350,25 @@ def test_a_report_in_object_storage_is_written_by_process_and_streamed_by_status
     assert reply.headers["Content-Type"].startswith("text/csv")
     assert result["artifact"] in reply.headers["Content-Disposition"]
     assert not list(Path(alone["JOBS_ARTIFACT_DIR"]).glob(f"{job_id}*")), "nothing on disk"
+
+
+def test_dlq_records_an_undeliverable_record_only_when_no_job_can_still_run_it(alone):
+    """A record the trigger gave up on (an outage longer than its retries) is a dead letter
+    only if no job of ours stands behind it: a waiting job is the sweeper's to publish again,
+    a finished one needs nothing."""
+    waiting = submit("ECHO", {"message": "still waiting"})
+    finished = submit("ECHO", {"message": "done meanwhile"})
+    deliver(finished, "ECHO")
+    unknown = str(uuid.uuid4())
+    dlq = client("dlq", "record_dead_letter", "cloudevent")
+    for job_id in (waiting, finished, unknown):
+        event = CloudEvent({"type": "dev.jobs.job.ready", "source": "/tests/dlq",
+                            "id": f"{job_id}:undeliverable", "knativeerrorcode": "503"},
+                           {"job_id": job_id, "job_type": "ECHO"})
+        headers, body = to_binary(event)
+        assert dlq.post("/", headers=headers, data=body).status_code == 200
+    recorded = {r["job_id"] for r in query(alone["DATABASE_URL"],
+                "SELECT job_id::text FROM dead_letters WHERE job_id = ANY(CAST(:ids AS uuid[]))",
+                ids=[waiting, finished, unknown])}
+    assert recorded == {unknown}
+    assert job_row(alone["DATABASE_URL"], waiting)["status"] == "QUEUED"

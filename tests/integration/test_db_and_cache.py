@@ -661,8 +661,11 @@ def test_retention_deletes_old_final_jobs_with_their_traces_and_keeps_the_rest(
         assert (raw.hget(cache_key(str(row["job_id"])), "doc") is not None) == kept
     assert counted(db) == scanned(db)
 
-    forever = settings.model_copy(update={"retain_finished_days": 0, "retain_dead_days": 0})
     db.run("UPDATE jobs SET updated_at = now() - interval '1000 days'")
+    keep_done = settings.model_copy(update={"retain_finished_days": 0})  # dead ones go
+    assert forget_old_jobs(db, cache, keep_done) == 1  # young_dead, now old too
+    assert {r[0] for r in db.run("SELECT status::text FROM jobs")} == {"COMPLETED", "QUEUED"}
+    forever = settings.model_copy(update={"retain_finished_days": 0, "retain_dead_days": 0})
     assert forget_old_jobs(db, cache, forever) == 0
 
 

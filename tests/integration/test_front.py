@@ -162,3 +162,18 @@ def test_a_connection_kept_alive_between_requests_still_works(connect, stack):
     time.sleep(READ_TIMEOUT + 1)  # idle after a reply: the keep-alive timeout (30 s) applies
     conn.send(request("GET", "/healthz", stack.admin_token))
     assert conn.reply()[0] == 200
+
+
+def test_a_body_trickled_forever_is_cut_off_at_its_total_deadline(connect, stack):
+    conn = connect()
+    conn.send(b"POST /jobs HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer "
+              + stack.admin_token.encode()
+              + b"\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+    start = time.monotonic()
+    with pytest.raises(OSError):  # one byte every second: never idle for the 5 s timeout
+        for _ in range(120):
+            conn.send(b" ")
+            time.sleep(1)  # a slow client, on purpose
+    elapsed = time.monotonic() - start
+    # The whole body had 4 x 5 s; the server then closed (reset or broken pipe here).
+    assert READ_TIMEOUT * 4 - 1 < elapsed < READ_TIMEOUT * 4 + 10, elapsed

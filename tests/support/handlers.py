@@ -97,3 +97,20 @@ def one_at_a_time(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     """Sleep a little; the type allows one running attempt across all workers."""
     time.sleep(float(payload.get("seconds", 0.3)))
     return {"attempt": ctx.attempt}
+
+
+@job_handler("TRACKED", timeout_seconds=30)
+def tracked(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Record when this attempt ran, in which process, to a file shared by every worker
+    (payload `log`), so a test can check that two attempts of a job never ran at once."""
+    import os
+
+    def note(what: str) -> None:
+        line = f"{ctx.job_id} {ctx.attempt} {os.getpid()} {what} {time.time():.6f}\n"
+        with open(payload["log"], "a") as log:  # one short append: written whole
+            log.write(line)
+
+    note("start")
+    time.sleep(float(payload.get("seconds", 0.05)))
+    note("end")
+    return {"pid": os.getpid()}
