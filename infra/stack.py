@@ -285,11 +285,16 @@ class Stack:
                 # Two worker processes for the busy functions: one per core, past the GIL.
                 workers = str(self.process_workers) \
                     if name in ("process", "submit", "status") else "1"
+                # gunicorn 23+ opens a control socket in $XDG_RUNTIME_DIR (else one shared
+                # ~/.gunicorn/gunicorn.ctl that a second server fails to bind): one each.
+                run_dir = self.data_dir / "run" / (name + replica)
+                run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self._child(name + replica, [
                     py, "-m", "functions_framework", "--target", target,
                     "--source", str(ROOT / "functions" / name / "main.py"),
                     "--signature-type", signature, "--host", "127.0.0.1", "--port", str(port)],
-                    port=port, extra_env={"THREADS": threads, "WORKERS": workers})
+                    port=port, extra_env={"THREADS": threads, "WORKERS": workers,
+                                          "XDG_RUNTIME_DIR": str(run_dir)})
         queue_topic, dlq_topic = list(topics)
         settings = load_settings(env)
         url = self.function_url
