@@ -41,6 +41,10 @@ class Settings(BaseModel):
     dlq_topic: str = "job-dlq"
     # The consumer groups that deliver each topic to its function (the local bridges, the
     # KafkaSources of infra/knative): the lag metric and /readyz look at the first.
+    # Partitions of each topic when `make run` creates it: the most consumers (bridges,
+    # KafkaSource `consumers`) that can share its records.
+    queue_partitions: int = Field(4, ge=1, le=1000)
+    dlq_partitions: int = Field(2, ge=1, le=1000)
     queue_consumer_group: str = "jobs-process"
     dlq_consumer_group: str = "jobs-dlq"
     max_retries: int = Field(3, ge=0, le=100)
@@ -150,6 +154,8 @@ ENV = {
     "smtp_from": "SMTP_FROM",
     "queue_topic": "JOBS_QUEUE_TOPIC",
     "dlq_topic": "JOBS_DLQ_TOPIC",
+    "queue_partitions": "JOBS_QUEUE_PARTITIONS",
+    "dlq_partitions": "JOBS_DLQ_PARTITIONS",
     "queue_consumer_group": "JOBS_QUEUE_CONSUMER_GROUP",
     "dlq_consumer_group": "JOBS_DLQ_CONSUMER_GROUP",
     "max_retries": "JOBS_MAX_RETRIES",

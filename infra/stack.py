@@ -33,7 +33,6 @@ from infra import services
 
 log = logging.getLogger("stack")
 ROOT = Path(__file__).resolve().parents[1]
-TOPICS = {"job-queue": 4, "job-dlq": 2}
 
 # name -> (target, signature type); each is served by `functions-framework`.
 FUNCTIONS = {
@@ -330,8 +329,9 @@ class Stack:
 
     @property
     def topics(self) -> dict[str, int]:
-        return {self.env.get("JOBS_QUEUE_TOPIC", "job-queue"): TOPICS["job-queue"],
-                self.env.get("JOBS_DLQ_TOPIC", "job-dlq"): TOPICS["job-dlq"]}
+        settings = load_settings(self.env)
+        return {settings.queue_topic: settings.queue_partitions,
+                settings.dlq_topic: settings.dlq_partitions}
 
     def restart_service(self, name: str) -> None:
         """Restart one of our servers in place; a broker comes back empty, so recreate the

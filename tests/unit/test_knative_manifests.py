@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from common.routes import API, GATEWAY
-from common.settings import ENV, load_settings
+from common.settings import ENV, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 KNATIVE = ROOT / "infra" / "knative"
@@ -805,3 +805,10 @@ def test_the_readme_walks_through_the_deployment_and_says_it_was_not_applied_her
                  "kubectl apply -k infra/knative", "curl"):
         assert step in readme, f"README.md does not cover `{step}`"
     assert re.search(r"not\s+(been\s+)?applied to a live cluster", readme, re.I | re.S)
+
+
+def test_each_kafka_source_has_one_consumer_per_partition_make_run_creates():
+    settings = Settings()
+    sources = _kafka_sources()
+    assert sources[_queue_topic()]["spec"]["consumers"] == settings.queue_partitions
+    assert sources[_dlq_topic()]["spec"]["consumers"] == settings.dlq_partitions
