@@ -70,20 +70,37 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._rejected = False  # an error answer is queued: read nothing more
         self._read_timer: asyncio.TimerHandle | None = None
         self._body_deadline = 0.0  # loop time by which the current body must be whole
+        self._wait_started = 0.0  # loop time the current wait for headers began
         self._refusal: ApiError | None = None  # what a callback refused the request with
 
-    # Timers
+    # Timers: one per connection, (re)armed only when a read leaves a request unfinished,
+    # so a request that arrives whole in one read costs no timer work at all.
+    def _deadline(self) -> float:
+        """When the current wait must end (loop time)."""
+        if self._in_body:  # the next bytes within a timeout, the whole body within four
+            return min(self.loop.time() + self.read_timeout, self._body_deadline)
+        return self._wait_started + self.read_timeout  # headers, or a first request
+
     def _arm_read_timer(self) -> None:
         self._cancel_read_timer()
-        delay = self.read_timeout
-        if self._in_body:
-            delay = max(0.0, min(delay, self._body_deadline - self.loop.time()))
-        self._read_timer = self.loop.call_later(delay, self._read_timed_out)
+        self._read_timer = self.loop.call_at(self._deadline(), self._read_timed_out)
 
     def _cancel_read_timer(self) -> None:
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
+
+    def _after_read(self) -> None:
+        """Keep the timer to what is still awaited after a read."""
+        if self._rejected:
+            return
+        if self._in_body:
+            self._arm_read_timer()  # body bytes keep arriving: a fresh idle allowance
+        elif self._awaiting_headers:
+            if self._read_timer is None or self._read_timer.when() != self._deadline():
+                self._arm_read_timer()
+        else:
+            self._cancel_read_timer()  # between requests: uvicorn's keep-alive applies
 
     def _read_timed_out(self) -> None:
         self._read_timer = None
@@ -91,6 +108,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self.flow.read_paused and not (self._in_body
                                           and self.loop.time() >= self._body_deadline):
+            self._wait_started = self.loop.time()
             self._arm_read_timer()  # we are not reading: the client cannot be late
             return
         if self._in_body or not self._awaiting_headers:
@@ -105,6 +123,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # Connection events
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._wait_started = self.loop.time()
         self._arm_read_timer()  # a connection that never sends a request is closed
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -114,24 +133,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             return  # the rest of a request being refused: read and dropped
-        if self._in_body:
-            self._arm_read_timer()  # body bytes still arriving
+        if self._in_body or len(data) <= HEAD_SLICE:
             super().data_received(data)
-            return
-        # httptools keeps a header's pieces until the header ends, so a 200 MB header would
-        # be held whole: while headers are awaited, feed at most HEAD_SLICE bytes at a time
-        # and count them.
-        while data and not self._in_body and not self._rejected:
-            piece, data = data[:HEAD_SLICE], data[HEAD_SLICE:]
-            super().data_received(piece)
-            if self._awaiting_headers and not self._rejected:
-                self._head_bytes += len(piece)
-                if self._head_bytes > self.max_header_bytes:
-                    self._reject(ApiError(
-                        431, "Request header fields too large",
-                        f"the request line and headers exceed {self.max_header_bytes} bytes"))
-        if data and not self._rejected:
-            super().data_received(data)
+            self._count_head(len(data))
+        else:
+            # httptools keeps a header's pieces until the header ends, so a 200 MB header
+            # would be held whole: while headers are awaited, feed at most HEAD_SLICE bytes
+            # at a time and count them.
+            while data and not self._in_body and not self._rejected:
+                piece, data = data[:HEAD_SLICE], data[HEAD_SLICE:]
+                super().data_received(piece)
+                self._count_head(len(piece))
+            if data and not self._rejected:
+                super().data_received(data)
+        self._after_read()
+
+    def _count_head(self, size: int) -> None:
+        """Bytes read while a request's headers are still awaited (a read that began the
+        request counts whole: at most HEAD_SLICE over)."""
+        if self._awaiting_headers and not self._rejected:
+            self._head_bytes += size
+            if self._head_bytes > self.max_header_bytes:
+                self._reject(ApiError(
+                    431, "Request header fields too large",
+                    f"the request line and headers exceed {self.max_header_bytes} bytes"))
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn calls this when llhttp fails, or when a callback of ours refused."""
@@ -176,7 +201,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._awaiting_headers = True
         self._head_bytes = 0
-        self._arm_read_timer()  # the headers must all arrive within the read timeout
+        self._wait_started = self.loop.time()  # its headers are due a timeout from now
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -185,15 +210,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                                   f"{self.max_url_bytes} bytes"))
 
     def on_headers_complete(self) -> None:
-        self._cancel_read_timer()
         self._awaiting_headers = False
         self._in_body = True
         self._body_deadline = self.loop.time() + BODY_TIMEOUTS * self.read_timeout
         super().on_headers_complete()
-        self._arm_read_timer()  # the body must keep arriving
 
     def on_message_complete(self) -> None:
         self._in_body = False
-        self._cancel_read_timer()
         super().on_message_complete()
 
