@@ -45,6 +45,9 @@ class Settings(BaseModel):
     # KafkaSource `consumers`) that can share its records.
     queue_partitions: int = Field(4, ge=1, le=1000)
     dlq_partitions: int = Field(2, ge=1, le=1000)
+    # The local job-queue bridge's fetch.wait.max.ms: Tansu answers a fetch only when it
+    # runs out, so it is both the idle polling period and a job's wait in the queue.
+    bridge_fetch_wait_ms: int = Field(10, ge=1, le=5000)
     queue_consumer_group: str = "jobs-process"
     dlq_consumer_group: str = "jobs-dlq"
     max_retries: int = Field(3, ge=0, le=100)
@@ -156,6 +159,7 @@ ENV = {
     "dlq_topic": "JOBS_DLQ_TOPIC",
     "queue_partitions": "JOBS_QUEUE_PARTITIONS",
     "dlq_partitions": "JOBS_DLQ_PARTITIONS",
+    "bridge_fetch_wait_ms": "JOBS_BRIDGE_FETCH_WAIT_MS",
     "queue_consumer_group": "JOBS_QUEUE_CONSUMER_GROUP",
     "dlq_consumer_group": "JOBS_DLQ_CONSUMER_GROUP",
     "max_retries": "JOBS_MAX_RETRIES",

@@ -303,6 +303,7 @@ class Stack:
                 "--target", url("process" + replica), "--dlq-topic", dlq_topic,
                 "--group", settings.queue_consumer_group, "--max-in-flight",
                 str(self.bridge_in_flight), "--batch-size", str(self.batch_size),
+                "--fetch-wait-ms", str(settings.bridge_fetch_wait_ms),
                 "--delivery", self.bridge_delivery, "--retries", str(self.bridge_retries)])
             self._child("bridge-d" + replica, [
                 py, "-m", "infra.bridge", "--topic", dlq_topic, "--target", url("dlq" + replica),
