@@ -202,6 +202,8 @@ def cancel(job_id: str) -> JobDocument:
         if row is None:
             raise jobs.refuse_move(conn, job_id, "Job already ended",
                                    "only waiting or running jobs can be cancelled")
+    if row["status"] == JobStatus.CANCELLED.value:  # a waiting job, cancelled here
+        metrics.CANCELLED.labels(row["job_type"]).inc()
     jobs.cache_rows(db, clients.cache(), [row])
     return JobDocument.model_validate(jobs.document(row))
 

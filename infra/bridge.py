@@ -40,6 +40,7 @@ from cloudevents.http import CloudEvent
 from cloudevents.kafka import KafkaMessage
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
+from common.logs import configure_logging
 from common.settings import kafka_client_config, load_settings
 
 log = logging.getLogger("bridge")
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.bootstrap:
         parser.error("KAFKA_BOOTSTRAP_SERVERS is not set and --bootstrap was not given")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s bridge[%(process)d] %(message)s")
+    configure_logging(f"bridge:{args.topic}")  # JSON lines, as every process logs
     settings = load_settings()
     group = args.group or {settings.queue_topic: settings.queue_consumer_group,
                            settings.dlq_topic: settings.dlq_consumer_group}.get(

@@ -601,8 +601,12 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["JOBS_SUBMIT_URL"] = args.submit
     if args.status:
         os.environ["JOBS_STATUS_URL"] = args.status
+    configure_logging("gateway")
+    # log_config=None: uvicorn's loggers keep no handlers of their own and reach ours
+    # (JSON lines), in the supervisor and in each worker (app_from_environment).
     uvicorn.run("infra.gateway:app_from_environment", factory=True, host=args.host,
-                port=args.port, workers=args.workers, log_level="warning", access_log=False,
+                port=args.port, workers=args.workers, log_config=None, log_level="warning",
+                access_log=False,
                 http="infra.http_guard:GuardedHttpToolsProtocol",  # limits and timeouts
                 timeout_keep_alive=30, timeout_graceful_shutdown=30,
                 server_header=False, proxy_headers=False)

@@ -71,6 +71,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._read_timer: asyncio.TimerHandle | None = None
         self._body_deadline = 0.0  # loop time by which the current body must be whole
         self._wait_started = 0.0  # loop time the current wait for headers began
+        self._piece = 0  # bytes of the read being fed to the parser
         self._refusal: ApiError | None = None  # what a callback refused the request with
 
     # Timers: one per connection, (re)armed only when a read leaves a request unfinished,
@@ -134,6 +135,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._rejected:
             return  # the rest of a request being refused: read and dropped
         if self._in_body or len(data) <= HEAD_SLICE:
+            # After a body, the next pipelined request's headers in the same read are not
+            # counted (at most one read over); else the read counts whole.
+            self._piece = 0 if self._in_body else len(data)
             super().data_received(data)
             self._count_head(len(data))
         else:
@@ -142,6 +146,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # at a time and count them.
             while data and not self._in_body and not self._rejected:
                 piece, data = data[:HEAD_SLICE], data[HEAD_SLICE:]
+                self._piece = len(piece)
                 super().data_received(piece)
                 self._count_head(len(piece))
             if data and not self._rejected:
@@ -210,6 +215,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                                   f"{self.max_url_bytes} bytes"))
 
     def on_headers_complete(self) -> None:
+        # The read that ends the headers counts too (whole: at most HEAD_SLICE over).
+        if self._head_bytes + self._piece > self.max_header_bytes:
+            self._refuse(ApiError(431, "Request header fields too large", "the request line"
+                                  f" and headers exceed {self.max_header_bytes} bytes"))
         self._awaiting_headers = False
         self._in_body = True
         self._body_deadline = self.loop.time() + BODY_TIMEOUTS * self.read_timeout

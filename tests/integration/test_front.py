@@ -103,6 +103,12 @@ def test_headers_over_the_limit_are_a_431_problem_before_the_rest_arrives(connec
     problem = problem_of(conn.reply(), 431)
     assert "32768 bytes" in problem["detail"]
 
+    for size in (33_000, 36_000):  # just over the limit, sent whole in one write
+        just_over = connect()
+        just_over.send(b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * size
+                       + b"\r\n\r\n")
+        problem_of(just_over.reply(), 431)
+
     many = connect()  # many small headers count the same
     many.send(b"GET /healthz HTTP/1.1\r\nHost: test\r\n"
               + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 40) for i in range(1000)) + b"\r\n")

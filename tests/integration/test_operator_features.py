@@ -105,3 +105,11 @@ def test_metrics_are_in_prometheus_format_with_counters_from_every_process(api):
                  "jobs_status_lookups_total"):
         assert name in text, name
     assert 'jobs_submitted_total{job_type="NOOP"}' in text
+
+
+def test_a_waiting_job_cancelled_through_the_api_is_counted_as_cancelled(api):
+    run_at = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    job_id = api.submit("ECHO", {"message": "never"}, run_at=run_at.isoformat()).json["job_id"]
+    assert api.request("POST", f"/jobs/{job_id}/cancel").json["status"] == "CANCELLED"
+    text = api.request("GET", "/metrics").body.decode()
+    assert 'jobs_cancelled_total{job_type="ECHO"}' in text
