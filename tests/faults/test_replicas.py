@@ -112,7 +112,7 @@ def test_two_of_everything_side_by_side_lose_nothing_and_run_nothing_twice(
     # Both bridges of the job queue took partitions of the one consumer group.
     for name in ("bridge-q", "bridge-q-2"):
         log = (pair.data_dir / "logs" / f"{name}.log").read_text()
-        assert " assigned [" in log, f"{name} never got a partition"
+        assert "assigned [" in log, f"{name} never got a partition"
 
 
 def test_a_replica_killed_mid_run_loses_nothing(pair, papi, pdb, tmp_path):
