@@ -22,9 +22,10 @@ import redis
 from confluent_kafka import Consumer, TopicPartition
 
 from common.db import Database
-from tests.conftest import SERVICE_VARS, TEST_HANDLERS
+from tests.conftest import SERVICE_VARS
 from tests.support.client import Api, wait_for
 from tests.support.invariants import check_invariants, jobs_by_id
+from tests.support.stacks import FAULT_ENV, own_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -32,17 +33,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Short leases and requeue times, so recovery happens within a test's patience."""
-    from infra import services
-    from infra.stack import Stack
-
-    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
-    env.update(JOBS_HANDLER_MODULES=TEST_HANDLERS, JOBS_LEASE_SECONDS="3",
-               JOBS_REQUEUE_AFTER_SECONDS="4", JOBS_BACKOFF_BASE_SECONDS="0.1",
-               JOBS_BACKOFF_MAX_SECONDS="0.5", JOBS_PUBLISH_TIMEOUT_SECONDS="2")
-    stack = Stack(tmp_path_factory.mktemp("faults"), gateway_port=services.free_port(),
-                  echo=False, env=env, sweep_interval=0.5).start()
-    yield stack
-    stack.stop()
+    with own_stack(tmp_path_factory.mktemp("faults"),
+                   {**FAULT_ENV, "JOBS_PUBLISH_TIMEOUT_SECONDS": "2"},
+                   sweep_interval=0.5) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

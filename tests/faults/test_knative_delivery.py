@@ -6,34 +6,26 @@ whose job still waits and leaves the job to the sweeper."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from common.db import Database
-from infra import services
 from infra.stack import Stack
-from tests.conftest import SERVICE_VARS, TEST_HANDLERS
 from tests.support.client import Api, wait_for
 from tests.support.invariants import check_invariants
+from tests.support.stacks import FAULT_ENV, own_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
 @pytest.fixture(scope="module")
 def knative_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
-    env.update(JOBS_HANDLER_MODULES=TEST_HANDLERS, JOBS_LEASE_SECONDS="3",
-               JOBS_REQUEUE_AFTER_SECONDS="4", JOBS_BACKOFF_BASE_SECONDS="0.1",
-               JOBS_BACKOFF_MAX_SECONDS="0.5")
     # Two retries, 0.2 s then 0.4 s apart: a 4 s outage outlasts them.
-    stack = Stack(tmp_path_factory.mktemp("knative-delivery"),
-                  gateway_port=services.free_port(), echo=False, env=env, sweep_interval=0.5,
-                  process_workers=1, bridge_delivery="knative", bridge_retries=2).start()
-    yield stack
-    stack.stop()
+    with own_stack(tmp_path_factory.mktemp("knative-delivery"), FAULT_ENV, sweep_interval=0.5,
+                   process_workers=1, bridge_delivery="knative", bridge_retries=2) as stack:
+        yield stack
 
 
 def test_an_outage_longer_than_the_retries_loses_nothing_and_dead_letters_nothing(

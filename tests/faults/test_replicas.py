@@ -6,7 +6,6 @@ one replica killed, and no job ever ran two attempts at once."""
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,25 +13,19 @@ from pathlib import Path
 import pytest
 
 from common.db import Database
-from infra import services
 from infra.stack import Stack
-from tests.conftest import SERVICE_VARS, TEST_HANDLERS
 from tests.support.client import Api, wait_for
 from tests.support.invariants import check_invariants, jobs_by_id
+from tests.support.stacks import FAULT_ENV, own_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
-    env.update(JOBS_REPLICAS="2", JOBS_HANDLER_MODULES=TEST_HANDLERS, JOBS_LEASE_SECONDS="3",
-               JOBS_REQUEUE_AFTER_SECONDS="4", JOBS_BACKOFF_BASE_SECONDS="0.1",
-               JOBS_BACKOFF_MAX_SECONDS="0.5")
-    stack = Stack(tmp_path_factory.mktemp("replicas"), gateway_port=services.free_port(),
-                  echo=False, env=env, sweep_interval=0.5, process_workers=1).start()
-    yield stack
-    stack.stop()
+    with own_stack(tmp_path_factory.mktemp("replicas"), {**FAULT_ENV, "JOBS_REPLICAS": "2"},
+                   sweep_interval=0.5, process_workers=1) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

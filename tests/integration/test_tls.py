@@ -8,7 +8,6 @@ tests/integration/test_kafka_security.py for how its clients' settings are check
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,8 @@ from common.db import Database, connect_kwargs
 from common.errors import ServiceUnavailable
 from infra import services
 from infra.stack import Stack
-from tests.conftest import SERVICE_VARS, TEST_HANDLERS
 from tests.support.client import Api
+from tests.support.stacks import own_stack
 
 pytestmark = pytest.mark.integration
 
@@ -34,12 +33,9 @@ def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         services.system_postgres_bindir(), services.system_redis_server()
     except RuntimeError as exc:
         pytest.skip(f"no TLS-capable servers on this machine: {exc}")
-    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
-    env.update(JOBS_LOCAL_TLS="1", JOBS_HANDLER_MODULES=TEST_HANDLERS)
-    stack = Stack(tmp_path_factory.mktemp("tls-stack"), gateway_port=services.free_port(),
-                  echo=False, env=env, process_workers=1).start()
-    yield stack
-    stack.stop()
+    with own_stack(tmp_path_factory.mktemp("tls-stack"), {"JOBS_LOCAL_TLS": "1"},
+                   process_workers=1) as stack:
+        yield stack
 
 
 def test_the_tls_stack_runs_jobs_with_every_connection_encrypted(tls_stack: Stack):
