@@ -108,7 +108,7 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
     except ServiceUnavailable as exc:
         refusal = exc
     # The cache write overlaps the broker's acknowledgement.
-    docs = jobs.cache_rows(db, clients.cache(), [row for row, _ in created])
+    docs = jobs.cache_rows(db, clients.cache(), [row for row, _ in created], announce=False)
     if acknowledged is not None:
         try:
             acknowledged()

@@ -17,27 +17,40 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "jobs:status:"
 FINAL_CHANNEL = "jobs:final"
+# Each job's other documents are announced on a channel of its own, "jobs:changes:<id>":
+# only the processes that watch that job (the gateway's event streams) receive them.
+CHANGES_PREFIX = "jobs:changes:"
 # States no transition leaves (see common.lifecycle.TRANSITIONS): their documents never
 # change, so a reader may keep them.
 FINAL_STATES = frozenset({"COMPLETED", "CANCELLED"})
 
+# What a script call does with each document (ARGV[3i+1]).
+STORE, FINAL, ANNOUNCE = "0", "1", "a"
+
 # Write only if the cached version is older: a late writer can never overwrite a newer
 # state, whatever order the functions' writes arrive in.
 # Many documents per call (KEYS[i] takes ARGV[3i-1] as version, ARGV[3i] as document and
-# ARGV[3i+1] = "1" if the job is final; ARGV[1] is the TTL): one command for a batch.
-# A final document, which never changes again, is also announced on FINAL_CHANNEL as
-# "<job id> <document>", so that readers may keep it (the gateway's front does).
+# ARGV[3i+1] as its mode; ARGV[1] is the TTL): one command for a batch.
+# FINAL: stored, and announced on FINAL_CHANNEL as "<job id> <document>": it never changes
+# again, so readers may keep it (the gateway's front does). STORE: stored and announced on
+# the job's own channel. ANNOUNCE: only announced on the job's own channel, and only if
+# newer than the stored document (a late IN_PROGRESS after the COMPLETED is not).
 _PUT_IF_NEWER = """
 local written = 0
 for i, key in ipairs(KEYS) do
   local version = tonumber(ARGV[3 * i - 1])
+  local mode = ARGV[3 * i + 1]
   local current = redis.call('HGET', key, 'v')
   if not current or tonumber(current) < version then
-    redis.call('HSET', key, 'v', ARGV[3 * i - 1], 'doc', ARGV[3 * i])
-    redis.call('EXPIRE', key, ARGV[1])
-    if ARGV[3 * i + 1] == '1' then
-      redis.call('PUBLISH', '""" + FINAL_CHANNEL + """', string.sub(key, """ + str(
-    len(KEY_PREFIX) + 1) + """) .. ' ' .. ARGV[3 * i])
+    local job_id = string.sub(key, """ + str(len(KEY_PREFIX) + 1) + """)
+    if mode ~= '""" + ANNOUNCE + """' then
+      redis.call('HSET', key, 'v', ARGV[3 * i - 1], 'doc', ARGV[3 * i])
+      redis.call('EXPIRE', key, ARGV[1])
+    end
+    if mode == '""" + FINAL + """' then
+      redis.call('PUBLISH', '""" + FINAL_CHANNEL + """', job_id .. ' ' .. ARGV[3 * i])
+    else
+      redis.call('PUBLISH', '""" + CHANGES_PREFIX + """' .. job_id, ARGV[3 * i])
     end
     written = written + 1
   end
@@ -102,9 +115,14 @@ class StatusCache:
             return None
         return json.loads(raw)  # type: ignore[arg-type]
 
-    def put(self, documents: Iterable[dict[str, Any]]) -> bool:
-        """Store documents whose version is newer than the cached one; False if Redis failed."""
-        docs = list(documents)
+    def put(self, documents: Iterable[dict[str, Any]],
+            announce: Iterable[dict[str, Any]] = ()) -> bool:
+        """Store documents whose version is newer than the cached one, and announce the
+        documents of `announce` (not stored) to their jobs' watchers, in one round trip;
+        False if Redis failed (or there was nothing to store)."""
+        docs = [(doc, FINAL if doc.get("status") in FINAL_STATES else STORE)
+                for doc in documents]
+        docs += [(doc, ANNOUNCE) for doc in announce]
         if not docs or not self.available:
             return False
         try:
@@ -113,23 +131,22 @@ class StatusCache:
             except redis.exceptions.NoScriptError:
                 self._client.script_load(_PUT_IF_NEWER)  # Redis restarted: scripts are gone
                 self._put_all(docs)
-            return True
+            return any(mode != ANNOUNCE for _, mode in docs)
         except redis.RedisError as exc:
             self._trip(exc)
             return False
 
-    def _put_all(self, docs: list[dict[str, Any]]) -> None:
+    def _put_all(self, docs: list[tuple[dict[str, Any], str]]) -> None:
         # EVALSHA in a plain pipeline: one round trip (redis-py's Script objects would add
         # a SCRIPT EXISTS round trip to every pipeline).
         pipe = self._client.pipeline(transaction=False)
         for start in range(0, len(docs), PUT_CHUNK):
             chunk = docs[start:start + PUT_CHUNK]
             args: list[Any] = [self.ttl]
-            for doc in chunk:
-                args += (int(doc["version"]), json.dumps(doc, default=str),
-                         "1" if doc.get("status") in FINAL_STATES else "0")
+            for doc, mode in chunk:
+                args += (int(doc["version"]), json.dumps(doc, default=str), mode)
             pipe.evalsha(self._put.sha, len(chunk),
-                         *[cache_key(str(doc["job_id"])) for doc in chunk], *args)
+                         *[cache_key(str(doc["job_id"])) for doc, _ in chunk], *args)
         for result in pipe.execute(raise_on_error=False):
             if isinstance(result, Exception):
                 raise result

@@ -302,15 +302,23 @@ def attempt_history(conn: Connection, job_id: str) -> list[dict[str, Any]]:
             for r in rows]
 
 
-def cache_rows(db: Database, cache: StatusCache,
-               rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def cache_rows(db: Database, cache: StatusCache, rows: list[dict[str, Any]], *,
+               announce: bool = True) -> list[dict[str, Any]]:
     """The rows' job documents; the final ones (COMPLETED, CANCELLED) are also written to
-    the cache, the only documents it serves (see `api.job_document`). If Redis cannot take
-    them, a repair is queued in PostgreSQL so the sweeper writes them later."""
+    the cache, the only documents it serves (see `api.job_document`), and the others are
+    announced to whoever watches those jobs (the gateway's event streams), unless
+    `announce` is False (a submit: nobody can watch a job before it exists). If Redis
+    cannot take the final ones, a repair is queued in PostgreSQL so the sweeper writes
+    them later; an announcement lost meanwhile is made up for by the streams' own reads."""
     docs = [document(row) for row in rows]
     final = [(row, doc) for row, doc in zip(rows, docs, strict=True)
              if doc["status"] in FINAL_STATES]
-    if not final or cache.put([doc for _, doc in final]):
+    changes = [doc for doc in docs if doc["status"] not in FINAL_STATES] if announce else []
+    if not final:
+        if changes:
+            cache.put([], announce=changes)
+        return docs
+    if cache.put([doc for _, doc in final], announce=changes):
         return docs
     try:
         db.run("INSERT INTO cache_repairs (job_id) SELECT unnest(CAST(:ids AS uuid[]))"

@@ -121,6 +121,21 @@ API: tuple[Operation, ...] = (
     Operation("getJob", "GET", "/jobs/{job_id}", STATUS, Scope.READ,
               "A job's state (from memory or the Redis cache; PostgreSQL on a miss)",
               {200: Answer("The job", JobDocument)}, _NOT_A_JOB),
+    Operation("streamJobEvents", "GET", "/jobs/{job_id}/events", GATEWAY, Scope.READ,
+              "A job's documents as server-sent events, live, until it ends",
+              {200: Answer("`text/event-stream`: one event per change, its `data` the job"
+                           " document (JobDocument) as JSON and its `id` the document's"
+                           " `version`, starting with the current document; a comment line"
+                           " as heartbeat while nothing changes; the stream ends after a"
+                           " COMPLETED, CANCELLED or DEAD_LETTER document", None,
+                           "text/event-stream"),
+               204: Answer("The job has ended and `Last-Event-ID` is its last version:"
+                           " nothing more will come (EventSource stops reconnecting)",
+                           None, None)},
+              {**_NOT_A_JOB, 503: "This gateway process has JOBS_EVENTS_MAX_STREAMS streams"
+               " open; retry after `Retry-After` seconds"},
+              params=(Param("Last-Event-ID", "header", {"type": "string"},
+                            "Resume: documents of this version and older are not sent"),)),
     Operation("getArtifact", "GET", "/jobs/{job_id}/artifact", STATUS, Scope.READ,
               "Download the file a job produced",
               {200: Answer("The artifact", None, "application/octet-stream"),

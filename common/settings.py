@@ -140,6 +140,12 @@ class Settings(BaseModel):
     gateway_max_url_bytes: int = Field(8192, ge=256)
     gateway_max_header_bytes: int = Field(32768, ge=1024)
     gateway_read_timeout_seconds: float = Field(15.0, gt=0)
+    # GET /jobs/{id}/events (infra/events.py): open streams per gateway process (more: 503),
+    # how often each re-reads its job in case an announcement was lost, and how long an
+    # idle stream waits before a heartbeat comment.
+    events_max_streams: int = Field(1000, ge=0)
+    events_poll_seconds: float = Field(2.0, gt=0)
+    events_heartbeat_seconds: float = Field(15.0, gt=0)
 
 
 ENV = {
@@ -185,6 +191,9 @@ ENV = {
     "gateway_max_url_bytes": "JOBS_GATEWAY_MAX_URL_BYTES",
     "gateway_max_header_bytes": "JOBS_GATEWAY_MAX_HEADER_BYTES",
     "gateway_read_timeout_seconds": "JOBS_GATEWAY_READ_TIMEOUT_SECONDS",
+    "events_max_streams": "JOBS_EVENTS_MAX_STREAMS",
+    "events_poll_seconds": "JOBS_EVENTS_POLL_SECONDS",
+    "events_heartbeat_seconds": "JOBS_EVENTS_HEARTBEAT_SECONDS",
 }
 
 

@@ -12,6 +12,9 @@ them, so such a document never changes) is answered from this process's memory, 
 from the cache's announcements of final documents (Redis pub/sub) and from the status
 function's answers. Every other lookup goes to the status function.
 
+`GET /jobs/{id}/events` (server-sent events, live until the job ends) is answered here
+too, from the cache's announcements on Redis: see `infra.events`.
+
 Run: python -m infra.gateway --port 8080 --submit URL[,URL...] --status URL[,URL...] [--workers 2]
 """
 
@@ -32,10 +35,9 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import aiohttp
-import redis.asyncio as aioredis
 import yarl
 from pydantic import BaseModel
 from starlette.applications import Starlette
@@ -52,7 +54,7 @@ from common import auth, clients
 from common import metrics as job_metrics
 from common.auth import ANONYMOUS, Principal
 from common.auth import Scope as TokenScope
-from common.cache import FINAL_CHANNEL, FINAL_STATES
+from common.cache import FINAL_STATES
 from common.errors import ApiError, ServiceUnavailable
 from common.http import check_storable
 from common.logs import configure_logging
@@ -60,6 +62,7 @@ from common.models import Health, Identity, Readiness, TokenCreated, TokenPage, 
 from common.openapi import build_openapi
 from common.routes import API, GATEWAY, Operation
 from common.settings import kafka_client_config
+from infra.events import JobEvents, JobRead
 
 log = logging.getLogger("gateway")
 
@@ -150,6 +153,9 @@ class Gateway:
         self.readers: dict[bytes, float] = {}
         self._http: aiohttp.ClientSession | None = None  # made in the event loop (lifespan)
         self._metrics: Any = None
+        # Event streams, and the cache's announcements (final documents fill `memory`).
+        self.events = JobEvents(self.settings, self.read_job, self.memory.get,
+                                self.memory.remember)
 
     # -- life ------------------------------------------------------------------------
 
@@ -160,7 +166,7 @@ class Gateway:
             connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=1.0),
             timeout=aiohttp.ClientTimeout(total=60, sock_connect=2), auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
-        tasks = [asyncio.create_task(self.listen_for_final_documents()),
+        tasks = [asyncio.create_task(self.events.announcements.run()),
                  asyncio.create_task(self.count_memory_hits())]
         try:
             yield
@@ -183,30 +189,6 @@ class Gateway:
         hits, self.memory.hits = self.memory.hits, 0
         if hits:
             job_metrics.STATUS_LOOKUPS.labels("memory").inc(hits)
-
-    async def listen_for_final_documents(self) -> None:
-        """Keep the final documents the cache announces; reconnect after any trouble."""
-        delay = 0.5
-        while True:
-            client = aioredis.from_url(self.settings.redis_url)
-            try:
-                async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(FINAL_CHANNEL)
-                    delay = 0.5
-                    async for message in pubsub.listen():
-                        if message.get("type") != "message":
-                            continue
-                        job_id, _, doc = message["data"].partition(b" ")
-                        self.memory.remember(job_id.decode(), doc)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis down or restarted: lookups go to `status`
-                log.info("final-document announcements interrupted (%s); retrying", exc)
-            finally:
-                with contextlib.suppress(Exception):
-                    await client.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
     # -- checks ----------------------------------------------------------------------
 
@@ -271,6 +253,21 @@ class Gateway:
             self.memory.remember(job_id, content)
         return Response(content, status_code=response.status, headers=_passed_on(response))
 
+    async def read_job(self, job_id: str, authorization: str | None) -> JobRead:
+        """`GET /jobs/{id}` from the status function, as the holder of `authorization`."""
+        headers = [("Authorization", authorization)] if authorization else []
+        try:
+            response = await self._send_to_any("status", "GET", f"/jobs/{quote(job_id, safe='')}",
+                                               headers, None)
+            content = await response.read()
+        except aiohttp.ClientError as exc:
+            raise ApiError(503, "Service unavailable", "the status function is not answering",
+                           headers={"Retry-After": "2"}) from exc
+        response.release()
+        if response.status == 200:
+            self.memory.remember(job_id, content)
+        return response.status, content, _passed_on(response)
+
     async def _send_to_any(self, function: str, method: str, path: str,
                            headers: list[tuple[str, str]], body: bytes | None
                            ) -> aiohttp.ClientResponse:
@@ -332,6 +329,9 @@ class Gateway:
         self.auth.forget(token_id)
         self.readers.clear()
         return Response(status_code=204)
+
+    async def job_events(self, request: Request, principal: Principal) -> Response:
+        return await self.events.answer(request)
 
     async def whoami(self, request: Request, principal: Principal) -> Response:
         return model_response(Identity(name=principal.name, scopes=sorted(principal.scopes)))
@@ -461,7 +461,8 @@ def api_routes(gateway: Gateway) -> list[Route]:
 
 _OWN = {"createToken": "create_token", "listTokens": "list_tokens",
         "revokeToken": "revoke_token", "whoami": "whoami", "metrics": "metrics",
-        "health": "health", "ready": "ready", "openapi": "openapi"}
+        "health": "health", "ready": "ready", "openapi": "openapi",
+        "streamJobEvents": "job_events"}
 
 
 async def _swagger(request: Request) -> Response:
