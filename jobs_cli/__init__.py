@@ -1,6 +1,7 @@
 """`jobs`: the command line for the jobs HTTP API (submit, watch, inspect, retry, cancel).
 
-Standard library only, so it runs wherever Python 3.11 does. Exit codes: 0 ok, 1 the job
+The standard library and sseclient-py (a one-module parser of server-sent events), so it
+runs wherever Python 3.11 does. Exit codes: 0 ok, 1 the job
 failed or the API refused the request, 2 usage error, 3 the API cannot be reached.
 """
 

@@ -24,7 +24,16 @@ from jobs_cli import (
     __version__,
     render,
 )
-from jobs_cli.client import ApiError, Client, CliError, Reply, Unreachable, UsageError, one_line
+from jobs_cli.client import (
+    STREAM_READ_TIMEOUT,
+    ApiError,
+    Client,
+    CliError,
+    Reply,
+    Unreachable,
+    UsageError,
+    one_line,
+)
 
 DEFAULT_URL = "http://localhost:8080"
 PAGE_MAX = 200  # the API's largest `limit`
@@ -37,6 +46,7 @@ EPILOG = """\
 examples:
   jobs submit REPORT_GENERATION --payload @report.json --wait
   jobs submit EMAIL_SENDING --payload @email.json --run-at +5m
+  jobs wait 3f1c9a2e              (live progress until the job ends; exit 0 if it completed)
   jobs submit DATA_EXPORT --payload '{"dataset": "jobs", "format": "jsonl"}'
   jobs list --status DEAD_LETTER --all
   jobs --json status 3f1c9a2e-...      (ids can be shortened to a unique prefix)
@@ -148,6 +158,14 @@ def build_parser() -> Parser:
     p.add_argument("--wait-timeout", type=positive_float, metavar="S",
                    help="with --wait, give up (exit 1) after S seconds")
     p.set_defaults(handler=cmd_submit)
+
+    p = command("wait", "follow a job until it ends, with live progress (GET"
+                " /jobs/{id}/events); exit 0 if it completed, 1 if it was dead-lettered or"
+                " cancelled")
+    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a recent one")
+    p.add_argument("--wait-timeout", type=positive_float, metavar="S",
+                   help="give up (exit 1) after S seconds")
+    p.set_defaults(handler=cmd_wait)
 
     p = command("status", "show one job (GET /jobs/{id})")
     p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a recent one")
@@ -402,8 +420,8 @@ def run(argv: list[str] | None = None, *, stdout: IO[str] | None = None,
     try:
         args = build_parser().parse_args(argv)
         if not getattr(args, "command", None):
-            raise UsageError("a command is needed: submit, status, list, dead-letters, retry,"
-                             " cancel, watch or tokens (see `jobs --help`)")
+            raise UsageError("a command is needed: submit, wait, status, list, dead-letters,"
+                             " retry, cancel, watch or tokens (see `jobs --help`)")
         url = args.url or os.environ.get("JOBS_URL") or DEFAULT_URL
         token, token_source = resolve_token(args.token)
         client = Client(url, timeout=args.timeout, token=token)
@@ -501,42 +519,30 @@ class _Sleep:
 def wait_for_job(client: Client, reply: Reply, *, stream: IO[str] | None, tty: bool,
                  ascii_only: bool = False, timeout: float | None = None,
                  interval: float = WAIT_POLL_SECONDS) -> Reply:
-    """Poll GET /jobs/{id} until the job is COMPLETED, DEAD_LETTER or CANCELLED.
+    """Follow a job until it is COMPLETED, DEAD_LETTER or CANCELLED: from its event stream
+    (GET /jobs/{id}/events) as each change happens, or by polling GET /jobs/{id} if the
+    stream cannot be opened (an older server, a proxy that does not pass it, a gateway at
+    its limit of streams) or breaks before the end.
 
-    On a TTY one line is redrawn with \\r; otherwise a line is printed per change. An
-    unreachable API or a 503 is ridden out for WAIT_OUTAGE_SECONDS.
+    On a TTY one line is redrawn with \\r; otherwise a line is printed per change. While
+    polling, an unreachable API or a 503 is ridden out for WAIT_OUTAGE_SECONDS.
     """
     job_id = str(reply.json.get("job_id"))
-    started = time.monotonic()
-    last_state: tuple[Any, ...] | None = None
+    progress = _Progress(stream, tty, ascii_only)
+    final, last = _follow_stream(client, job_id, progress, timeout)
+    if final is not None:
+        return final
+    if last is not None:
+        reply = _as_reply(last)
     outage_since: float | None = None
     note = ""
     while True:
         job = reply.json
-        elapsed = time.monotonic() - started
-        if stream is not None:
-            line = render.wait_line(job, elapsed, ascii_only) + note
-            state = tuple(job.get(k) for k in ("status", "attempts", "retries", "progress",
-                                               "progress_message", "cancel_requested")
-                          ) + (note,)
-            if tty:
-                cols = shutil.get_terminal_size((100, 24)).columns
-                stream.write("\r\x1b[K" + render.clip(line, max(cols - 1, 20)))
-                stream.flush()
-            elif state != last_state:
-                stream.write(line + "\n")
-                stream.flush()
-            last_state = state
+        progress.show(job, note)
         if job.get("status") in render.TERMINAL:
-            if stream is not None and tty:
-                stream.write("\n")
-                stream.flush()
+            progress.end()
             return reply
-        if timeout is not None and elapsed > timeout:
-            if stream is not None and tty:
-                stream.write("\n")
-            raise CliError(f"job {job_id} is still {job.get('status')} after {timeout:g}s"
-                           " (--wait-timeout)")
+        _check_wait_timeout(job, progress, timeout)
         _Sleep.sleep(interval)
         try:
             reply = client.job(job_id)
@@ -549,6 +555,77 @@ def wait_for_job(client: Client, reply: Reply, *, stream: IO[str] | None, tty: b
             if now - outage_since > WAIT_OUTAGE_SECONDS:
                 raise
             note = f"  (retrying: {exc.message})"
+
+
+def _follow_stream(client: Client, job_id: str, progress: _Progress, timeout: float | None
+                   ) -> tuple[Reply | None, dict[str, Any] | None]:
+    """(the final document, None) from the job's event stream, or (None, the last document
+    it sent, if any) when it could not be opened or broke: the caller polls from there."""
+    last: dict[str, Any] | None = None
+    read_timeout = STREAM_READ_TIMEOUT if timeout is None else min(STREAM_READ_TIMEOUT,
+                                                                  timeout)
+    try:
+        for job in client.events(job_id, timeout=read_timeout):
+            last = job
+            progress.show(job)
+            if job.get("status") in render.TERMINAL:
+                progress.end()
+                return _as_reply(job), None
+            _check_wait_timeout(job, progress, timeout)
+    except CliError as exc:
+        if isinstance(exc, ApiError) and exc.status in (401, 403):
+            raise  # polling would be refused just the same
+    return None, last
+
+
+def _as_reply(job: dict[str, Any]) -> Reply:
+    return Reply(200, {"content-type": "application/json"}, json.dumps(job).encode())
+
+
+def _check_wait_timeout(job: dict[str, Any], progress: _Progress, timeout: float | None
+                        ) -> None:
+    if timeout is not None and progress.elapsed() > timeout:
+        progress.end()
+        raise CliError(f"job {job.get('job_id')} is still {job.get('status')} after"
+                       f" {timeout:g}s (--wait-timeout)")
+
+
+class _Progress:
+    """The live line of a waiting job: redrawn on a TTY, else printed once per change."""
+
+    def __init__(self, stream: IO[str] | None, tty: bool, ascii_only: bool) -> None:
+        self.stream, self.tty, self.ascii_only = stream, tty, ascii_only
+        self.started = time.monotonic()
+        self.last_state: tuple[Any, ...] | None = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def show(self, job: dict[str, Any], note: str = "") -> None:
+        if self.stream is None:
+            return
+        line = render.wait_line(job, self.elapsed(), self.ascii_only) + note
+        state = tuple(job.get(k) for k in ("status", "attempts", "retries", "progress",
+                                           "progress_message", "cancel_requested")) + (note,)
+        if self.tty:
+            cols = shutil.get_terminal_size((100, 24)).columns
+            self.stream.write("\r\x1b[K" + render.clip(line, max(cols - 1, 20)))
+            self.stream.flush()
+        elif state != self.last_state:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        self.last_state = state
+
+    def end(self) -> None:
+        """After the last redraw of the line on a TTY: move past it."""
+        if self.stream is not None and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def cmd_wait(args: argparse.Namespace, client: Client, out: Out) -> int:
+    reply = client.job(resolve_id(client, args.job_id))
+    return wait_and_report(client, out, reply, args)
 
 
 def cmd_status(args: argparse.Namespace, client: Client, out: Out) -> int:

@@ -1,16 +1,25 @@
-"""A small HTTP client for the jobs API (urllib from the standard library)."""
+"""A small HTTP client for the jobs API (urllib from the standard library; server-sent
+events parsed by sseclient-py)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import sseclient
+
 from jobs_cli import __version__
+
+#: An event stream sends a heartbeat every 15 s while idle (JOBS_EVENTS_HEARTBEAT_SECONDS):
+#: silence this long means it is gone.
+STREAM_READ_TIMEOUT = 45.0
 
 
 class CliError(Exception):
@@ -114,6 +123,12 @@ class Client:
         # No proxies from the environment: the API is usually on localhost.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
+    def _headers(self, accept: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        hdrs = {"Accept": accept, "User-Agent": f"jobs-cli/{__version__}", **(extra or {})}
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        return hdrs
+
     def request(self, method: str, path: str, *, body: Any = None,
                 params: dict[str, Any] | None = None,
                 headers: dict[str, str] | None = None) -> Reply:
@@ -121,10 +136,7 @@ class Client:
         query = {k: v for k, v in (params or {}).items() if v is not None}
         if query:
             url += "?" + urllib.parse.urlencode(query, doseq=True)
-        hdrs = {"Accept": "application/json, application/problem+json",
-                "User-Agent": f"jobs-cli/{__version__}", **(headers or {})}
-        if self.token:
-            hdrs["Authorization"] = f"Bearer {self.token}"
+        hdrs = self._headers("application/json, application/problem+json", headers)
         data = None
         if body is not None:
             data = json.dumps(body).encode()
@@ -142,6 +154,42 @@ class Client:
             raise self._unreachable(exc.reason) from None
         except OSError as exc:  # TimeoutError, ConnectionError...
             raise self._unreachable(exc) from None
+
+    def events(self, job_id: str, timeout: float = STREAM_READ_TIMEOUT
+               ) -> Iterator[dict[str, Any]]:
+        """The job's documents from `GET /jobs/{id}/events`, each as it comes, until the
+        server ends the stream. Opening it raises as `request` does (and CliError for an
+        answer that is not an event stream); a stream that breaks, or is silent for
+        `timeout` seconds, raises Unreachable."""
+        url = f"{self.base}/jobs/{_seg(job_id)}/events"
+        req = urllib.request.Request(url, headers=self._headers("text/event-stream"))
+        try:
+            resp = self._opener.open(req, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            raise api_error(Reply(exc.code, _lower(exc.headers.items()), _read(exc))) from None
+        except urllib.error.URLError as exc:
+            raise self._unreachable(exc.reason) from None
+        except OSError as exc:
+            raise self._unreachable(exc) from None
+        kind = resp.headers.get("Content-Type", "")
+        if resp.status != 200 or not kind.startswith("text/event-stream"):
+            resp.close()
+            raise CliError(f"{url} answered {resp.status} {kind or 'without a type'}, not an"
+                           " event stream")
+        return self._documents(resp)
+
+    def _documents(self, resp: Any) -> Iterator[dict[str, Any]]:
+        with resp:
+            try:
+                for event in sseclient.SSEClient(resp).events():
+                    try:
+                        yield json.loads(event.data)
+                    except ValueError as exc:
+                        raise CliError("the event stream sent an event that is not JSON:"
+                                       f" {one_line(event.data, 120)!r}") from exc
+            except (OSError, http.client.HTTPException) as exc:  # timeout, reset, cut short
+                raise Unreachable(f"the event stream from {self.base} broke:"
+                                  f" {one_line(str(exc) or type(exc).__name__, 100)}") from None
 
     def _unreachable(self, reason: Any) -> Unreachable:
         if isinstance(reason, TimeoutError):

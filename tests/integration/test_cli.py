@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -52,6 +53,38 @@ def test_submit_wait_exits_0_and_prints_the_result(jobs):
     assert any(" COMPLETED " in f" {line} " for line in lines[1:])
     assert json.loads(done.stdout.split("result: ", 1)[1]) == {"echo": message, "attempt": 1}
     assert done.stderr == ""
+
+
+def test_submit_wait_follows_the_event_stream_printing_each_step(stack, monkeypatch):
+    """In this process, so that a fall back to polling (its sleep) fails the test."""
+    from jobs_cli import cli
+
+    def polled(seconds: float) -> None:
+        raise AssertionError("--wait polled instead of following the event stream")
+
+    monkeypatch.setattr(cli._Sleep, "sleep", staticmethod(polled))
+    monkeypatch.setenv("JOBS_TOKEN", stack.admin_token)
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.run(["--url", stack.gateway_url, "submit", "PROGRESS", "--payload",
+                    '{"steps": 3, "step_seconds": 0.4}', "--wait"], stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    live = [line for line in out.getvalue().splitlines() if "  attempt " in line]
+    assert live[-1].split("  ")[2] == "COMPLETED", live
+    assert any("step 2 of 3" in line for line in live), live
+    assert any("step 3 of 3" in line for line in live), live
+    assert json.loads(out.getvalue().split("result: ", 1)[1]) == {"steps": 3}
+
+
+def test_wait_follows_a_job_submitted_elsewhere_to_its_end(jobs, api):
+    done = api.submit("SLEEPY", {"seconds": 1}).json["job_id"]
+    waited = jobs("wait", done[:13])
+    assert waited.returncode == 0, waited.stderr
+    assert "COMPLETED after 1 attempt(s)" in waited.stdout
+    dead = api.wait_status(api.submit("PERMANENT_FAIL").json["job_id"], "DEAD_LETTER")
+    failed = jobs("wait", dead["job_id"])
+    assert failed.returncode == 1
+    assert _one_line(failed.stderr) == (f"jobs: job {dead['job_id']} ended DEAD_LETTER:"
+                                        " PermanentError: this input can never work")
 
 
 def test_payload_from_a_file_and_json_status(jobs, api, tmp_path):

@@ -526,6 +526,58 @@ def test_submit_wait_gives_up_after_wait_timeout(fake, monkeypatch):
     assert "is still IN_PROGRESS after 0.05s" in one_line_error(result)
 
 
+def event_stream(*docs: dict[str, Any]) -> Answer:
+    """A whole `text/event-stream` answer: one event per document, as the gateway sends."""
+    body = "".join(f": ping\r\nid: {doc.get('version', i)}\r\ndata: {json.dumps(doc)}\r\n\r\n"
+                   for i, doc in enumerate(docs))
+    return 200, body, {"Content-Type": "text/event-stream"}
+
+
+def test_submit_wait_follows_the_event_stream_and_polls_nothing(fake):
+    fake.on("POST", "/jobs", (202, job()))
+    fake.on("GET", f"/jobs/{JOB_ID}/events", event_stream(
+        job("QUEUED"), job("IN_PROGRESS", attempts=1, progress=0.5, progress_message="half"),
+        job("COMPLETED", attempts=1, progress=1.0, result={"echo": "hi"})))
+    result = jobs(fake, "submit", "ECHO", "--wait")
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    assert [line.split("  ")[2] for line in lines[1:4]] == ["QUEUED", "IN_PROGRESS", "COMPLETED"]
+    assert "50%" in lines[2] and "half" in lines[2]
+    assert json.loads(result.out.split("result: ", 1)[1]) == {"echo": "hi"}
+    assert fake.sent("GET", f"/jobs/{JOB_ID}/events")[0]["headers"]["accept"] == \
+        "text/event-stream"
+    assert not fake.sent("GET", f"/jobs/{JOB_ID}"), "no polling while the stream works"
+
+
+def test_wait_follows_a_job_by_id_and_exits_1_when_it_is_dead_lettered(fake):
+    fake.on("GET", f"/jobs/{JOB_ID}", (200, job("IN_PROGRESS", attempts=1)))
+    fake.on("GET", f"/jobs/{JOB_ID}/events", event_stream(
+        job("IN_PROGRESS", attempts=1), job("DEAD_LETTER", attempts=4, retries=3,
+                                            error_message="boom")))
+    result = jobs(fake, "wait", JOB_ID)
+    assert result.code == 1, result
+    assert one_line_error(result) == f"jobs: job {JOB_ID} ended DEAD_LETTER: boom"
+    assert len(fake.sent("GET", f"/jobs/{JOB_ID}")) == 1  # the id's check, no polling
+
+
+def test_a_stream_that_breaks_before_the_end_is_followed_by_polling(fake):
+    fake.on("POST", "/jobs", (202, job()))
+    fake.on("GET", f"/jobs/{JOB_ID}/events", event_stream(job("IN_PROGRESS", attempts=1)))
+    fake.on("GET", f"/jobs/{JOB_ID}", (200, job("COMPLETED", attempts=1)))
+    result = jobs(fake, "--json", "submit", "ECHO", "--wait")
+    assert result.code == 0, result
+    assert json.loads(result.out)["status"] == "COMPLETED"
+    assert len(fake.sent("GET", f"/jobs/{JOB_ID}")) == 1
+
+
+def test_an_answer_that_is_not_an_event_stream_is_followed_by_polling(fake):
+    fake.on("POST", "/jobs", (202, job()))
+    fake.on("GET", f"/jobs/{JOB_ID}/events", (200, "<html>a proxy</html>",
+                                              {"Content-Type": "text/html"}))
+    fake.on("GET", f"/jobs/{JOB_ID}", (200, job("COMPLETED", attempts=1)))
+    assert jobs(fake, "submit", "ECHO", "--wait").code == 0
+
+
 def test_ctrl_c_while_waiting_leaves_the_job_alone_and_exits_130(fake, monkeypatch):
     fake.on("POST", "/jobs", (202, job()))
 
@@ -881,8 +933,8 @@ def test_every_request_of_a_command_carries_the_token(fake):
     fake.on("POST", "/jobs", (202, job()))
     fake.on("GET", f"/jobs/{JOB_ID}", (200, job("IN_PROGRESS")), (200, job("COMPLETED")))
     assert jobs(fake, "--token", TOKEN, "submit", "ECHO", "--wait").code == 0
-    assert len(fake.requests) == 3
-    assert authorization(fake) == [f"Bearer {TOKEN}"] * 3
+    assert len(fake.requests) == 4  # the submit, the event stream (404 here), two polls
+    assert authorization(fake) == [f"Bearer {TOKEN}"] * 4
 
 
 UNAUTHORIZED = problem(401, "Unauthorized", "send Authorization: Bearer <token>")
