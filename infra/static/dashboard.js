@@ -2,7 +2,8 @@
  *
  * Pages (hash routing): #/ overview, #/jobs list, #/jobs/<id> one job, #/dead-letters,
  * #/submit. Everything comes from the public HTTP API on the same origin; errors are
- * problem documents whose `detail` is shown as it is.
+ * problem documents whose `detail` is shown as it is. A job's page follows the job's event
+ * stream (GET /jobs/{id}/events) and polls only if the stream cannot be had.
  *
  * The API wants `Authorization: Bearer <token>`. The token is asked for in a sign-in form
  * and kept in sessionStorage (this tab only, gone when it closes; never localStorage, never
@@ -150,8 +151,8 @@
    * on the stored token ends the session (`token` overrides it, for the sign-in form's check).
    */
   async function request(path, {method = "GET", body, accept = "application/json",
-    token = storedToken()} = {}) {
-    const opts = {method, headers: {Accept: accept}, cache: "no-store"};
+    token = storedToken(), signal} = {}) {
+    const opts = {method, headers: {Accept: accept}, cache: "no-store", signal};
     if (token) opts.headers.Authorization = `Bearer ${token}`;
     if (body !== undefined) {
       opts.body = JSON.stringify(body);
@@ -161,6 +162,7 @@
     try {
       resp = await fetch(path, opts);
     } catch (err) {
+      if (err.name === "AbortError") throw err;
       live(false, "the gateway is not answering");
       throw new ApiError(0, "the gateway is not answering", null);
     }
@@ -184,6 +186,37 @@
     const resp = await request(path, opts);
     const text = await resp.text();
     try { return text ? JSON.parse(text) : null; } catch (err) { return null; }
+  }
+  /**
+   * Follow a job's event stream (GET /jobs/{id}/events, server-sent events): `onDoc` gets
+   * each job document as it comes and is awaited; resolves when the server ends the stream
+   * (after a final document), rejects if it cannot be opened or breaks. fetch() reads it,
+   * not EventSource, which cannot send the token in a header. The smallest reader of the
+   * format that fits what the gateway sends: `data:` lines joined until a blank line make
+   * one event; comments (heartbeats), `id:` and other fields are skipped.
+   */
+  async function jobEvents(id, onDoc, signal) {
+    const resp = await request(`/jobs/${encodeURIComponent(id)}/events`,
+      {accept: "text/event-stream", signal});
+    if (resp.status === 204 || !resp.body) return;  // nothing more will come
+    const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    let data = [];
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) return;
+      live(true);  // heartbeats keep the indicator fresh while nothing changes
+      const lines = (buffer + value).split(/\r\n|\r|\n/);
+      buffer = lines.pop();
+      for (const line of lines) {
+        if (line === "") {
+          if (data.length) await onDoc(JSON.parse(data.join("\n")));
+          data = [];
+        } else if (line.startsWith("data:")) {
+          data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+        }
+      }
+    }
   }
   /** The name in a Content-Disposition header (filename* first, RFC 6266), else null. */
   function dispositionName(header) {
@@ -800,31 +833,62 @@
       </section>`);
     const noticeEl = $("[data-testid=job-notice]", el);
     if (flash) { notice(noticeEl, flash.kind, flash.content); flash = null; }
+    // The page follows the job's event stream; it polls only if the stream cannot be opened
+    // or breaks before the job ends. `run` counts restarts (cancel, replay): a follower of
+    // an earlier run stops quietly.
     let p = null;
+    let stream = null;
+    let run = 0;
     let stopped = false;
-    let settled = null;  // version seen terminal once: one more round, then stop polling
-    const update = async () => {
+    let shown = null;  // the document on the page, and its attempts
+    let shownAttempts = [];
+    const attemptsOf = async () =>
+      (await api(`/jobs/${encodeURIComponent(id)}/attempts`)).items || [];
+    const display = (doc, attempts) => {
+      if (stopped || (shown && doc.version < shown.version)) return;
+      shown = doc;
+      shownAttempts = attempts;
+      show(doc, attempts);
+    };
+    const update = async () => {  // the whole page, read now
       let doc;
       let attempts;
       try {
-        [doc, attempts] = await Promise.all([
-          api(`/jobs/${encodeURIComponent(id)}`),
-          api(`/jobs/${encodeURIComponent(id)}/attempts`)]);
+        [doc, attempts] = await Promise.all([api(`/jobs/${encodeURIComponent(id)}`),
+          attemptsOf()]);
       } catch (err) {
         if (err.status === 404 || err.status === 400) {
           notice(noticeEl, "error", problemHTML(err));
-          p.stop();
+          if (p) p.stop();
         }
         throw err;
       }
-      if (stopped) return;
-      show(doc, attempts.items || []);
-      if (TERMINAL.has(doc.status)) {
-        if (settled === doc.version) p.stop();
-        settled = doc.version;
-      } else {
-        settled = null;
+      display(doc, attempts);
+      if (p && TERMINAL.has(doc.status)) p.stop();
+    };
+    const onDoc = async (doc) => {  // one event: the attempts too when they may have changed
+      if (shown && doc.version <= shown.version) return;
+      const moved = !shown || doc.status !== shown.status || doc.attempts !== shown.attempts;
+      display(doc, moved ? await attemptsOf() : shownAttempts);
+    };
+    const follow = async () => {
+      const mine = ++run;
+      if (p) { p.stop(); p = null; }
+      if (stream) stream.abort();
+      stream = new AbortController();
+      try {
+        await update();
+      } catch (err) {
+        if (err.status === 404 || err.status === 400) return;
       }
+      if (stopped || mine !== run || (shown && TERMINAL.has(shown.status))) return;
+      try {
+        await jobEvents(id, onDoc, stream.signal);
+      } catch (err) {
+        if (err.name === "AbortError" || err.status === 401) return;
+      }
+      if (stopped || mine !== run || (shown && TERMINAL.has(shown.status))) return;
+      p = poller(update, JOB_REFRESH_MS);
     };
     const show = (doc, attempts) => {
       document.title = `${doc.job_type} ${shortId(doc.job_id)} (${doc.status}) · Jobs`;
@@ -876,15 +940,15 @@
           {html: html`<span title="${a.error || ""}">${a.error || ""}</span>`, cls: "err"}],
       });
     };
-    p = poller(update, JOB_REFRESH_MS);
-    const restart = () => {
-      settled = null;
-      p.stop();
-      p = poller(update, JOB_REFRESH_MS);
-    };
+    follow();
+    const restart = () => { follow(); };
     return {
-      stop() { stopped = true; p.stop(); },
-      refresh() { p.now(); },
+      stop() {
+        stopped = true;
+        if (p) p.stop();
+        if (stream) stream.abort();
+      },
+      refresh() { if (p) p.now(); },
       actions: {
         cancel: (btn) => cancelJob(btn, noticeEl, () => { btn.disabled = false; restart(); }),
         download: async (btn) => {

@@ -256,6 +256,28 @@ def test_dashboard_walkthrough(page: Any, api: Api, stack: Any) -> None:
     shots.publish()
 
 
+def test_a_job_page_follows_the_event_stream_to_the_final_state(
+        page: Any, api: Api, stack: Any) -> None:
+    """Each change shows as it happens, from GET /jobs/{id}/events: after its first read
+    the page asks for the job no more (no polling) and is never reloaded."""
+    page.goto("/")
+    sign_in(page, stack.admin_token, "admin")
+    job_id = api.submit("PROGRESS", {"steps": 10, "step_seconds": 0.5}).json["job_id"]
+    calls: list[str] = []
+    page.on("request", lambda r: calls.append(urlsplit(r.url).path))
+    page.evaluate("() => { window.notReloaded = true; }")
+    page.evaluate("(id) => { location.hash = `#/jobs/${id}`; }", job_id)
+    facts = page.get_by_test_id("job-facts")
+    expect(facts).to_contain_text(re.compile(r"step \d+ of 10"), timeout=30_000)
+    expect(page.get_by_test_id("job-status")).to_have_text("COMPLETED", timeout=60_000)
+    expect(facts).to_contain_text("100% · done")
+    expect(page.get_by_test_id("attempt-row")).to_have_attribute("data-outcome", "COMPLETED")
+    assert page.evaluate("() => window.notReloaded") is True
+    assert calls.count(f"/jobs/{job_id}/events") == 1, calls
+    assert calls.count(f"/jobs/{job_id}") == 1, calls
+    assert api.job(job_id)["status"] == "COMPLETED"
+
+
 def test_without_a_token_the_page_shows_the_sign_in_form_and_no_data(page: Any) -> None:
     calls: list[str] = []
     page.on("request", lambda request: is_api_call(request.url) and calls.append(request.url))
