@@ -24,7 +24,7 @@ from pg8000.exceptions import DatabaseError
 
 from common import jobs
 from common.artifacts import find_artifact, write_artifact
-from common.cache import FINAL_CHANNEL, StatusCache, cache_key
+from common.cache import CHANGES_PREFIX, FINAL_CHANNEL, StatusCache, cache_key
 from common.db import Database, GroupCommitter, migrate, migration_files
 from common.errors import ServiceUnavailable
 from common.models import JobSubmission
@@ -289,6 +289,33 @@ def test_many_documents_in_one_put_each_keep_their_newest_version(redis_server, 
     assert stored == want
     written = [ids[0]] + [job_id for job_id, v in offered.items() if v == 6 and job_id != ids[0]]
     assert sorted(announced) == sorted(written), "only documents written are announced"
+
+
+def test_other_documents_are_announced_on_their_jobs_channel_only_if_newer_never_stored(
+        redis_server, raw):
+    cache = StatusCache(redis_server.url)
+    job_id, other = str(uuid.uuid4()), str(uuid.uuid4())
+    with raw.pubsub() as pubsub:
+        pubsub.subscribe(CHANGES_PREFIX + job_id, FINAL_CHANNEL)
+        for _ in range(2):
+            assert pubsub.get_message(timeout=WAIT)["type"] == "subscribe"
+        cache.put([], announce=[doc(job_id, 1, "IN_PROGRESS"), doc(other, 1, "QUEUED")])
+        assert cache.get(job_id) is None, "an announced document is not stored"
+        cache.put([], announce=[doc(job_id, 2, "IN_PROGRESS")])
+        assert cache.put([doc(job_id, 3)])
+        cache.put([], announce=[doc(job_id, 2, "IN_PROGRESS")])  # older than stored: silent
+        raw.publish(FINAL_CHANNEL, "end")
+        seen = []
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline and seen[-1:] != [(FINAL_CHANNEL, "end")]:
+            message = pubsub.get_message(timeout=WAIT)
+            if message and message["type"] == "message":
+                seen.append((message["channel"].decode(), message["data"].decode()))
+    changes = CHANGES_PREFIX + job_id
+    assert [(c, json.loads(d)["version"] if c == changes else d.split(" ")[0])
+            for c, d in seen] == [(changes, 1), (changes, 2), (FINAL_CHANNEL, job_id),
+                                  (FINAL_CHANNEL, "end")]
+    assert cached_version(raw, job_id) == 3
 
 
 def test_the_breaker_skips_a_stopped_redis_for_its_cooldown_then_uses_it_again(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -94,6 +95,16 @@ def test_a_cancelled_job_ends_its_stream_and_idle_streams_get_heartbeats(api):
     reader.result(timeout=30)  # the stream ended
     data = [json.loads(line[5:]) for line in lines if line.startswith(b"data:")]
     assert data[-1]["status"] == "CANCELLED" and data[-1] == api.job(job_id)
+
+
+def test_a_stream_outlives_the_gateways_read_timeout(api):
+    """JOBS_GATEWAY_READ_TIMEOUT_SECONDS (5 s in tests/conftest.py) bounds reading a
+    request, never answering one: a job of 7 s is followed to its end."""
+    job_id = api.submit("SLEEPY", {"seconds": 7}).json["job_id"]
+    started = time.monotonic()
+    docs = [doc for _, doc in all_documents(api, job_id, timeout=60)]
+    assert time.monotonic() - started > 6
+    assert docs[-1]["status"] == "COMPLETED" and docs[-1] == api.job(job_id)
 
 
 def test_a_change_that_was_never_announced_still_reaches_the_stream(api, database_url):

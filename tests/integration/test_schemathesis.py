@@ -104,6 +104,7 @@ def test_non_json_number_literals_are_malformed_json(api: Api, literal: bytes):
     ("GET", "/jobs?cursor=%00", 400),
     ("GET", "/jobs/ab%0Acd", 400),  # a newline in the id: no Flask rule takes the path
     ("GET", "/jobs/ab%0Acd/artifact", 400),
+    ("GET", "/jobs/ab%0Acd/events", 400),
     ("POST", "/jobs/ab%0Acd/retry", 400),
     ("POST", "/jobs/%0A", 405),
     ("GET", "/%0A", 404),
