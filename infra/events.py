@@ -134,7 +134,9 @@ class _EventStream(EventSourceResponse):
 
 
 class JobEvents:
-    """Answers `GET /jobs/{id}/events`; at most `events_max_streams` open at once."""
+    """Answers `GET /jobs/{id}/events`; a `503` once `events_max_streams` are open (a
+    stream counts from its first event, so a burst of opens can pass the limit by the few
+    still starting; 0 turns streams off)."""
 
     def __init__(self, settings: Settings, read_job: Callable[[str, str | None],
                                                              Awaitable[JobRead]],
@@ -229,4 +231,4 @@ def _event(doc: dict[str, Any]) -> ServerSentEvent:
 def _last_event_id(request: Request) -> int:
     """The version a reconnecting client already has (Last-Event-ID), else -1."""
     value = request.headers.get("last-event-id", "").strip()
-    return int(value) if value.isdigit() and len(value) < 19 else -1
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else -1

@@ -560,22 +560,41 @@ def wait_for_job(client: Client, reply: Reply, *, stream: IO[str] | None, tty: b
 def _follow_stream(client: Client, job_id: str, progress: _Progress, timeout: float | None
                    ) -> tuple[Reply | None, dict[str, Any] | None]:
     """(the final document, None) from the job's event stream, or (None, the last document
-    it sent, if any) when it could not be opened or broke: the caller polls from there."""
+    it sent, if any) when it cannot be opened, or breaks (a proxy's time limit, a gateway
+    restart) and opening it again brings nothing new: the caller polls from there."""
     last: dict[str, Any] | None = None
     read_timeout = STREAM_READ_TIMEOUT if timeout is None else min(STREAM_READ_TIMEOUT,
                                                                   timeout)
-    try:
-        for job in client.events(job_id, timeout=read_timeout):
-            last = job
+    reopened = False
+    while True:
+        try:
+            events = client.events(job_id, timeout=read_timeout)
+        except CliError as exc:
+            if isinstance(exc, ApiError) and exc.status in (401, 403):
+                raise  # polling would be refused just the same
+            return None, last
+        news = False
+        while True:
+            try:
+                job = next(events, None)
+            except CliError:  # broke, or sent something that is not a job document
+                break
+            if job is None:
+                break
+            if reopened and last is not None and \
+                    job.get("version", 0) <= last.get("version", 0):
+                continue  # a reopened stream starts with what was shown already
+            news, last = True, job
             progress.show(job)
             if job.get("status") in render.TERMINAL:
                 progress.end()
                 return _as_reply(job), None
             _check_wait_timeout(job, progress, timeout)
-    except CliError as exc:
-        if isinstance(exc, ApiError) and exc.status in (401, 403):
-            raise  # polling would be refused just the same
-    return None, last
+        if not news:
+            return None, last
+        if last is not None:
+            _check_wait_timeout(last, progress, timeout)
+        reopened = True
 
 
 def _as_reply(job: dict[str, Any]) -> Reply:

@@ -882,13 +882,17 @@
         if (err.status === 404 || err.status === 400) return;
       }
       if (stopped || mine !== run || (shown && TERMINAL.has(shown.status))) return;
+      const before = shown && shown.version;
       try {
         await jobEvents(id, onDoc, stream.signal);
       } catch (err) {
         if (err.name === "AbortError" || err.status === 401) return;
       }
       if (stopped || mine !== run || (shown && TERMINAL.has(shown.status))) return;
-      p = poller(update, JOB_REFRESH_MS);
+      // Cut before the end (a proxy's time limit, a gateway restart): open it again if it
+      // brought news, else poll.
+      if (shown && shown.version !== before) follow();
+      else p = poller(update, JOB_REFRESH_MS);
     };
     const show = (doc, attempts) => {
       document.title = `${doc.job_type} ${shortId(doc.job_id)} (${doc.status}) · Jobs`;

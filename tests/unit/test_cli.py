@@ -560,7 +560,22 @@ def test_wait_follows_a_job_by_id_and_exits_1_when_it_is_dead_lettered(fake):
     assert len(fake.sent("GET", f"/jobs/{JOB_ID}")) == 1  # the id's check, no polling
 
 
-def test_a_stream_that_breaks_before_the_end_is_followed_by_polling(fake):
+def test_a_stream_that_breaks_after_news_is_opened_again(fake):
+    fake.on("POST", "/jobs", (202, job()))
+    fake.on("GET", f"/jobs/{JOB_ID}/events",
+            event_stream(job("QUEUED", version=1), job("IN_PROGRESS", attempts=1, version=2)),
+            event_stream(job("IN_PROGRESS", attempts=1, version=2),
+                         job("COMPLETED", attempts=1, version=3)))
+    result = jobs(fake, "submit", "ECHO", "--wait")
+    assert result.code == 0, result
+    states = [line.split("  ")[2] for line in result.out.splitlines() if "  attempt " in line]
+    assert states == ["QUEUED", "IN_PROGRESS", "COMPLETED"]  # nothing shown twice
+    assert len(fake.sent("GET", f"/jobs/{JOB_ID}/events")) == 2
+    assert not fake.sent("GET", f"/jobs/{JOB_ID}")
+
+
+def test_a_stream_that_breaks_and_brings_nothing_new_when_reopened_is_followed_by_polling(
+        fake):
     fake.on("POST", "/jobs", (202, job()))
     fake.on("GET", f"/jobs/{JOB_ID}/events", event_stream(job("IN_PROGRESS", attempts=1)))
     fake.on("GET", f"/jobs/{JOB_ID}", (200, job("COMPLETED", attempts=1)))
