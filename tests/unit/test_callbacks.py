@@ -13,7 +13,7 @@ from common.settings import load_settings
 
 
 def settings(**env: str):
-    return load_settings({"JOBS_CALLBACK_SECRET": "s3cret", **env})
+    return load_settings({"JOBS_CALLBACK_SECRET": "s3cret-of-16-chars-or-more", **env})
 
 
 def test_no_secret_means_no_callbacks():
@@ -71,3 +71,10 @@ def test_a_signature_verifies_only_with_the_secret_the_body_and_a_recent_time():
 def test_the_allowed_hosts_setting_takes_hosts_not_urls():
     with pytest.raises(ValueError, match="not URLs"):
         load_settings({"JOBS_CALLBACK_ALLOWED_HOSTS": "https://hooks.example.com/x"})
+
+
+@pytest.mark.parametrize("secret", ["short", "REPLACE_ME_CALLBACK_SECRET"])
+def test_a_weak_or_template_callback_secret_is_refused_at_start(secret):
+    with pytest.raises(ValueError, match="JOBS_CALLBACK_SECRET") as err:
+        load_settings({"JOBS_CALLBACK_SECRET": secret})
+    assert secret not in str(err.value)  # settings errors never echo values
