@@ -24,6 +24,14 @@ CHANGES_PREFIX = "jobs:changes:"
 # change, so a reader may keep them.
 FINAL_STATES = frozenset({"COMPLETED", "CANCELLED"})
 
+
+def is_final(doc: dict[str, Any]) -> bool:
+    """Whether a job document can never change again: COMPLETED, or CANCELLED other than
+    by a parent's failure (a job cancelled by its parent comes back when that parent is
+    replayed with its dependents, see `common.dependencies`)."""
+    return doc.get("status") in FINAL_STATES and not doc.get("cancelled_by")
+
+
 # What a script call does with each document (ARGV[3i+1]).
 STORE, FINAL, ANNOUNCE = "0", "1", "a"
 
@@ -120,7 +128,7 @@ class StatusCache:
         """Store documents whose version is newer than the cached one, and announce the
         documents of `announce` (not stored) to their jobs' watchers, in one round trip;
         False if Redis failed (or there was nothing to store)."""
-        docs = [(doc, FINAL if doc.get("status") in FINAL_STATES else STORE)
+        docs = [(doc, FINAL if is_final(doc) else STORE)
                 for doc in documents]
         docs += [(doc, ANNOUNCE) for doc in announce]
         if not docs or not self.available:

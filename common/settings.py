@@ -146,6 +146,33 @@ class Settings(BaseModel):
     events_max_streams: int = Field(1000, ge=0)
     events_poll_seconds: float = Field(2.0, gt=0)
     events_heartbeat_seconds: float = Field(15.0, gt=0)
+    # Completion callbacks (common/callbacks.py): signed with the secret, only to these
+    # hosts ("host" or "host:port", comma-separated); none by default.
+    callback_secret: str = Field("", repr=False)
+    callback_allowed_hosts: tuple[str, ...] = ()
+    callback_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    callback_max_attempts: int = Field(8, ge=1, le=50)
+    callback_backoff_base_seconds: float = Field(2.0, ge=0)
+
+    @field_validator("callback_secret")
+    @classmethod
+    def _strong_secret(cls, value: str) -> str:
+        if value and ("REPLACE_ME" in value or len(value) < 16):
+            raise ValueError("JOBS_CALLBACK_SECRET must be a secret of 16 characters or more"
+                             " (not the template's placeholder), or empty to refuse callbacks")
+        return value
+
+    @field_validator("callback_allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            hosts = tuple(h.strip().lower() for h in value.split(",") if h.strip())
+            bad = [h for h in hosts if "/" in h or "@" in h or " " in h]
+            if bad:
+                raise ValueError("JOBS_CALLBACK_ALLOWED_HOSTS lists hosts (host or host:port,"
+                                 f" comma-separated), not URLs: {bad[0]!r}")
+            return hosts
+        return value
 
 
 ENV = {
@@ -194,6 +221,11 @@ ENV = {
     "events_max_streams": "JOBS_EVENTS_MAX_STREAMS",
     "events_poll_seconds": "JOBS_EVENTS_POLL_SECONDS",
     "events_heartbeat_seconds": "JOBS_EVENTS_HEARTBEAT_SECONDS",
+    "callback_secret": "JOBS_CALLBACK_SECRET",
+    "callback_allowed_hosts": "JOBS_CALLBACK_ALLOWED_HOSTS",
+    "callback_timeout_seconds": "JOBS_CALLBACK_TIMEOUT_SECONDS",
+    "callback_max_attempts": "JOBS_CALLBACK_MAX_ATTEMPTS",
+    "callback_backoff_base_seconds": "JOBS_CALLBACK_BACKOFF_BASE_SECONDS",
 }
 
 

@@ -10,11 +10,12 @@ so each stream also re-reads its job from the status function every
 JOBS_EVENTS_POLL_SECONDS, once right after it subscribed (a change between the first read
 and the subscription), and sends only documents newer (by `version`) than the last it sent.
 
-A stream ends after a document in END_STATES: the cache's FINAL_STATES, which no
-transition leaves, and DEAD_LETTER, which only an operator's replay leaves (a new run
-that a new stream can follow). It also ends when the job disappears (retention) or the
-token stops being accepted, and when the client goes (sse-starlette watches for the
-disconnect and cancels the stream's task) or the server shuts down.
+A stream ends after a document in END_STATES: COMPLETED, CANCELLED and DEAD_LETTER. Only
+an operator's replay leaves a DEAD_LETTER job, or a job CANCELLED by its parent's failure
+(the parent replayed with its dependents): a new run, that a new stream can follow. A
+stream also ends when the job disappears (retention) or the token stops being accepted,
+and when the client goes (sse-starlette watches for the disconnect and cancels the
+stream's task) or the server shuts down.
 """
 
 from __future__ import annotations

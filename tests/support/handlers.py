@@ -114,3 +114,9 @@ def tracked(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     time.sleep(float(payload.get("seconds", 0.05)))
     note("end")
     return {"pid": os.getpid()}
+
+
+@job_handler("PARENTS")
+def parents(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Return the results of the jobs this one depends on (`ctx.parent_results`)."""
+    return {"parents": ctx.parent_results}
