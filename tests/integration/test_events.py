@@ -198,3 +198,28 @@ def test_streams_over_the_limit_get_a_503_and_a_client_that_leaves_frees_its_str
     wait_for(lambda: gateway.events.open == 0, 10, "every stream to end")
     wait_for(lambda: gateway.events.announcements.watched() == 0, 5, "no subscription left")
     assert api.request("POST", f"/jobs/{job_id}/cancel").status == 202
+
+
+# -- with dependencies: WAITING is no end; a cancel by a parent's failure is -----------
+
+
+def test_a_waiting_childs_stream_follows_it_through_its_parent_to_its_end(api):
+    parent = api.submit("SLEEPY", {"seconds": 2}).json["job_id"]
+    child = api.submit("ECHO", {"message": "after"}, depends_on=[parent]).json
+    assert child["status"] == "WAITING"
+    docs = [doc for _, doc in all_documents(api, child["job_id"], timeout=60)]
+    assert docs[0]["status"] == "WAITING" and docs[-1]["status"] == "COMPLETED"
+    assert api.job(parent)["status"] == "COMPLETED"
+
+
+def test_a_child_cancelled_by_its_parents_end_ends_its_stream(api):
+    parent = api.submit("SLEEPY", {"seconds": 30}).json["job_id"]
+    child = api.submit("ECHO", {"message": "never"}, depends_on=[parent]).json["job_id"]
+    response = open_stream(api, child)
+    seen: list[dict[str, Any]] = []
+    reader = in_thread(lambda: seen.extend(doc for _, doc in documents(response)))
+    wait_for(lambda: seen, 10, "the child's first event")
+    assert api.request("POST", f"/jobs/{parent}/cancel").status == 202
+    reader.result(timeout=30)
+    assert seen[-1]["status"] == "CANCELLED" and seen[-1]["cancelled_by"] == parent
+    assert seen[-1] == api.job(child)
