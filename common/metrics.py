@@ -3,7 +3,7 @@ process writes its samples there and the gateway's /metrics adds them up."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 SUBMITTED = Counter("jobs_submitted_total", "Jobs accepted by submit", ["job_type"])
 COMPLETED = Counter("jobs_completed_total", "Jobs completed", ["job_type"])
@@ -19,3 +19,6 @@ ATTEMPT_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 STATUS_LOOKUPS = Counter("jobs_status_lookups_total", "GET /jobs/{id} answers, by source",
                          ["source"])  # cache | database
+EVENT_STREAMS = Gauge("jobs_event_streams_open",
+                      "GET /jobs/{id}/events streams open in the gateway processes",
+                      multiprocess_mode="livesum")

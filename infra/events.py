@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from common import metrics
 from common.cache import CHANGES_PREFIX, FINAL_CHANNEL, FINAL_STATES
 from common.errors import ApiError
 from common.settings import Settings
@@ -176,6 +177,7 @@ class JobEvents:
     async def _stream(self, job_id: str, doc: dict[str, Any], last_seen: int,
                       authorization: str | None) -> AsyncIterator[ServerSentEvent]:
         self.open += 1
+        metrics.EVENT_STREAMS.inc()
         try:
             if doc["version"] > last_seen:
                 last_seen = doc["version"]
@@ -208,6 +210,7 @@ class JobEvents:
             return
         finally:
             self.open -= 1
+            metrics.EVENT_STREAMS.dec()
 
     async def _read(self, job_id: str, authorization: str | None) -> bytes | None:
         """The job as the status function has it now; None if it cannot say just now."""

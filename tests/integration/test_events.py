@@ -78,9 +78,18 @@ def test_a_client_that_has_the_last_document_is_told_there_is_nothing_more(api):
     assert [doc for _, doc in older] == [job]
 
 
+def open_streams(api: Api) -> float:
+    """jobs_event_streams_open, added up over the gateway's processes."""
+    text = api.request("GET", "/metrics").body.decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("jobs_event_streams_open"))
+
+
 def test_a_cancelled_job_ends_its_stream_and_idle_streams_get_heartbeats(api):
     job_id = api.submit("SLEEPY", {"seconds": 20}).json["job_id"]
+    before = open_streams(api)
     response = open_stream(api, job_id)
+    wait_for(lambda: open_streams(api) >= before + 1, 10, "the stream in the metrics")
     lines: list[bytes] = []
 
     def read() -> None:
@@ -95,6 +104,7 @@ def test_a_cancelled_job_ends_its_stream_and_idle_streams_get_heartbeats(api):
     reader.result(timeout=30)  # the stream ended
     data = [json.loads(line[5:]) for line in lines if line.startswith(b"data:")]
     assert data[-1]["status"] == "CANCELLED" and data[-1] == api.job(job_id)
+    wait_for(lambda: open_streams(api) <= before, 10, "the stream's end in the metrics")
 
 
 def test_a_stream_outlives_the_gateways_read_timeout(api):
