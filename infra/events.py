@@ -58,6 +58,7 @@ class Announcements:
         self.on_final = on_final  # every final document, watched or not (gateway memory)
         self._watchers: dict[str, set[asyncio.Queue[bytes]]] = {}
         self._pubsub: Any = None  # while connected
+        self._leaving: set[asyncio.Task[None]] = set()  # unsubscribes under way
 
     async def run(self) -> None:
         """Listen until cancelled; reconnect (and subscribe again) after any trouble."""
@@ -109,12 +110,19 @@ class Announcements:
             watchers.discard(queue)
             if not watchers and self._watchers.get(job_id) is watchers:
                 del self._watchers[job_id]
-                await self._command("unsubscribe", job_id)
+                # A task of its own: this block often ends by cancellation (the client
+                # left), which an await here could be cut short by.
+                task = asyncio.get_running_loop().create_task(
+                    self._command("unsubscribe", job_id))
+                self._leaving.add(task)
+                task.add_done_callback(self._leaving.discard)
 
     async def _command(self, name: str, job_id: str) -> None:
         pubsub = self._pubsub
         if pubsub is None:
             return  # not connected: `run` subscribes to every watched job when it is
+        if name == "unsubscribe" and job_id in self._watchers:
+            return  # a new stream of the job came meanwhile
         try:
             await getattr(pubsub, name)(CHANGES_PREFIX + job_id)
         except Exception as exc:  # the listener reconnects; the stream reads meanwhile

@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 import sseclient
 import urllib3
 
+from common.cache import CHANGES_PREFIX
 from common.db import Database
 from tests.support.client import Api, in_thread, wait_for
 
@@ -188,7 +190,7 @@ def own_gateway(stack, function_env, monkeypatch) -> Iterator[tuple[Any, Api]]:
 
 
 def test_streams_over_the_limit_get_a_503_and_a_client_that_leaves_frees_its_stream(
-        own_gateway):
+        own_gateway, stack):
     gateway, api = own_gateway
     job_id = api.submit("SLEEPY", {"seconds": 30}).json["job_id"]
     with contextlib.ExitStack() as opened:
@@ -206,7 +208,14 @@ def test_streams_over_the_limit_get_a_503_and_a_client_that_leaves_frees_its_str
         third = opened.enter_context(contextlib.closing(open_stream(api, job_id)))
         assert third.status == 200
     wait_for(lambda: gateway.events.open == 0, 10, "every stream to end")
-    wait_for(lambda: gateway.events.announcements.watched() == 0, 5, "no subscription left")
+    wait_for(lambda: gateway.events.announcements.watched() == 0, 5, "no watcher left")
+    channel = CHANGES_PREFIX + job_id
+    raw = redis.Redis.from_url(stack.env["REDIS_URL"])
+    try:
+        wait_for(lambda: dict(raw.pubsub_numsub(channel))[channel.encode()] == 0, 5,
+                 "no subscription left in Redis")
+    finally:
+        raw.close()
     assert api.request("POST", f"/jobs/{job_id}/cancel").status == 202
 
 
