@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from typing import Any
 
@@ -68,13 +69,15 @@ def create_jobs(
     submissions: list[tuple[JobSubmission, dict[str, Any], str | None, int, str | None]],
     writer: GroupCommitter | None = None,
     submitted_by: str | None = None,
+    conn: Connection | None = None,
 ) -> list[tuple[dict[str, Any], bool]]:
     """Insert jobs as QUEUED in one statement; return (row, created) for each, in order.
 
     Each item is (submission, validated payload, idempotency key, max retries,
     request fingerprint). A key seen before with the same request returns the existing
     job (created=False); with another request it is a 409. With a `writer`, the insert
-    shares its commit with concurrent submits.
+    shares its commit with concurrent submits; with `conn`, it is part of the caller's
+    transaction (the sweeper's schedule step).
     """
     ids = [str(uuid.uuid4()) for _ in submissions]
     statement = (
@@ -97,14 +100,14 @@ def create_jobs(
     if writer is not None:
         inserted = writer.run(statement, **params)
     else:
-        with db.connection() as conn:
-            inserted = rows_as_dicts(conn, conn.run(statement, **params))
+        with _borrowed(db, conn) as c:
+            inserted = rows_as_dicts(c, c.run(statement, **params))
     by_id = {str(row["job_id"]): row for row in inserted}
     missing = [k for (_, _, k, _, _), i in zip(submissions, ids, strict=True) if i not in by_id]
     existing = {}
     if missing:
-        with db.connection() as conn:
-            existing = {row["idempotency_key"]: row for row in rows_as_dicts(conn, conn.run(
+        with _borrowed(db, conn) as c:
+            existing = {row["idempotency_key"]: row for row in rows_as_dicts(c, c.run(
                 "SELECT * FROM jobs WHERE idempotency_key = ANY(CAST(:keys AS text[]))",
                 keys=missing))}
     out: list[tuple[dict[str, Any], bool]] = []
@@ -119,6 +122,11 @@ def create_jobs(
                            f" (job {old['job_id']})")
         out.append((old, False))
     return out
+
+
+def _borrowed(db: Database, conn: Connection | None) -> AbstractContextManager[Connection]:
+    """`conn` if the caller holds one (its transaction), else one from the pool."""
+    return nullcontext(conn) if conn is not None else db.connection()
 
 
 class PublishMarks:

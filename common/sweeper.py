@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from common import jobs
+from common import jobs, schedules
 from common.artifacts import delete_artifacts
 from common.cache import StatusCache
 from common.db import Database, rows_as_dicts
@@ -163,11 +163,13 @@ def publish_due(db: Database, publisher: Publisher, settings: Settings,
 
 def sweep(db: Database, cache: StatusCache, publisher: Publisher,
           settings: Settings) -> dict[str, int]:
-    """One pass: reclaim dead workers' jobs, then publish everything that is due."""
+    """One pass: reclaim dead workers' jobs, fire due schedules, then publish everything
+    that is due."""
     counts: dict[str, int] = {}
     failure: ServiceUnavailable | None = None
     steps = {
         "reclaimed": lambda: reclaim_expired(db, cache, publisher, settings),
+        "scheduled": lambda: schedules.fire_due(db, publisher, settings),
         "published": lambda: publish_due(db, publisher, settings),
         "cache_repaired": lambda: jobs.repair_cache(db, cache),
         "deleted": lambda: forget_old_jobs(db, cache, settings),
