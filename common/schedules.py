@@ -292,11 +292,12 @@ FOR UPDATE SKIP LOCKED
 """
 
 
-def fire_due(db: Database, publisher: Publisher, settings: Settings, limit: int = 100) -> int:
+def fire_due(db: Database, publisher: Publisher, settings: Settings,
+             limit: int = 100) -> list[str]:
     """Make the job of every due tick, once, and move each schedule to its next tick.
 
-    Returns how many ticks were fired. A job whose message cannot be published now is
-    committed all the same; `sweeper.publish_due` sends it later.
+    Returns the names of the schedules whose tick this call fired. A job whose message
+    cannot be published now is committed all the same; `sweeper.publish_due` sends it later.
     """
     made: list[dict[str, Any]] = []
     with db.transaction() as conn:
@@ -329,4 +330,4 @@ def fire_due(db: Database, publisher: Publisher, settings: Settings, limit: int 
             log.warning("made %d scheduled job(s) but could not enqueue them now (%s);"
                         " the sweeper will", len(made), exc.detail)
         log.info("schedules made %d job(s)", len(made))
-    return len(rows)
+    return [row["name"] for row in rows]

@@ -169,7 +169,7 @@ def sweep(db: Database, cache: StatusCache, publisher: Publisher,
     failure: ServiceUnavailable | None = None
     steps = {
         "reclaimed": lambda: reclaim_expired(db, cache, publisher, settings),
-        "scheduled": lambda: schedules.fire_due(db, publisher, settings),
+        "scheduled": lambda: len(schedules.fire_due(db, publisher, settings)),
         "published": lambda: publish_due(db, publisher, settings),
         "cache_repaired": lambda: jobs.repair_cache(db, cache),
         "deleted": lambda: forget_old_jobs(db, cache, settings),

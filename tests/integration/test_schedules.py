@@ -71,7 +71,8 @@ def test_a_cron_schedule_in_a_time_zone_lists_its_next_run(api):
     assert doc in listed["items"]
     utc_default = create(api, unique("utc"), job_type="NOOP", cron="*/5 * * * *")
     assert utc_default["timezone"] == "UTC"
-    assert api.request("DELETE", f"/schedules/{name}").status == 204
+    for made in (name, utc_default["name"]):
+        assert api.request("DELETE", f"/schedules/{made}").status == 204
 
 
 def test_every_two_seconds_makes_a_job_per_tick_until_deleted(api, db):
@@ -85,9 +86,9 @@ def test_every_two_seconds_makes_a_job_per_tick_until_deleted(api, db):
     ticks = [tick_of(key) for _, key, _ in jobs]
     gaps = {(b - a).total_seconds() for a, b in zip(ticks, ticks[1:], strict=False)}
     assert all(gap > 0 and gap % 2 == 0 for gap in gaps), ticks  # on the 2 s grid, no repeat
-    for job_id, _, _ in jobs:
-        job = api.wait_status(job_id)
-        assert job["status"] == "COMPLETED" and job["max_retries"] == 0
+    for job_id, _, _ in jobs:  # ordinary jobs (their running is tested elsewhere)
+        job = api.job(job_id)
+        assert job["job_type"] == "ECHO" and job["max_retries"] == 0
         assert job["payload"] == {"message": "tick"} and job["submitted_by"] == f"schedule:{name}"
     doc = api.request("GET", f"/schedules/{name}").json
     assert doc["last_job_id"] in {job_id for job_id, _, _ in made_by(db, name)}
@@ -129,8 +130,9 @@ def test_two_sweepers_racing_make_exactly_one_job_per_tick(api, db, function_env
     start = threading.Barrier(2)  # both sweepers ask at the same moment, every round
 
     def fire(sweeper: Database) -> int:
+        """How many times this sweeper fired our schedule (others may be due too)."""
         start.wait(10)
-        return schedules.fire_due(sweeper, publisher, settings)
+        return schedules.fire_due(sweeper, publisher, settings).count(name)
 
     mine = 0
     try:
