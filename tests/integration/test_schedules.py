@@ -170,6 +170,22 @@ def test_two_sweepers_racing_make_exactly_one_job_per_tick(api, db, function_env
         api.request("DELETE", f"/schedules/{name}")
 
 
+def test_ticks_missed_while_the_system_was_down_make_one_job(api, db):
+    name = unique("missed")
+    doc = create(api, name, job_type="NOOP", every_seconds=3600)
+    first = datetime.fromisoformat(doc["next_run_at"])
+    # as if it had been down for three hours: the ticks at -2 h, -1 h and now are all due
+    db.run("UPDATE schedules SET next_run_at = next_run_at - interval '3 hours'"
+           " WHERE name = :name", name=name)
+    wait_for(lambda: made_by(db, name), 30, "the missed ticks' job")
+    sweeper_ticked_twice(api, db)
+    assert len(made_by(db, name)) == 1
+    after = api.request("GET", f"/schedules/{name}").json
+    assert datetime.fromisoformat(after["last_run_at"]) == first - timedelta(hours=3)
+    assert datetime.fromisoformat(after["next_run_at"]) == first  # the first tick after now
+    assert api.request("DELETE", f"/schedules/{name}").status == 204
+
+
 @pytest.mark.parametrize(("body", "says"), [
     ({"cron": "61 * * * *"}, "Bad minute"),
     ({"cron": "0 9 * *"}, "five fields"),
