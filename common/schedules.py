@@ -298,27 +298,26 @@ def fire_due(db: Database, publisher: Publisher, settings: Settings,
 
     Returns the names of the schedules whose tick this call fired. A job whose message
     cannot be published now is committed all the same; `sweeper.publish_due` sends it later.
+    A schedule whose tick fails (say its time zone left the tz database) is paused, with an
+    error in the log, so that it cannot hold up every other schedule, tick after tick.
     """
     made: list[dict[str, Any]] = []
+    fired: list[str] = []
     with db.transaction() as conn:
-        rows = rows_as_dicts(conn, conn.run(_DUE, limit=limit))
-        for row in rows:
-            tick = row["next_run_at"]
-            submission = JobSubmission(job_type=row["job_type"], max_retries=row["max_retries"],
-                                       payload=jobs.json_value(row["payload_json"]))
-            [(job, is_new)] = jobs.create_jobs(
-                db, [(submission, submission.payload, tick_key(row["schedule_id"], tick),
-                      max_retries_for(submission, settings.max_retries),
-                      jobs.request_fingerprint(submission))],
-                submitted_by=f"schedule:{row['name']}", conn=conn)
+        for row in rows_as_dicts(conn, conn.run(_DUE, limit=limit)):
+            conn.run("SAVEPOINT tick")
+            try:
+                job, is_new = _fire(db, conn, row, settings)
+            except Exception:
+                conn.run("ROLLBACK TO SAVEPOINT tick")
+                log.exception("schedule %s failed to fire its tick at %s; pausing it",
+                              row["name"], row["next_run_at"].isoformat())
+                conn.run("UPDATE schedules SET paused_at = now(), next_run_at = NULL,"
+                         " updated_at = now() WHERE name = :name", name=row["name"])
+                continue
+            fired.append(row["name"])
             if is_new:
                 made.append(job)
-            after = _timing(row).next_after(row["db_now"])  # missed ticks: one job for all
-            conn.run("UPDATE schedules SET next_run_at = CAST(:next AS timestamptz),"
-                     " last_run_at = CAST(:tick AS timestamptz), last_job_id = CAST(:job AS uuid),"
-                     " updated_at = now() WHERE name = :name",
-                     next=after.isoformat() if after else None, tick=tick.isoformat(),
-                     job=str(job["job_id"]), name=row["name"])
     for job in made:
         metrics.SUBMITTED.labels(job["job_type"]).inc()
     if made:
@@ -330,4 +329,25 @@ def fire_due(db: Database, publisher: Publisher, settings: Settings,
             log.warning("made %d scheduled job(s) but could not enqueue them now (%s);"
                         " the sweeper will", len(made), exc.detail)
         log.info("schedules made %d job(s)", len(made))
-    return [row["name"] for row in rows]
+    return fired
+
+
+def _fire(db: Database, conn: Connection, row: dict[str, Any],
+          settings: Settings) -> tuple[dict[str, Any], bool]:
+    """One due schedule's tick: its job (new, or the one an earlier try made) and the move
+    to the first tick after now (missed ticks: one job for all)."""
+    tick = row["next_run_at"]
+    submission = JobSubmission(job_type=row["job_type"], max_retries=row["max_retries"],
+                               payload=jobs.json_value(row["payload_json"]))
+    [(job, is_new)] = jobs.create_jobs(
+        db, [(submission, submission.payload, tick_key(row["schedule_id"], tick),
+              max_retries_for(submission, settings.max_retries),
+              jobs.request_fingerprint(submission))],
+        submitted_by=f"schedule:{row['name']}", conn=conn)
+    after = _timing(row).next_after(row["db_now"])
+    conn.run("UPDATE schedules SET next_run_at = CAST(:next AS timestamptz),"
+             " last_run_at = CAST(:tick AS timestamptz), last_job_id = CAST(:job AS uuid),"
+             " updated_at = now() WHERE name = :name",
+             next=after.isoformat() if after else None, tick=tick.isoformat(),
+             job=str(job["job_id"]), name=row["name"])
+    return job, is_new

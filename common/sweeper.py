@@ -163,17 +163,18 @@ def publish_due(db: Database, publisher: Publisher, settings: Settings,
 
 def sweep(db: Database, cache: StatusCache, publisher: Publisher,
           settings: Settings) -> dict[str, int]:
-    """One pass: reclaim dead workers' jobs, fire due schedules, then publish everything
-    that is due."""
+    """One pass: reclaim dead workers' jobs, publish everything that is due, and the rest of
+    the upkeep; then fire due schedules."""
     counts: dict[str, int] = {}
     failure: ServiceUnavailable | None = None
     steps = {
         "reclaimed": lambda: reclaim_expired(db, cache, publisher, settings),
-        "scheduled": lambda: len(schedules.fire_due(db, publisher, settings)),
         "published": lambda: publish_due(db, publisher, settings),
         "cache_repaired": lambda: jobs.repair_cache(db, cache),
         "deleted": lambda: forget_old_jobs(db, cache, settings),
         "counts_folded": lambda: fold_counts(db),
+        # last: a schedule's trouble never holds up the recovery of jobs above
+        "scheduled": lambda: len(schedules.fire_due(db, publisher, settings)),
     }
     for name, step in steps.items():
         # Each step on its own: a broker outage must not stop the cache repair, and so on.

@@ -186,6 +186,21 @@ def test_ticks_missed_while_the_system_was_down_make_one_job(api, db):
     assert api.request("DELETE", f"/schedules/{name}").status == 204
 
 
+def test_a_schedule_whose_tick_fails_is_paused_and_holds_up_no_other(api, db):
+    broken, healthy = unique("broken"), unique("healthy")
+    create(api, broken, job_type="NOOP", cron="* * * * *", timezone="Europe/Berlin")
+    # as if the zone had left the tz database since: its next tick cannot be computed
+    db.run("UPDATE schedules SET timezone = 'Mars/Olympus_Mons', next_run_at = now()"
+           " WHERE name = :name", name=broken)
+    create(api, healthy, job_type="NOOP", every_seconds=1)
+    wait_for(lambda: api.request("GET", f"/schedules/{broken}").json["paused"], 30,
+             "the broken schedule to be paused")
+    wait_for(lambda: len(made_by(db, healthy)) >= 2, 30, "the healthy one to keep ticking")
+    assert made_by(db, broken) == []  # its job was rolled back with the rest of its tick
+    for name in (broken, healthy):
+        assert api.request("DELETE", f"/schedules/{name}").status == 204
+
+
 @pytest.mark.parametrize(("body", "says"), [
     ({"cron": "61 * * * *"}, "Bad minute"),
     ({"cron": "0 9 * *"}, "five fields"),
