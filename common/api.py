@@ -93,7 +93,7 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
     else:
         keys = [idempotency_key]
         prints = [jobs.request_fingerprint(submissions[0]) if idempotency_key else None]
-    items = [(sub, payload, key, _max_retries(sub, settings.max_retries), fingerprint)
+    items = [(sub, payload, key, max_retries_for(sub, settings.max_retries), fingerprint)
              for sub, payload, key, fingerprint
              in zip(submissions, payloads, keys, prints, strict=True)]
     db = clients.database()
@@ -143,7 +143,7 @@ def check_type_scope(principal: Principal, job_type: str, payload: dict[str, Any
                                          " scope, which this token lacks")
 
 
-def _max_retries(submission: JobSubmission, default: int) -> int:
+def max_retries_for(submission: JobSubmission, default: int) -> int:
     """The job's own budget, else its type's, else the global default."""
     if submission.max_retries is not None:
         return submission.max_retries

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -97,7 +98,8 @@ def create_jobs(
     Each item is (submission, validated payload, idempotency key, max retries,
     request fingerprint). A key seen before with the same request returns the existing
     job (created=False); with another request it is a 409. With a `writer`, the insert
-    shares its commit with concurrent submits; with `conn`, it runs in that transaction.
+    shares its commit with concurrent submits; with `conn`, it is part of the caller's
+    transaction (a schedule's tick, a job with parents).
     """
     ids = graph.ids if graph else [str(uuid.uuid4()) for _ in submissions]
     statement = (
@@ -127,24 +129,19 @@ def create_jobs(
         parents=[",".join(p) or None for p in graph.parents] if graph else none,
         dependents=graph.has_dependents if graph else none)
     # One statement: atomic on its own, whether in autocommit or in a group commit.
-    if conn is not None:
-        inserted = rows_as_dicts(conn, conn.run(statement, **params))
-    elif writer is not None:
+    if writer is not None and conn is None:
         inserted = writer.run(statement, **params)
     else:
-        with db.connection() as own:
-            inserted = rows_as_dicts(own, own.run(statement, **params))
+        with _borrowed(db, conn) as c:
+            inserted = rows_as_dicts(c, c.run(statement, **params))
     by_id = {str(row["job_id"]): row for row in inserted}
     missing = [k for (_, _, k, _, _), i in zip(submissions, ids, strict=True) if i not in by_id]
     existing = {}
     if missing:
-        lookup = ("SELECT * FROM jobs WHERE idempotency_key = ANY(CAST(:keys AS text[]))")
-        if conn is not None:
-            found = rows_as_dicts(conn, conn.run(lookup, keys=missing))
-        else:
-            with db.connection() as own:
-                found = rows_as_dicts(own, own.run(lookup, keys=missing))
-        existing = {row["idempotency_key"]: row for row in found}
+        with _borrowed(db, conn) as c:
+            existing = {row["idempotency_key"]: row for row in rows_as_dicts(c, c.run(
+                "SELECT * FROM jobs WHERE idempotency_key = ANY(CAST(:keys AS text[]))",
+                keys=missing))}
     out: list[tuple[dict[str, Any], bool]] = []
     for (_, _, key, _, fingerprint), job_id in zip(submissions, ids, strict=True):
         if job_id in by_id:
@@ -157,6 +154,11 @@ def create_jobs(
                            f" (job {old['job_id']})")
         out.append((old, False))
     return out
+
+
+def _borrowed(db: Database, conn: Connection | None) -> AbstractContextManager[Connection]:
+    """`conn` if the caller holds one (its transaction), else one from the pool."""
+    return nullcontext(conn) if conn is not None else db.connection()
 
 
 class PublishMarks:

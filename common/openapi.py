@@ -12,12 +12,14 @@ from common.api import MAX_BATCH
 from common.handlers import JobType, registered
 from common.models import JobSubmission, Problem
 from common.routes import API, AUTH_ERRORS, UNAVAILABLE, Operation
+from common.schedules import NAME_PATTERN
 
 REF = "#/components/schemas/{model}"
 SECURITY_SCHEME = "bearer"
 _PATH_PARAMS = {
     "job_id": {"type": "string", "format": "uuid"},
     "token_id": {"type": "string", "format": "uuid"},
+    "name": {"type": "string", "pattern": NAME_PATTERN},  # a schedule's
 }
 _EXAMPLE_SUBMISSION = {
     "job_type": "REPORT_GENERATION",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from common import callbacks, dependencies, jobs
+from common import callbacks, dependencies, jobs, schedules
 from common.artifacts import delete_artifacts
 from common.cache import StatusCache
 from common.db import Database, rows_as_dicts
@@ -163,7 +163,8 @@ def publish_due(db: Database, publisher: Publisher, settings: Settings,
 
 def sweep(db: Database, cache: StatusCache, publisher: Publisher,
           settings: Settings) -> dict[str, int]:
-    """One pass: reclaim dead workers' jobs, then publish everything that is due."""
+    """One pass: reclaim dead workers' jobs, publish everything that is due, and the rest of
+    the upkeep; then fire due schedules."""
     counts: dict[str, int] = {}
     failure: ServiceUnavailable | None = None
     steps = {
@@ -174,6 +175,8 @@ def sweep(db: Database, cache: StatusCache, publisher: Publisher,
         "deleted": lambda: forget_old_jobs(db, cache, settings),
         "counts_folded": lambda: fold_counts(db),
         "callbacks_tried": lambda: callbacks.deliver_due(db, settings),
+        # last: a schedule's trouble never holds up the recovery of jobs above
+        "scheduled": lambda: len(schedules.fire_due(db, publisher, settings)),
     }
     for name, step in steps.items():
         # Each step on its own: a broker outage must not stop the cache repair, and so on.
