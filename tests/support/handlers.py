@@ -114,3 +114,16 @@ def tracked(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     time.sleep(float(payload.get("seconds", 0.05)))
     note("end")
     return {"pid": os.getpid()}
+
+
+@job_handler("RATE_LIMITED", rate_limit="5/s", timeout_seconds=30)
+def rate_limited(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Do nothing; the type may start 5 attempts a second across all workers."""
+    return {"attempt": ctx.attempt}
+
+
+@job_handler("RATE_AND_CONCURRENCY", rate_limit="4/s", concurrency=1, timeout_seconds=30)
+def rate_and_concurrency(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Sleep a little; 4 starts a second and one running attempt, across all workers."""
+    time.sleep(float(payload.get("seconds", 0.1)))
+    return {"attempt": ctx.attempt}
