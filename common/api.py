@@ -24,7 +24,7 @@ from common.models import (
     JobSubmission,
     Stats,
 )
-from common.queue import job_event
+from common.queue import job_event, job_topic
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
     for job_type, count in submitted.items():
         metrics.SUBMITTED.labels(job_type).inc(count)
     new_rows = [row for row, is_new in created if is_new and row["next_attempt_at"] is None]
-    events = [job_event(settings.queue_topic, row["job_id"], row["job_type"])
+    events = [job_event(job_topic(settings, row["job_type"]), row["job_id"], row["job_type"])
               for row in new_rows]
     refusal: ServiceUnavailable | None = None
     acknowledged = None
@@ -253,11 +253,12 @@ def list_dead_letters(cursor: str | None, limit: int) -> DeadLetterPage:
 def replay(job_id: str) -> JobDocument:
     """Send a dead-lettered job back to QUEUED with a fresh retry budget, and enqueue it."""
     job_id = parse_job_id(job_id)
+    clients.handlers()  # the type's topic
     settings = clients.settings()
     db = clients.database()
     with db.transaction() as conn:
         row = deadletters.replay(conn, job_id)
-    event = job_event(settings.queue_topic, job_id, row["job_type"],
+    event = job_event(job_topic(settings, row["job_type"]), job_id, row["job_type"],
                       ce_id=f"{job_id}:replay-{row['attempts']}", source="/jobs/retry")
     try:
         clients.publisher().publish([event])

@@ -24,7 +24,7 @@ from common.handlers import JobContext, JobType, get_job_type, parse_or_permanen
 from common.lifecycle import transition, transition_many_sql
 from common.logs import job_context
 from common.models import JobMessage, JobStatus
-from common.queue import DEAD_LETTER_EVENT_TYPE, Event, Publisher, job_event
+from common.queue import DEAD_LETTER_EVENT_TYPE, Event, Publisher, job_event, job_topic
 from common.retry import RetryPolicy
 from common.settings import Settings
 
@@ -422,7 +422,8 @@ class Processor:
         return outcomes
 
     def _requeue(self, rows: list[dict[str, Any]]) -> None:
-        events = [job_event(self.settings.queue_topic, str(row["job_id"]), row["job_type"],
+        events = [job_event(job_topic(self.settings, row["job_type"]), str(row["job_id"]),
+                            row["job_type"],
                             ce_id=f"{row['job_id']}:retry-{row['retries'] + 1}",
                             source="/jobs/process") for row in rows]
         try:
