@@ -124,6 +124,8 @@ def rate_limited(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
 
 @job_handler("RATE_AND_CONCURRENCY", rate_limit="4/s", concurrency=1, timeout_seconds=30)
 def rate_and_concurrency(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    """Sleep a little; 4 starts a second and one running attempt, across all workers."""
+    """Sleep a little; 4 starts a second and one running attempt, across all workers.
+    Returns when the handler itself ran (the attempt rows' times are their transactions')."""
+    started = time.time()
     time.sleep(float(payload.get("seconds", 0.1)))
-    return {"attempt": ctx.attempt}
+    return {"attempt": ctx.attempt, "ran": [started, time.time()]}
