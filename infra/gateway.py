@@ -577,7 +577,9 @@ def readiness(upstreams: dict[str, str]) -> dict[str, dict[str, Any]]:
                                f" {topic} to its function yet")
 
     # Every job topic: the job queue and each job type's own (JOBS_HANDLER_MODULES).
-    for topic, group in clients.job_topics().items():
+    topics = {settings.queue_topic: settings.queue_consumer_group}
+    check("handlers", lambda: topics.update(clients.job_topics()))
+    for topic, group in topics.items():
         check(f"trigger:{topic}", lambda g=group, t=topic: consumed(g, t))
     for name, urls in upstreams.items():
         for i, url in enumerate(urls.split(",")):
