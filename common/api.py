@@ -9,14 +9,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common import clients, deadletters, jobs, metrics
+from common import callbacks, clients, deadletters, dependencies, jobs, metrics
 from common.auth import Principal
-from common.cache import FINAL_STATES
+from common.cache import is_final
 from common.errors import ApiError, ServiceUnavailable
 from common.handlers import get_job_type, validate_payload
 from common.lifecycle import transition
 from common.models import (
     AttemptPage,
+    CallbackPage,
     DeadLetterPage,
     JobDocument,
     JobPage,
@@ -72,6 +73,10 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
     clients.handlers()
     settings = clients.settings()
     payloads = [validate_payload(sub.job_type, sub.payload) for sub in submissions]
+    dependencies.check_references(submissions, batch)
+    for sub in submissions:
+        if sub.callback_url is not None:
+            callbacks.check_url(sub.callback_url, settings)
     if principal is not None:
         for sub, payload in zip(submissions, payloads, strict=True):
             check_type_scope(principal, sub.job_type, payload)
@@ -92,13 +97,17 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
              for sub, payload, key, fingerprint
              in zip(submissions, payloads, keys, prints, strict=True)]
     db = clients.database()
-    created = jobs.create_jobs(db, items, clients.writer(),
-                               submitted_by=principal.name if principal else None)
+    submitted_by = principal.name if principal else None
+    if any(sub.depends_on for sub in submissions):
+        created = dependencies.create_with_parents(db, items, submitted_by)
+    else:
+        created = jobs.create_jobs(db, items, clients.writer(), submitted_by=submitted_by)
     # A delayed job (run_at in the future) is published by the sweeper once it is due.
     submitted = collections.Counter(row["job_type"] for row, is_new in created if is_new)
     for job_type, count in submitted.items():
         metrics.SUBMITTED.labels(job_type).inc(count)
-    new_rows = [row for row, is_new in created if is_new and row["next_attempt_at"] is None]
+    new_rows = [row for row, is_new in created if is_new and row["next_attempt_at"] is None
+                and row["status"] == JobStatus.QUEUED.value]
     events = [job_event(job_topic(settings, row["job_type"]), row["job_id"], row["job_type"])
               for row in new_rows]
     refusal: ServiceUnavailable | None = None
@@ -159,7 +168,7 @@ def job_document(job_id: str) -> dict[str, Any]:
     job_id = parse_job_id(job_id)
     cache = clients.cache()
     doc = cache.get(job_id)
-    if doc is not None and doc.get("status") in FINAL_STATES:
+    if doc is not None and is_final(doc):
         metrics.STATUS_LOOKUPS.labels("cache").inc()
         return doc
     metrics.STATUS_LOOKUPS.labels("database").inc()
@@ -168,7 +177,7 @@ def job_document(job_id: str) -> dict[str, Any]:
     if row is None:
         raise ApiError(404, "Job not found", f"no job {job_id}")
     doc = jobs.document(row)
-    if doc["status"] in FINAL_STATES:
+    if is_final(doc):
         cache.put([doc])  # a fill: nothing is lost if it fails
     return doc
 
@@ -195,7 +204,7 @@ def cancel(job_id: str) -> JobDocument:
     db = clients.database()
     with db.transaction() as conn:
         row = transition(conn, job_id, JobStatus.CANCELLED,
-                         sources=[JobStatus.QUEUED, JobStatus.RETRYING],
+                         sources=[JobStatus.WAITING, JobStatus.QUEUED, JobStatus.RETRYING],
                          values={"next_attempt_at": None})
         if row is None:
             row = jobs.request_cancel(conn, job_id)
@@ -204,6 +213,8 @@ def cancel(job_id: str) -> JobDocument:
                                    "only waiting or running jobs can be cancelled")
     if row["status"] == JobStatus.CANCELLED.value:  # a waiting job, cancelled here
         metrics.CANCELLED.labels(row["job_type"]).inc()
+        dependencies.follow_up(db, clients.cache(), clients.publisher(), clients.settings(),
+                               [row])
     jobs.cache_rows(db, clients.cache(), [row])
     return JobDocument.model_validate(jobs.document(row))
 
@@ -250,14 +261,18 @@ def list_dead_letters(cursor: str | None, limit: int) -> DeadLetterPage:
         "next_cursor": next_cursor})
 
 
-def replay(job_id: str) -> JobDocument:
-    """Send a dead-lettered job back to QUEUED with a fresh retry budget, and enqueue it."""
+def replay(job_id: str, with_dependents: bool = False) -> JobDocument:
+    """Send a dead-lettered job back to QUEUED with a fresh retry budget, and enqueue it;
+    `with_dependents`: the jobs its failure cancelled wait for it again."""
     job_id = parse_job_id(job_id)
     clients.handlers()  # the type's topic
     settings = clients.settings()
     db = clients.database()
     with db.transaction() as conn:
         row = deadletters.replay(conn, job_id)
+        revived = dependencies.revive(conn, job_id) if with_dependents else []
+    if revived:
+        log.info("replayed job %s with %d dependent(s) waiting again", job_id, len(revived))
     event = job_event(job_topic(settings, row["job_type"]), job_id, row["job_type"],
                       ce_id=f"{job_id}:replay-{row['attempts']}", source="/jobs/retry")
     try:
@@ -267,3 +282,23 @@ def replay(job_id: str) -> JobDocument:
         log.warning("replayed job %s not enqueued now (%s); the sweeper will", job_id, exc)
     jobs.cache_rows(db, clients.cache(), [row])
     return JobDocument.model_validate(jobs.document(row))
+
+
+def dependents(job_id: str) -> JobPage:
+    """The jobs that depend on `job_id` (up to 1,000), oldest first."""
+    job_id = parse_job_id(job_id)
+    with clients.database().connection() as conn:
+        if jobs.get_job(conn, job_id) is None:
+            raise ApiError(404, "Job not found", f"no job {job_id}")
+        rows = dependencies.dependents(conn, job_id)
+    return JobPage.model_validate({"items": [jobs.document(r) for r in rows]})
+
+
+def callback_deliveries(job_id: str) -> CallbackPage:
+    """A job's completion callbacks and every try at delivering them."""
+    job_id = parse_job_id(job_id)
+    db = clients.database()
+    with db.connection() as conn:
+        if jobs.get_job(conn, job_id) is None:
+            raise ApiError(404, "Job not found", f"no job {job_id}")
+    return CallbackPage.model_validate({"items": callbacks.deliveries(db, job_id)})

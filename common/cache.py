@@ -21,6 +21,14 @@ FINAL_CHANNEL = "jobs:final"
 # change, so a reader may keep them.
 FINAL_STATES = frozenset({"COMPLETED", "CANCELLED"})
 
+
+def is_final(doc: dict[str, Any]) -> bool:
+    """Whether a job document can never change again: COMPLETED, or CANCELLED other than
+    by a parent's failure (a job cancelled by its parent comes back when that parent is
+    replayed with its dependents, see `common.dependencies`)."""
+    return doc.get("status") in FINAL_STATES and not doc.get("cancelled_by")
+
+
 # Write only if the cached version is older: a late writer can never overwrite a newer
 # state, whatever order the functions' writes arrive in.
 # Many documents per call (KEYS[i] takes ARGV[3i-1] as version, ARGV[3i] as document and
@@ -127,7 +135,7 @@ class StatusCache:
             args: list[Any] = [self.ttl]
             for doc in chunk:
                 args += (int(doc["version"]), json.dumps(doc, default=str),
-                         "1" if doc.get("status") in FINAL_STATES else "0")
+                         "1" if is_final(doc) else "0")
             pipe.evalsha(self._put.sha, len(chunk),
                          *[cache_key(str(doc["job_id"])) for doc in chunk], *args)
         for result in pipe.execute(raise_on_error=False):

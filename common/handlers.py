@@ -41,6 +41,8 @@ class JobContext:
     cancelled: threading.Event = field(default_factory=threading.Event)
     stop_reason: str | None = None
     progress_sink: Callable[[float, str | None], None] | None = field(default=None, repr=False)
+    #: job id -> result of each job this one depends on (`depends_on`): all COMPLETED.
+    parent_results: dict[str, Any] = field(default_factory=dict)
     _last_progress: float = field(default=0.0, repr=False)
 
     def should_stop(self) -> bool:

@@ -274,3 +274,11 @@ def query_int(request: flask.Request, name: str, default: int, lo: int, hi: int)
     if not lo <= value <= hi:
         raise ApiError(400, "Bad query parameter", f"{name} must be between {lo} and {hi}")
     return value
+
+
+def query_bool(request: flask.Request, name: str) -> bool:
+    """`true`/`false` (also 1/0); absent is false; anything else a 400."""
+    raw = (request.args.get(name) or "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise ApiError(400, "Bad query parameter", f"{name} must be true or false")
+    return raw in ("true", "1")

@@ -9,11 +9,12 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from common import ratelimits
-from common.cache import FINAL_STATES, StatusCache
+from common.cache import StatusCache, is_final
 from common.db import Connection, Database, GroupCommitter, rows_as_dicts
 from common.errors import ApiError
 from common.lifecycle import transition_many_sql, transition_sql
@@ -50,6 +51,9 @@ def document(row: dict[str, Any]) -> dict[str, Any]:
         "progress_message": row.get("progress_message"),
         "cancel_requested": row.get("cancel_requested_at") is not None,
         "submitted_by": row.get("submitted_by"),
+        "depends_on": [str(p) for p in row.get("depends_on") or ()],
+        "cancelled_by": _str(row.get("cancelled_by")),
+        "callback_url": row.get("callback_url"),
         "created_at": _iso(row["created_at"]),
         "updated_at": _iso(row["updated_at"]),
         "version": row["version"],
@@ -61,8 +65,23 @@ def json_value(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Where new jobs stand among others (see `common.dependencies.create_with_parents`):
+    their ids, first states, parents, and whether a later item of theirs waits for them."""
+
+    ids: list[str]
+    statuses: list[str]
+    parents: list[list[str]]
+    has_dependents: list[bool]
 
 
 def create_jobs(
@@ -70,45 +89,64 @@ def create_jobs(
     submissions: list[tuple[JobSubmission, dict[str, Any], str | None, int, str | None]],
     writer: GroupCommitter | None = None,
     submitted_by: str | None = None,
+    *,
+    conn: Connection | None = None,
+    graph: Graph | None = None,
 ) -> list[tuple[dict[str, Any], bool]]:
-    """Insert jobs as QUEUED in one statement; return (row, created) for each, in order.
+    """Insert jobs (QUEUED, or as `graph` says) in one statement; return (row, created) for
+    each, in order.
 
     Each item is (submission, validated payload, idempotency key, max retries,
     request fingerprint). A key seen before with the same request returns the existing
     job (created=False); with another request it is a 409. With a `writer`, the insert
-    shares its commit with concurrent submits.
+    shares its commit with concurrent submits; with `conn`, it runs in that transaction.
     """
-    ids = [str(uuid.uuid4()) for _ in submissions]
+    ids = graph.ids if graph else [str(uuid.uuid4()) for _ in submissions]
     statement = (
         "INSERT INTO jobs (job_id, job_type, payload_json, max_retries, idempotency_key,"
-        " request_hash, run_at, next_attempt_at, submitted_by)"
+        " request_hash, run_at, next_attempt_at, submitted_by, callback_url, status,"
+        " depends_on, has_dependents)"
         " SELECT id, type, payload, max, key, hash, run_at,"
-        " CASE WHEN run_at > now() THEN run_at END, CAST(:submitted_by AS text)"
+        " CASE WHEN run_at > now() THEN run_at END, CAST(:submitted_by AS text), callback,"
+        " COALESCE(status, 'QUEUED'), CAST(string_to_array(parents, ',') AS uuid[]),"
+        " COALESCE(dependents, false)"
         " FROM unnest(CAST(:ids AS uuid[]), CAST(:job_types AS text[]),"
         " CAST(:payloads AS jsonb[]), CAST(:maxes AS int[]), CAST(:keys AS text[]),"
-        " CAST(:hashes AS text[]), CAST(:run_ats AS timestamptz[]))"
-        " AS s(id, type, payload, max, key, hash, run_at)"
+        " CAST(:hashes AS text[]), CAST(:run_ats AS timestamptz[]), CAST(:callbacks AS text[]),"
+        " CAST(:statuses AS job_status[]), CAST(:parents AS text[]),"
+        " CAST(:dependents AS boolean[]))"
+        " AS s(id, type, payload, max, key, hash, run_at, callback, status, parents, dependents)"
         " ON CONFLICT (idempotency_key) DO NOTHING RETURNING *")
+    none = [None] * len(submissions)
     params = dict(
         ids=ids, job_types=[s.job_type for s, *_ in submissions],
         payloads=[json.dumps(p) for _, p, *_ in submissions],
         maxes=[m for *_, m, _ in submissions], keys=[k for _, _, k, _, _ in submissions],
         hashes=[h for *_, h in submissions], submitted_by=submitted_by,
-        run_ats=[s.run_at.isoformat() if s.run_at else None for s, *_ in submissions])
+        run_ats=[s.run_at.isoformat() if s.run_at else None for s, *_ in submissions],
+        callbacks=[s.callback_url for s, *_ in submissions],
+        statuses=graph.statuses if graph else none,
+        parents=[",".join(p) or None for p in graph.parents] if graph else none,
+        dependents=graph.has_dependents if graph else none)
     # One statement: atomic on its own, whether in autocommit or in a group commit.
-    if writer is not None:
+    if conn is not None:
+        inserted = rows_as_dicts(conn, conn.run(statement, **params))
+    elif writer is not None:
         inserted = writer.run(statement, **params)
     else:
-        with db.connection() as conn:
-            inserted = rows_as_dicts(conn, conn.run(statement, **params))
+        with db.connection() as own:
+            inserted = rows_as_dicts(own, own.run(statement, **params))
     by_id = {str(row["job_id"]): row for row in inserted}
     missing = [k for (_, _, k, _, _), i in zip(submissions, ids, strict=True) if i not in by_id]
     existing = {}
     if missing:
-        with db.connection() as conn:
-            existing = {row["idempotency_key"]: row for row in rows_as_dicts(conn, conn.run(
-                "SELECT * FROM jobs WHERE idempotency_key = ANY(CAST(:keys AS text[]))",
-                keys=missing))}
+        lookup = ("SELECT * FROM jobs WHERE idempotency_key = ANY(CAST(:keys AS text[]))")
+        if conn is not None:
+            found = rows_as_dicts(conn, conn.run(lookup, keys=missing))
+        else:
+            with db.connection() as own:
+                found = rows_as_dicts(own, own.run(lookup, keys=missing))
+        existing = {row["idempotency_key"]: row for row in found}
     out: list[tuple[dict[str, Any], bool]] = []
     for (_, _, key, _, fingerprint), job_id in zip(submissions, ids, strict=True):
         if job_id in by_id:
@@ -332,7 +370,7 @@ def cache_rows(db: Database, cache: StatusCache,
     them, a repair is queued in PostgreSQL so the sweeper writes them later."""
     docs = [document(row) for row in rows]
     final = [(row, doc) for row, doc in zip(rows, docs, strict=True)
-             if doc["status"] in FINAL_STATES]
+             if is_final(doc)]
     if not final or cache.put([doc for _, doc in final]):
         return docs
     try:

@@ -15,13 +15,16 @@ S = JobStatus
 #: Every move a job may make. A late or duplicate message can never move a job
 #: backwards, because each write names the states it may leave.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    S.WAITING: frozenset({S.QUEUED, S.CANCELLED}),  # every parent completed / one did not
     S.QUEUED: frozenset({S.IN_PROGRESS, S.CANCELLED}),
     S.IN_PROGRESS: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED}),
     S.FAILED: frozenset({S.RETRYING, S.DEAD_LETTER}),
     S.RETRYING: frozenset({S.IN_PROGRESS, S.CANCELLED}),
     S.COMPLETED: frozenset(),
     S.DEAD_LETTER: frozenset({S.QUEUED}),  # replay by an operator
-    S.CANCELLED: frozenset(),
+    # Only a job cancelled because a parent failed (`cancelled_by`) leaves CANCELLED, when
+    # that parent is replayed with its dependents; any other cancelled job is final.
+    S.CANCELLED: frozenset({S.WAITING}),
 }
 
 #: Columns `transition` may set besides status; guards against SQL built from names.
@@ -39,6 +42,7 @@ SETTABLE = frozenset(
         "progress",
         "progress_message",
         "cancel_requested_at",
+        "cancelled_by",
     }
 )
 
@@ -144,7 +148,7 @@ def transition_sql(
 
 #: PostgreSQL array types of the per-row values `transition_many_sql` takes.
 ROW_TYPES = {"id": "uuid", "attempt": "int", "result": "jsonb", "message": "text",
-             "delay": "float8"}
+             "delay": "float8", "parent": "uuid"}
 
 
 def transition_many_sql(

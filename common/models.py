@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 
 class JobStatus(str, Enum):
     """Where a job is in its life. The allowed moves are in `common.lifecycle.TRANSITIONS`."""
+
+    WAITING = "WAITING"
+    """Set by submit for a job with parents (`depends_on`) that have not all completed.
+    Left for QUEUED when the last parent completes, or for CANCELLED when one ends
+    DEAD_LETTER or CANCELLED (`cancelled_by` names it)."""
 
     QUEUED = "QUEUED"
     """Set by submit (and by replay of a dead letter); left when `process` claims the job."""
@@ -38,10 +43,13 @@ class JobStatus(str, Enum):
     then on the `job-dlq` topic and in `GET /dead-letters`. Left only by replay (QUEUED)."""
 
     CANCELLED = "CANCELLED"
-    """Set by `POST /jobs/{id}/cancel` for a QUEUED or RETRYING job (it never runs again),
-    or by `process` when a running handler stopped after a cancel request; terminal."""
+    """Set by `POST /jobs/{id}/cancel` for a WAITING, QUEUED or RETRYING job (it never runs
+    again), by `process` when a running handler stopped after a cancel request, or for a
+    waiting job whose parent failed. Final, except that a job cancelled by its parent goes
+    back to WAITING when that parent is replayed with `with_dependents=true`."""
 
 
+MAX_PARENTS = 100
 RUN_AT_MIN = datetime(1970, 1, 1, tzinfo=UTC)
 RUN_AT_AHEAD = timedelta(days=36525)
 
@@ -65,6 +73,15 @@ class JobSubmission(BaseModel):
         default=None, description="Do not start before this time (ISO 8601 with a UTC offset;"
         " from 1970 to 100 years ahead)"
     )
+    depends_on: list[UUID | Annotated[StrictInt, Field(ge=0)]] | None = Field(
+        default=None, max_length=MAX_PARENTS,
+        description="Jobs that must complete first (their ids; in a batch also the index of"
+        " an earlier item). The job waits in WAITING until every one has COMPLETED, and is"
+        " CANCELLED if one ends DEAD_LETTER or CANCELLED.")
+    callback_url: str | None = Field(
+        default=None, min_length=1, max_length=2000,
+        description="POSTed a signed CloudEvent when the job ends (COMPLETED, DEAD_LETTER,"
+        " CANCELLED); its host must be in JOBS_CALLBACK_ALLOWED_HOSTS")
 
     @field_validator("run_at")
     @classmethod
@@ -111,6 +128,11 @@ class JobDocument(BaseModel):
     progress_message: str | None = None
     cancel_requested: bool = Field(False, description="A cancel was asked while it ran")
     submitted_by: str | None = Field(None, description="Name of the token that submitted it")
+    depends_on: list[UUID] = Field(default_factory=list,
+                                   description="Parents: jobs that had to complete first")
+    cancelled_by: UUID | None = Field(
+        None, description="The parent whose failure cancelled this job")
+    callback_url: str | None = Field(None, description="Where the job's end is POSTed")
     created_at: datetime
     updated_at: datetime
     version: int = Field(description="Increases on every change; orders cache writes")
@@ -245,3 +267,32 @@ class JobMessage(BaseModel):
 
     job_id: UUID
     job_type: str
+
+
+class CallbackAttempt(BaseModel):
+    """One try at delivering a callback."""
+
+    attempt: int
+    started_at: datetime
+    duration_ms: float
+    status_code: int | None = Field(None, description="The receiver's answer, if any")
+    error: str | None = None
+
+
+class CallbackDelivery(BaseModel):
+    """A completion event for a job's `callback_url`, and every try at delivering it."""
+
+    callback_id: UUID = Field(description="Also the CloudEvent's `id`")
+    event_type: str = Field(examples=["jobs.job.completed"])
+    url: str
+    state: Literal["PENDING", "DELIVERED", "FAILED"]
+    attempts: list[CallbackAttempt]
+    next_attempt_at: datetime | None = Field(None, description="While PENDING")
+    created_at: datetime
+    delivered_at: datetime | None = None
+
+
+class CallbackPage(BaseModel):
+    """`GET /jobs/{id}/callbacks`: oldest first."""
+
+    items: list[CallbackDelivery]

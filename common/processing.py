@@ -19,6 +19,7 @@ from common import jobs, metrics
 from common.cache import StatusCache
 from common.db import Connection, Database, GroupCommitter, rows_as_dicts
 from common.deadletters import record_dead_letter
+from common.dependencies import follow_up, parent_results
 from common.errors import HandlerTimeout, PermanentError, RetryableError, ServiceUnavailable
 from common.handlers import JobContext, JobType, get_job_type, parse_or_permanent
 from common.lifecycle import transition, transition_many_sql
@@ -269,6 +270,13 @@ class Processor:
             retries=row["retries"], artifact_dir=self.settings.artifact_store,
             progress_sink=lambda fraction, text: self._progress(job_id, attempt, fraction, text),
         )
+        if row["depends_on"]:
+            try:
+                ctx.parent_results = parent_results(self.db, row["depends_on"])
+            except ServiceUnavailable as exc:
+                running = _Running(row, jt, ctx, time.monotonic(), time.monotonic(), 0.0)
+                running.error = RetryableError(f"could not read the parents' results: {exc}")
+                return running
         with self._running_lock:
             self._running[job_id] = (attempt, ctx)
         timeout = _pick(jt.timeout_seconds if jt else None, self.settings.handler_timeout_seconds)
@@ -328,6 +336,10 @@ class Processor:
         if failed:
             outcomes.update(self._fail(failed, rows))
         self._cache(rows)
+        followed = [row for row in rows if row["has_dependents"] or row["callback_url"]]
+        if followed:  # dependents and callbacks of jobs that ended; the sweeper's otherwise
+            self._background.submit(follow_up, self.db, self.cache, self.publisher,
+                                    self.settings, followed)
         for running in started:
             job_type = running.row["job_type"]
             outcome = outcomes[str(running.row["job_id"])]

@@ -141,6 +141,25 @@ class Settings(BaseModel):
     gateway_max_url_bytes: int = Field(8192, ge=256)
     gateway_max_header_bytes: int = Field(32768, ge=1024)
     gateway_read_timeout_seconds: float = Field(15.0, gt=0)
+    # Completion callbacks (common/callbacks.py): signed with the secret, only to these
+    # hosts ("host" or "host:port", comma-separated); none by default.
+    callback_secret: str = Field("", repr=False)
+    callback_allowed_hosts: tuple[str, ...] = ()
+    callback_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    callback_max_attempts: int = Field(8, ge=1, le=50)
+    callback_backoff_base_seconds: float = Field(2.0, ge=0)
+
+    @field_validator("callback_allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            hosts = tuple(h.strip().lower() for h in value.split(",") if h.strip())
+            bad = [h for h in hosts if "/" in h or "@" in h or " " in h]
+            if bad:
+                raise ValueError("JOBS_CALLBACK_ALLOWED_HOSTS lists hosts (host or host:port,"
+                                 f" comma-separated), not URLs: {bad[0]!r}")
+            return hosts
+        return value
 
 
 ENV = {
@@ -186,6 +205,11 @@ ENV = {
     "gateway_max_url_bytes": "JOBS_GATEWAY_MAX_URL_BYTES",
     "gateway_max_header_bytes": "JOBS_GATEWAY_MAX_HEADER_BYTES",
     "gateway_read_timeout_seconds": "JOBS_GATEWAY_READ_TIMEOUT_SECONDS",
+    "callback_secret": "JOBS_CALLBACK_SECRET",
+    "callback_allowed_hosts": "JOBS_CALLBACK_ALLOWED_HOSTS",
+    "callback_timeout_seconds": "JOBS_CALLBACK_TIMEOUT_SECONDS",
+    "callback_max_attempts": "JOBS_CALLBACK_MAX_ATTEMPTS",
+    "callback_backoff_base_seconds": "JOBS_CALLBACK_BACKOFF_BASE_SECONDS",
 }
 
 

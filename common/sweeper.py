@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from common import jobs
+from common import callbacks, dependencies, jobs
 from common.artifacts import delete_artifacts
 from common.cache import StatusCache
 from common.db import Database, rows_as_dicts
@@ -169,9 +169,11 @@ def sweep(db: Database, cache: StatusCache, publisher: Publisher,
     steps = {
         "reclaimed": lambda: reclaim_expired(db, cache, publisher, settings),
         "published": lambda: publish_due(db, publisher, settings),
+        "settled": lambda: dependencies.settle(db, cache, publisher, settings),
         "cache_repaired": lambda: jobs.repair_cache(db, cache),
         "deleted": lambda: forget_old_jobs(db, cache, settings),
         "counts_folded": lambda: fold_counts(db),
+        "callbacks_tried": lambda: callbacks.deliver_due(db, settings),
     }
     for name, step in steps.items():
         # Each step on its own: a broker outage must not stop the cache repair, and so on.

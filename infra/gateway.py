@@ -69,6 +69,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
               "expect", "date", "server"}
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # the dashboard
 FINAL_DOC = re.compile(rb'"status":\s*"(\w+)"')
+# A job cancelled by its parent's failure may come back (common.cache.is_final).
+CANCELLED_BY_PARENT = re.compile(rb'"cancelled_by":\s*"')
 
 SWAGGER_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Jobs API</title>
@@ -121,6 +123,7 @@ class FinalDocuments:
         """Keep `doc` if it is final (anything else may still change) and small enough."""
         match = FINAL_DOC.search(doc)
         if match is None or match.group(1).decode() not in FINAL_STATES \
+                or CANCELLED_BY_PARENT.search(doc) \
                 or len(doc) > self.max_bytes // 8 or job_id in self._docs:
             return
         self._docs[job_id] = doc

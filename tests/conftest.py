@@ -46,6 +46,9 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     _reset_clients()
 
 
+CALLBACK_SECRET = "callback-" + secrets.token_urlsafe(16)
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """PostgreSQL, Redis, Kafka, SMTP sink, every function, bridges and gateway."""
@@ -63,6 +66,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         JOBS_REQUEUE_AFTER_SECONDS="10",
         JOBS_GATEWAY_READ_TIMEOUT_SECONDS="5",  # tests/integration/test_front.py
         JOBS_METRICS_TOKEN="scrape-" + secrets.token_urlsafe(16),
+        # tests/integration/test_callbacks.py: receivers on this machine, quick retries
+        JOBS_CALLBACK_SECRET=CALLBACK_SECRET,
+        JOBS_CALLBACK_ALLOWED_HOSTS="127.0.0.1",
+        JOBS_CALLBACK_BACKOFF_BASE_SECONDS="0.2",
+        JOBS_CALLBACK_MAX_ATTEMPTS="3",
     )
     running = Stack(data_dir, gateway_port=services.free_port(), echo=False, env=env,
                     sweep_interval=0.5).start()

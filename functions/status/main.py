@@ -10,7 +10,14 @@ from common.auth import Principal
 from common.errors import ApiError
 from common.http import Dispatcher, query_int, query_list, query_text
 from common.logs import configure_logging
-from common.models import AttemptPage, DeadLetterPage, JobDocument, JobPage, Stats
+from common.models import (
+    AttemptPage,
+    CallbackPage,
+    DeadLetterPage,
+    JobDocument,
+    JobPage,
+    Stats,
+)
 
 configure_logging("status")
 clients.needs("database_url", "redis_url")
@@ -66,9 +73,18 @@ def get_stats(request: flask.Request, principal: Principal) -> Stats:
     return api.stats()
 
 
+def get_dependents(request: flask.Request, principal: Principal, job_id: str) -> JobPage:
+    return api.dependents(job_id)
+
+
+def get_callbacks(request: flask.Request, principal: Principal, job_id: str) -> CallbackPage:
+    return api.callback_deliveries(job_id)
+
+
 DISPATCH = Dispatcher("status", {
     "listJobs": get_many, "getJob": get_one, "getArtifact": get_artifact,
     "getAttempts": get_attempts, "listDeadLetters": get_dead_letters, "getStats": get_stats,
+    "getDependents": get_dependents, "getCallbacks": get_callbacks,
 })
 
 

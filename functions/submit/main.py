@@ -8,7 +8,7 @@ from werkzeug.exceptions import HTTPException
 
 from common import api, clients
 from common.auth import Principal
-from common.http import Dispatcher, Reply, parse_model, read_json
+from common.http import Dispatcher, Reply, parse_model, query_bool, read_json
 from common.logs import configure_logging
 from common.models import BatchAccepted, JobSubmission
 
@@ -36,7 +36,7 @@ def create_batch(request: flask.Request, principal: Principal) -> Reply:
 
 
 def retry(request: flask.Request, principal: Principal, job_id: str) -> Reply:
-    doc = api.replay(job_id)
+    doc = api.replay(job_id, with_dependents=query_bool(request, "with_dependents"))
     return Reply(doc, headers={"Location": f"/jobs/{doc.job_id}"})
 
 

@@ -129,3 +129,9 @@ def rate_and_concurrency(payload: dict[str, Any], ctx: JobContext) -> dict[str, 
     started = time.time()
     time.sleep(float(payload.get("seconds", 0.1)))
     return {"attempt": ctx.attempt, "ran": [started, time.time()]}
+
+
+@job_handler("PARENTS")
+def parents(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Return the results of the jobs this one depends on (`ctx.parent_results`)."""
+    return {"parents": ctx.parent_results}

@@ -17,12 +17,16 @@ def test_the_graph_is_exactly_the_one_in_the_spec():
         ("DEAD_LETTER", "QUEUED"),
         # cancellation, added for the operator features
         ("QUEUED", "CANCELLED"), ("RETRYING", "CANCELLED"), ("IN_PROGRESS", "CANCELLED"),
+        # dependencies: a child waits for its parents, is cancelled by a failed one, and
+        # waits again when that parent is replayed with its dependents
+        ("WAITING", "QUEUED"), ("WAITING", "CANCELLED"), ("CANCELLED", "WAITING"),
     }
 
 
 def test_completed_is_terminal_and_nothing_moves_a_job_backwards_to_queued_but_replay():
-    assert TRANSITIONS[S.COMPLETED] == frozenset() == TRANSITIONS[S.CANCELLED]
-    assert sources_of(S.QUEUED) == {S.DEAD_LETTER}
+    assert TRANSITIONS[S.COMPLETED] == frozenset()
+    assert TRANSITIONS[S.CANCELLED] == {S.WAITING}  # only for a job cancelled by its parent
+    assert sources_of(S.QUEUED) == {S.DEAD_LETTER, S.WAITING}
     assert sources_of(S.IN_PROGRESS) == {S.QUEUED, S.RETRYING}
 
 
@@ -65,6 +69,12 @@ def test_the_budget_is_spent_after_max_retries_and_a_job_can_override_it():
 
 
 def test_the_cache_calls_final_exactly_the_states_no_transition_leaves():
-    from common.cache import FINAL_STATES
+    from common.cache import FINAL_STATES, is_final
 
-    assert {s.value for s, targets in TRANSITIONS.items() if not targets} == FINAL_STATES
+    # CANCELLED's one way out is for jobs cancelled by a parent (`cancelled_by`), which
+    # the cache never takes for final.
+    leaving = {s.value for s, targets in TRANSITIONS.items() if targets <= {S.WAITING}}
+    assert leaving == FINAL_STATES
+    assert is_final({"status": "CANCELLED", "cancelled_by": None})
+    assert not is_final({"status": "CANCELLED", "cancelled_by": "2b1e..."})
+    assert sources_of(S.WAITING) == {S.CANCELLED}
