@@ -40,6 +40,9 @@ class RateLimit:
         """Seconds between two starts once the burst is spent."""
         return self.period / self.count
 
+    def __str__(self) -> str:
+        return f"{self.count}/{ {1.0: 's', 60.0: 'm', 3600.0: 'h'}[self.period] }"
+
 
 def parse_rate_limit(text: str) -> RateLimit:
     """`"100/m"` -> RateLimit(100, 60.0); ValueError saying what is accepted otherwise."""

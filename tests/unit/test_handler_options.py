@@ -44,3 +44,22 @@ def test_a_type_may_have_a_rate_limit_a_concurrency_limit_and_a_topic_at_once():
     assert declared.rate_limit == RateLimit(10, 60.0) and declared.concurrency == 2
     assert declared.topic == "job-queue.unit_1"
     assert get_job_type("BAD_RATE") is None and get_job_type("BAD_TOPIC") is None
+
+
+def test_the_openapi_document_states_a_types_limits_and_topic():
+    from common.openapi import build_openapi
+
+    @job_handler("UNIT_DOCUMENTED", rate_limit="120/minute", concurrency=3,
+                 topic="job-queue-documented")
+    def documented(payload):
+        """Do nothing."""
+
+    @job_handler("UNIT_PLAIN")
+    def plain(payload):
+        """Do nothing."""
+
+    schemas = build_openapi()["components"]["schemas"]
+    assert schemas["Submit_UNIT_DOCUMENTED"]["description"] == (
+        "Do nothing. (at most 3 running at once; rate limit 120/m;"
+        " Kafka topic job-queue-documented)")
+    assert schemas["Submit_UNIT_PLAIN"]["description"] == "Do nothing."
