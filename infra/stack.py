@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -29,8 +30,6 @@ import psutil
 
 from common.auth import bootstrap_admin_token
 from common.db import Database, migrate
-from common.handlers import load_handlers
-from common.queue import queue_topics
 from common.settings import Settings, kafka_client_config, load_settings
 from infra import services
 
@@ -191,6 +190,7 @@ class Stack:
         self._held: set[str] = set()  # servers stopped on purpose, not to be restarted
         self._threads: list[threading.Thread] = []
         self.new_admin_token: str | None = None  # made by this start, to print once
+        self._queue_topics: dict[str, str] | None = None
 
     # -- start ---------------------------------------------------------------------
 
@@ -343,9 +343,10 @@ class Stack:
     @property
     def queue_topics(self) -> dict[str, str]:
         """The job topics (the job queue, then those of job types with `topic=`), each
-        with the consumer group of its bridges; the handler modules are imported here."""
-        settings = self.settings
-        return queue_topics(settings, load_handlers(settings.handler_modules).values())
+        with the consumer group of its bridges."""
+        if self._queue_topics is None:
+            self._queue_topics = job_topics(self.env)
+        return self._queue_topics
 
     @property
     def topics(self) -> dict[str, int]:
@@ -536,6 +537,22 @@ class Stack:
                     log.error("could not stop %s: %s", name, exc)
         with contextlib.suppress(OSError):
             self._pidfile.unlink()
+
+
+def job_topics(env: dict[str, str]) -> dict[str, str]:
+    """`common.clients.job_topics` as the functions will see it: in a process of their
+    environment that imports their handler modules (this one may have registered others,
+    a test process certainly has)."""
+    run = subprocess.run(
+        [sys.executable, "-c", "import json; from common import clients;"
+         " print(json.dumps(clients.job_topics()))"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if run.returncode != 0:
+        modules = env.get("JOBS_HANDLER_MODULES") or "built-in only"
+        raise RuntimeError(f"cannot import the handler modules ({modules}):"
+                           f" {run.stderr.strip()[-2000:]}")
+    topics: dict[str, str] = json.loads(run.stdout.strip().splitlines()[-1])
+    return topics
 
 
 def port_is_free(port: int) -> bool:
