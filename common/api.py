@@ -213,8 +213,9 @@ def cancel(job_id: str) -> JobDocument:
                                    "only waiting or running jobs can be cancelled")
     if row["status"] == JobStatus.CANCELLED.value:  # a waiting job, cancelled here
         metrics.CANCELLED.labels(row["job_type"]).inc()
-        dependencies.follow_up(db, clients.cache(), clients.publisher(), clients.settings(),
-                               [row])
+        if row["has_dependents"] or row["callback_url"]:
+            dependencies.follow_up(db, clients.cache(), clients.publisher(),
+                                   clients.settings(), [row])
     jobs.cache_rows(db, clients.cache(), [row])
     return JobDocument.model_validate(jobs.document(row))
 

@@ -49,7 +49,10 @@ METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "metadata.go
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
     "169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200",
     "192.0.0.192"))
-_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="callbacks")
+# Sends run on one pool; `deliver_soon`'s runs, which wait for sends, on another: a run
+# never waits for a pool its own kind may have filled.
+_SENDERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="callbacks")
+_SOON = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="callbacks-soon")
 
 
 class Refused(ValueError):
@@ -196,8 +199,8 @@ def deliver_due(db: Database, settings: Settings, job_ids: list[str] | None = No
         if not taken:
             return 0
         rows = jobs.get_jobs(conn, sorted({str(c["job_id"]) for c in taken}))
-    futures = [_POOL.submit(_deliver, db, settings, callback, rows.get(str(callback["job_id"])))
-               for callback in taken]
+    futures = [_SENDERS.submit(_deliver, db, settings, callback,
+                               rows.get(str(callback["job_id"]))) for callback in taken]
     concurrent.futures.wait(futures)
     return len(taken)
 
@@ -211,7 +214,7 @@ def deliver_soon(db: Database, settings: Settings, job_ids: list[str]) -> None:
             log.warning("callbacks of %d job(s) not delivered now (%s); the sweeper will",
                         len(job_ids), exc)
 
-    _POOL.submit(run)
+    _SOON.submit(run)
 
 
 def _deliver(db: Database, settings: Settings, callback: dict[str, Any],
@@ -220,8 +223,11 @@ def _deliver(db: Database, settings: Settings, callback: dict[str, Any],
     started, clock = datetime.now(UTC), time.monotonic()
     status: int | None = None
     error: str | None = None
+    refusal = _refusal(callback["url"], settings)
     if row is None:
         error = "the job no longer exists"
+    elif refusal:
+        error = f"refused: {refusal}"  # the settings changed since submit
     else:
         headers, body = event_body(callback, jobs.document(row))
         headers[SIGNATURE_HEADER] = sign(settings.callback_secret, int(time.time()), body)
@@ -234,10 +240,9 @@ def _deliver(db: Database, settings: Settings, callback: dict[str, Any],
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
     elapsed_ms = (time.monotonic() - clock) * 1000
-    gone = row is None
     if error is None:
         state = "DELIVERED"
-    elif gone or attempt >= settings.callback_max_attempts:
+    elif row is None or refusal or attempt >= settings.callback_max_attempts:
         state = "FAILED"
     else:
         state = "PENDING"
@@ -263,6 +268,14 @@ def _deliver(db: Database, settings: Settings, callback: dict[str, Any],
     log.log(level, "callback %s of job %s to %s: %s (try %d, %s)", callback["event_type"],
             callback["job_id"], callback["url"], error or f"delivered ({status})", attempt,
             state)
+
+
+def _refusal(url: str, settings: Settings) -> str | None:
+    try:
+        check_url(url, settings)
+    except ApiError as exc:
+        return exc.detail
+    return None
 
 
 def deliveries(db: Database, job_id: str) -> list[dict[str, Any]]:

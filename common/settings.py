@@ -149,6 +149,14 @@ class Settings(BaseModel):
     callback_max_attempts: int = Field(8, ge=1, le=50)
     callback_backoff_base_seconds: float = Field(2.0, ge=0)
 
+    @field_validator("callback_secret")
+    @classmethod
+    def _strong_secret(cls, value: str) -> str:
+        if value and ("REPLACE_ME" in value or len(value) < 16):
+            raise ValueError("JOBS_CALLBACK_SECRET must be a secret of 16 characters or more"
+                             " (not the template's placeholder), or empty to refuse callbacks")
+        return value
+
     @field_validator("callback_allowed_hosts", mode="before")
     @classmethod
     def _host_list(cls, value: Any) -> Any:

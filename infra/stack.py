@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -258,6 +259,8 @@ class Stack:
             env["SMTP_URL"] = self.services["smtp"].url
         env.setdefault("JOBS_ARTIFACT_DIR", str(self.data_dir / "artifacts"))
         env.setdefault("JOBS_DATA_DIR", str(self.data_dir))
+        if not env.get("JOBS_CALLBACK_SECRET"):  # kept across restarts: receivers keep it
+            env["JOBS_CALLBACK_SECRET"] = self._callback_secret()
         # Every process's counters go here; the gateway's /metrics adds them up.
         metrics_dir = self.data_dir / "metrics"
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -384,6 +387,19 @@ class Stack:
         return f"http://127.0.0.1:{self.children[name].port}"
 
     @property
+    def callback_secret_path(self) -> Path:
+        return self.data_dir / "callback-secret"
+
+    def _callback_secret(self) -> str:
+        """The secret completion callbacks are signed with, made on first start (0600)."""
+        path = self.callback_secret_path
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32) + "\n")
+        return path.read_text().strip()
+
+    @property
     def admin_token_path(self) -> Path:
         return self.data_dir / "admin-token"
 
@@ -484,6 +500,10 @@ class Stack:
             f"  SMTP          {env['SMTP_URL']}"
             + (f"  (mail lands in {self.data_dir / 'mail'})" if "smtp" in self.services else ""),
             f"  artifacts     {env['JOBS_ARTIFACT_DIR']}",
+            "  callbacks     to " + (env.get("JOBS_CALLBACK_ALLOWED_HOSTS") or
+                                     "no host (set JOBS_CALLBACK_ALLOWED_HOSTS)")
+            + (f", signed with the secret in {self.callback_secret_path}"
+               if self.callback_secret_path.exists() else ""),
         ]
         for name in FUNCTIONS:
             lines.append(f"  function      {name:<8} " + ", ".join(

@@ -142,6 +142,12 @@ def build_parser() -> Parser:
     p.add_argument("--run-at", metavar="WHEN",
                    help="run no earlier than WHEN: ISO 8601 (2030-01-31T14:00:00Z; no zone"
                         " means local time) or +N[s|m|h|d] from now")
+    p.add_argument("--depends-on", action="append", metavar="ID", default=[],
+                   help="run only after this job completed (repeat for several; a unique"
+                        " prefix of a recent job will do); cancelled if it does not")
+    p.add_argument("--callback-url", metavar="URL",
+                   help="POST a signed CloudEvent here when the job ends (the host must be"
+                        " in the server's JOBS_CALLBACK_ALLOWED_HOSTS)")
     p.add_argument("--wait", action="store_true",
                    help="show live progress until the job ends; exit 0 if it completed,"
                         " 1 if it was dead-lettered or cancelled")
@@ -169,10 +175,22 @@ def build_parser() -> Parser:
     p = command("retry", "put a dead-lettered job back in the queue (POST /jobs/{id}/retry)")
     p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a dead-lettered"
                    " job")
+    p.add_argument("--with-dependents", action="store_true",
+                   help="also bring back the jobs its failure cancelled (they wait for it"
+                        " again)")
     p.add_argument("--wait", action="store_true", help="then wait for it, as submit --wait")
     p.add_argument("--wait-timeout", type=positive_float, metavar="S",
                    help="with --wait, give up (exit 1) after S seconds")
     p.set_defaults(handler=cmd_retry)
+
+    p = command("dependents", "list the jobs that depend on a job (GET /jobs/{id}/dependents)")
+    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a recent one")
+    p.add_argument("--full-ids", action="store_true", help="show whole job ids")
+    p.set_defaults(handler=cmd_dependents)
+
+    p = command("callbacks", "show a job's callback deliveries (GET /jobs/{id}/callbacks)")
+    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a recent one")
+    p.set_defaults(handler=cmd_callbacks)
 
     p = command("cancel", "cancel a job (POST /jobs/{id}/cancel)")
     p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a recent one")
@@ -435,6 +453,10 @@ def cmd_submit(args: argparse.Namespace, client: Client, out: Out) -> int:
         body["max_retries"] = args.max_retries
     if args.run_at:
         body["run_at"] = parse_run_at(args.run_at)
+    if args.depends_on:
+        body["depends_on"] = [resolve_id(client, ref) for ref in args.depends_on]
+    if args.callback_url:
+        body["callback_url"] = args.callback_url
     if args.wait_timeout and not args.wait:
         raise UsageError("--wait-timeout needs --wait")
     reply = client.submit(body, args.idempotency_key)
@@ -624,7 +646,8 @@ def cmd_dead_letters(args: argparse.Namespace, client: Client, out: Out) -> int:
 def cmd_retry(args: argparse.Namespace, client: Client, out: Out) -> int:
     if args.wait_timeout and not args.wait:
         raise UsageError("--wait-timeout needs --wait")
-    reply = client.retry(resolve_id(client, args.job_id, status="DEAD_LETTER"))
+    reply = client.retry(resolve_id(client, args.job_id, status="DEAD_LETTER"),
+                         with_dependents=args.with_dependents)
     job = reply.json
     if args.wait:
         if not args.json:
@@ -635,6 +658,28 @@ def cmd_retry(args: argparse.Namespace, client: Client, out: Out) -> int:
     else:
         out.print(f"job {job.get('job_id')} is back in the queue: {job.get('status')},"
                   f" retries {render.retries_cell(job)} (HTTP {reply.status})")
+    return EXIT_OK
+
+
+def cmd_dependents(args: argparse.Namespace, client: Client, out: Out) -> int:
+    reply = client.dependents(resolve_id(client, args.job_id))
+    if args.json:
+        out.raw(reply)
+        return EXIT_OK
+    items = reply.json.get("items") or []
+    out.print(render.jobs_table(items, full_ids=args.full_ids, ascii_only=out.ascii_only)
+              if items else "no job depends on it")
+    return EXIT_OK
+
+
+def cmd_callbacks(args: argparse.Namespace, client: Client, out: Out) -> int:
+    reply = client.callbacks(resolve_id(client, args.job_id))
+    if args.json:
+        out.raw(reply)
+        return EXIT_OK
+    items = reply.json.get("items") or []
+    out.print(render.callbacks_table(items) if items else "no callbacks (none asked, or the"
+              " job has not ended)")
     return EXIT_OK
 
 

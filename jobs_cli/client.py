@@ -172,8 +172,15 @@ class Client:
     def dead_letters(self, *, limit: int | None = None, cursor: str | None = None) -> Reply:
         return self.request("GET", "/dead-letters", params={"limit": limit, "cursor": cursor})
 
-    def retry(self, job_id: str) -> Reply:
-        return self.request("POST", f"/jobs/{_seg(job_id)}/retry")
+    def retry(self, job_id: str, with_dependents: bool = False) -> Reply:
+        query = "?with_dependents=true" if with_dependents else ""
+        return self.request("POST", f"/jobs/{_seg(job_id)}/retry{query}")
+
+    def dependents(self, job_id: str) -> Reply:
+        return self.request("GET", f"/jobs/{_seg(job_id)}/dependents")
+
+    def callbacks(self, job_id: str) -> Reply:
+        return self.request("GET", f"/jobs/{_seg(job_id)}/callbacks")
 
     def cancel(self, job_id: str) -> Reply:
         return self.request("POST", f"/jobs/{_seg(job_id)}/cancel")

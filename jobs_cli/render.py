@@ -165,6 +165,20 @@ def dead_letters_table(items: Sequence[dict[str, Any]], *, full_ids: bool = Fals
     return table(headers, rows, right=(3,), max_widths={1: 24, 2: 24, 6: 60})
 
 
+def callbacks_table(items: Sequence[dict[str, Any]], *, now: datetime | None = None) -> str:
+    """A job's callback deliveries: one row per try (a delivery not yet tried: one row)."""
+    headers = ["EVENT", "STATE", "TRY", "AT", "ANSWER", "MS", "URL"]
+    rows = []
+    for d in items:
+        for a in d.get("attempts") or [{}]:
+            answer = a.get("error") or (str(a["status_code"]) if a.get("status_code") else "-")
+            rows.append([d.get("event_type"), d.get("state"), str(a.get("attempt", "-")),
+                         relative(a.get("started_at"), now) if a.get("started_at") else "-",
+                         answer, f"{a['duration_ms']:.0f}" if "duration_ms" in a else "-",
+                         d.get("url")])
+    return table(headers, rows, right=(2, 5), max_widths={4: 40, 6: 60})
+
+
 def tokens_table(items: Sequence[dict[str, Any]], *, now: datetime | None = None) -> str:
     """API tokens with whole ids (revoke needs one), scopes and relative times."""
     now = now or datetime.now(UTC)
@@ -189,7 +203,7 @@ def tokens_table(items: Sequence[dict[str, Any]], *, now: datetime | None = None
 _DETAIL_FIELDS = ("job_id", "job_type", "status", "attempts", "retries", "max_retries",
                   "progress", "progress_message", "cancel_requested", "run_at",
                   "next_attempt_at", "created_at", "updated_at", "version", "payload",
-                  "result", "error_message")
+                  "result", "error_message", "depends_on", "cancelled_by", "callback_url")
 
 
 def job_detail(job: dict[str, Any], now: datetime | None = None,
@@ -218,6 +232,12 @@ def job_detail(job: dict[str, Any], now: datetime | None = None,
         rows.append(("Result", json.dumps(job["result"], ensure_ascii=False)))
     if job.get("error_message"):
         rows.append(("Error", one_cell(job["error_message"])))
+    if job.get("depends_on"):
+        rows.append(("Depends on", ", ".join(map(str, job["depends_on"]))))
+    if job.get("cancelled_by"):
+        rows.append(("Cancelled by", f"{job['cancelled_by']} (a parent that did not complete)"))
+    if job.get("callback_url"):
+        rows.append(("Callback", str(job["callback_url"])))
     for key, value in job.items():
         if key not in _DETAIL_FIELDS:
             rows.append((key, one_cell(value)))

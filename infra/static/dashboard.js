@@ -13,14 +13,14 @@
 "use strict";
 
 (() => {
-  const STATUSES = ["QUEUED", "IN_PROGRESS", "RETRYING", "FAILED", "COMPLETED", "DEAD_LETTER",
+  const STATUSES = ["WAITING", "QUEUED", "IN_PROGRESS", "RETRYING", "FAILED", "COMPLETED", "DEAD_LETTER",
     "CANCELLED"];
-  const LABELS = {QUEUED: "Queued", IN_PROGRESS: "In progress", RETRYING: "Retrying",
+  const LABELS = {WAITING: "Waiting", QUEUED: "Queued", IN_PROGRESS: "In progress", RETRYING: "Retrying",
     FAILED: "Failed", COMPLETED: "Completed", DEAD_LETTER: "Dead letter", CANCELLED: "Cancelled"};
-  const SHORT = {QUEUED: "Queued", IN_PROGRESS: "Running", RETRYING: "Retry", FAILED: "Failed",
+  const SHORT = {WAITING: "Wait", QUEUED: "Queued", IN_PROGRESS: "Running", RETRYING: "Retry", FAILED: "Failed",
     COMPLETED: "Done", DEAD_LETTER: "Dead", CANCELLED: "Cancel."};
   const TERMINAL = new Set(["COMPLETED", "DEAD_LETTER", "CANCELLED"]);
-  const CANCELLABLE = new Set(["QUEUED", "RETRYING", "IN_PROGRESS"]);
+  const CANCELLABLE = new Set(["WAITING", "QUEUED", "RETRYING", "IN_PROGRESS"]);
   const REFRESH_MS = 2000;
   const JOB_REFRESH_MS = 1000;
   const SCOPE = {SUBMIT: "jobs:submit", READ: "jobs:read", OPERATE: "jobs:operate", ADMIN: "admin"};
@@ -797,8 +797,55 @@
             <th scope="col">Finished</th><th scope="col" class="num">Duration</th>
             <th scope="col">Outcome</th><th scope="col">Error</th></tr></thead>
           <tbody></tbody></table></div>
+      </section>
+      <section class="panel" aria-labelledby="deps-h" data-testid="job-dependents-panel" hidden>
+        <div class="panel-head"><h2 id="deps-h">Dependents</h2>
+          ${can(SCOPE.OPERATE) ? html`<button type="button" data-action="replayAll"
+            data-testid="job-replay-with-dependents" hidden>Replay with dependents</button>` : ""}
+        </div>
+        <div class="table-wrap"><table data-testid="dependents-table">
+          <thead><tr><th scope="col">Job</th><th scope="col">Type</th><th scope="col">Status</th>
+            <th scope="col">Error</th></tr></thead><tbody></tbody></table></div>
+      </section>
+      <section class="panel" aria-labelledby="cb-h" data-testid="job-callbacks-panel" hidden>
+        <div class="panel-head"><h2 id="cb-h">Callbacks</h2></div>
+        <div class="table-wrap"><table data-testid="callbacks-table">
+          <thead><tr><th scope="col">Event</th><th scope="col">State</th>
+            <th scope="col" class="num">Try</th><th scope="col">At</th><th scope="col">Answer</th>
+            </tr></thead><tbody></tbody></table></div>
       </section>`);
     const noticeEl = $("[data-testid=job-notice]", el);
+    let relationsOf = null;  // the version whose dependents and callbacks are shown
+    const loadRelations = async (doc) => {
+      const [deps, calls] = await Promise.all([
+        api(`/jobs/${encodeURIComponent(id)}/dependents`),
+        doc.callback_url ? api(`/jobs/${encodeURIComponent(id)}/callbacks`) : {items: []}]);
+      const depItems = deps.items || [];
+      $("[data-testid=job-dependents-panel]", el).hidden = !depItems.length;
+      const replayAll = $("[data-testid=job-replay-with-dependents]", el);
+      if (replayAll) {
+        replayAll.hidden = doc.status !== "DEAD_LETTER"
+          || !depItems.some((d) => d.cancelled_by === doc.job_id);
+      }
+      patchRows($("[data-testid=dependents-table] tbody", el), depItems, {
+        key: (d) => d.job_id, cols: 4, empty: "",
+        attrs: (d) => ({"data-testid": "dependent-row", "data-status": d.status}),
+        cells: (d) => [html`<a class="mono" href="#/jobs/${d.job_id}">${shortId(d.job_id)}</a>`,
+          d.job_type, badge(d.status), {html: html`${d.error_message || ""}`, cls: "err"}],
+      });
+      const tries = [];
+      for (const c of calls.items || []) {
+        for (const a of (c.attempts.length ? c.attempts : [{}])) tries.push({c, a});
+      }
+      $("[data-testid=job-callbacks-panel]", el).hidden = !tries.length;
+      patchRows($("[data-testid=callbacks-table] tbody", el), tries, {
+        key: ({c, a}) => `${c.callback_id}/${a.attempt || 0}`, cols: 5, empty: "",
+        attrs: ({c}) => ({"data-testid": "callback-row", "data-state": c.state}),
+        cells: ({c, a}) => [c.event_type, c.state, num(a.attempt || 0),
+          a.started_at ? when(a.started_at) : "–",
+          a.error || (a.status_code ? String(a.status_code) : "–")],
+      });
+    };
     if (flash) { notice(noticeEl, flash.kind, flash.content); flash = null; }
     let p = null;
     let stopped = false;
@@ -852,6 +899,16 @@
       ];
       if (doc.run_at) facts.push(["Run at", when(doc.run_at)]);
       if (doc.next_attempt_at) facts.push(["Next attempt", when(doc.next_attempt_at)]);
+      if (doc.depends_on && doc.depends_on.length) {
+        facts.push(["Depends on", html`<span data-testid="job-parents">${doc.depends_on.map(
+          (p) => html`<a class="mono" href="#/jobs/${p}" data-testid="job-parent">${shortId(p)}</a> `)}</span>`]);
+      }
+      if (doc.cancelled_by) {
+        facts.push(["Cancelled by", html`<a class="mono" href="#/jobs/${doc.cancelled_by}"
+          data-testid="job-cancelled-by">${shortId(doc.cancelled_by)}</a>
+          <span class="muted">(a parent that did not complete)</span>`]);
+      }
+      if (doc.callback_url) facts.push(["Callback", html`<span class="mono">${doc.callback_url}</span>`]);
       facts.push(["Version", String(doc.version)]);
       setHTML($("[data-testid=job-facts]", el), facts.map(([k, v]) => html`<dt>${k}</dt><dd>${v}</dd>`));
       setText($("[data-testid=job-payload]", el), pretty(doc.payload));
@@ -865,6 +922,10 @@
       setHTML($("[data-testid=artifact-wrap]", el), artifact && doc.status === "COMPLETED"
         ? html`<button type="button" data-action="download" data-testid="artifact-download"
             >Download ${artifact}</button>` : "");
+      if (doc.version !== relationsOf) {  // dependents and callbacks change with the job
+        relationsOf = doc.version;
+        loadRelations(doc).catch(() => {});
+      }
       patchRows($("[data-testid=attempts-table] tbody", el), attempts, {
         key: (a) => a.attempt, cols: 6, empty: "Not started yet.",
         attrs: (a) => ({"data-testid": "attempt-row", "data-outcome": a.outcome || "RUNNING"}),
@@ -895,6 +956,20 @@
             notice(noticeEl, "error", problemHTML(err));
           }
           btn.disabled = false;
+        },
+        replayAll: async (btn) => {
+          btn.disabled = true;
+          try {
+            const doc = await api(`/jobs/${encodeURIComponent(id)}/retry?with_dependents=true`,
+              {method: "POST"});
+            notice(noticeEl, "ok", html`Replayed: the job is ${badge(doc.status)} again, and
+              the jobs its failure cancelled wait for it again.`);
+          } catch (err) {
+            notice(noticeEl, "error", problemHTML(err));
+          }
+          btn.disabled = false;
+          relationsOf = null;
+          restart();
         },
         replay: async (btn) => {
           btn.disabled = true;

@@ -427,3 +427,31 @@ def test_run_at_is_sent_with_the_browsers_utc_offset(
 
     page.get_by_test_id("job-cancel").click()  # a waiting job is cancelled at once
     expect(page.get_by_test_id("job-status")).to_have_text("CANCELLED")
+
+
+def test_a_job_page_links_parents_and_dependents_and_replays_them(
+        page: Any, api: Api, stack: Any) -> None:
+    parent, child = (j["job_id"] for j in api.request("POST", "/jobs/batch", json_body={
+        "jobs": [{"job_type": "PERMANENT_FAIL"},
+                 {"job_type": "PARENTS", "depends_on": [0]}]}).json["jobs"])
+    api.wait_status(child, "CANCELLED", timeout=30)
+
+    page.goto(f"/#/jobs/{parent}")
+    sign_in(page, stack.admin_token, "admin")
+    expect(page.get_by_test_id("job-status")).to_have_text("DEAD_LETTER")
+    row = page.get_by_test_id("dependent-row")
+    expect(row).to_have_count(1)
+    expect(row).to_have_attribute("data-status", "CANCELLED")
+    expect(row).to_contain_text(f"parent {parent} ended DEAD_LETTER")
+
+    row.get_by_role("link").click()
+    expect(page.get_by_test_id("job-id")).to_have_text(child)
+    expect(page.get_by_test_id("job-cancelled-by")).to_have_text(parent[:8])
+    page.get_by_test_id("job-parent").click()
+    expect(page.get_by_test_id("job-id")).to_have_text(parent)
+
+    page.get_by_test_id("job-replay-with-dependents").click()
+    expect(page.get_by_test_id("job-notice")).to_contain_text("wait for it again")
+    # the parent fails again (a permanent error), and so its dependent is cancelled again
+    expect(page.get_by_test_id("job-status")).to_have_text("DEAD_LETTER", timeout=30_000)
+    assert api.wait_status(child, "CANCELLED", timeout=30)["version"] >= 4

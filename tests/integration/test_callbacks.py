@@ -14,6 +14,7 @@ import pytest
 
 from common.callbacks import SIGNATURE_HEADER, verify
 from tests.conftest import CALLBACK_SECRET
+from tests.integration.test_cli import jobs  # noqa: F401 - the CLI runner fixture
 from tests.support.client import wait_for
 
 pytestmark = pytest.mark.integration
@@ -121,3 +122,12 @@ def test_callbacks_to_other_hosts_are_refused_at_submit(api, url, words):
     reply = api.submit("ECHO", {"message": "x"}, callback_url=url)
     assert reply.status == 422, reply.body
     assert words in reply.json["detail"]
+
+
+def test_the_cli_shows_each_try(jobs, api, receiver):  # noqa: F811 - the fixture
+    receiver.answers = [502]
+    job = api.submit("ECHO", {"message": "x"}, callback_url=receiver.url).json
+    wait_for(lambda: len(receiver.for_job(job["job_id"])) == 2, 20, "two tries")
+    shown = wait_for(lambda: (r := jobs("callbacks", job["job_id"])).returncode == 0
+                     and "DELIVERED" in r.stdout and r.stdout, 10, "the CLI to show it")
+    assert "answered 502" in shown and "jobs.job.completed" in shown

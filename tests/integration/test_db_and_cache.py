@@ -63,7 +63,8 @@ def db(postgres: ServerProcess) -> Iterator[Database]:
 @pytest.fixture
 def tables(db: Database) -> Database:
     """The jobs tables, empty."""
-    db.run("TRUNCATE jobs, job_attempts, dead_letters, cache_repairs")  # counts too (trigger)
+    db.run("TRUNCATE jobs, job_attempts, dead_letters, cache_repairs, job_dependencies,"
+           " job_settlements, job_callbacks, job_callback_attempts")  # counts too (trigger)
     return db
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 
 import pytest
 
+from tests.integration.test_cli import jobs  # noqa: F401 - the CLI runner fixture
 from tests.support.client import wait_for
 
 pytestmark = pytest.mark.integration
@@ -66,17 +68,18 @@ def test_children_of_parents_ending_at_the_same_moment_run_exactly_once(api):
     for i in range(15):
         batch += [{"job_type": "NOOP"}, {"job_type": "NOOP"},
                   {"job_type": "PARENTS", "depends_on": [3 * i, 3 * i + 1]}]
-    jobs = api.request("POST", "/jobs/batch", json_body={"jobs": batch}).json["jobs"]
-    children = [j["job_id"] for j in jobs[2::3]]
+    created = api.request("POST", "/jobs/batch", json_body={"jobs": batch}).json["jobs"]
+    children = [j["job_id"] for j in created[2::3]]
     for child in children:
         assert api.wait_status(child, timeout=60)["status"] == "COMPLETED"
         assert len(_attempts(api, child)) == 1
 
 
 def test_a_dead_lettered_parent_cancels_its_dependents_down_the_line(api):
-    parent = api.submit("PERMANENT_FAIL").json
-    child = api.submit("PARENTS", depends_on=[parent["job_id"]]).json
-    grandchild = api.submit("PARENTS", depends_on=[child["job_id"]]).json
+    # one batch: the parent cannot fail before its dependents exist
+    parent, child, grandchild = api.request("POST", "/jobs/batch", json_body={"jobs": [
+        {"job_type": "PERMANENT_FAIL"}, {"job_type": "PARENTS", "depends_on": [0]},
+        {"job_type": "PARENTS", "depends_on": [1]}]}).json["jobs"]
     assert api.wait_status(parent["job_id"])["status"] == "DEAD_LETTER"
     doc = api.wait_status(child["job_id"], "CANCELLED", timeout=20)
     assert doc["cancelled_by"] == parent["job_id"]
@@ -106,8 +109,9 @@ def test_a_dead_lettered_parent_cancels_its_dependents_down_the_line(api):
 def test_replay_with_dependents_lets_them_run_when_the_parent_then_succeeds(api, database_url):
     from common.db import Database
 
-    parent = api.submit("FLAKY", {"failures": 1}, max_retries=0).json
-    child = api.submit("PARENTS", depends_on=[parent["job_id"]]).json
+    parent, child = api.request("POST", "/jobs/batch", json_body={"jobs": [
+        {"job_type": "FLAKY", "payload": {"failures": 1}, "max_retries": 0},
+        {"job_type": "PARENTS", "depends_on": [0]}]}).json["jobs"]
     assert api.wait_status(parent["job_id"])["status"] == "DEAD_LETTER"
     api.wait_status(child["job_id"], "CANCELLED", timeout=20)
     reply = api.request("POST", f"/jobs/{parent['job_id']}/retry?with_dependents=true")
@@ -162,3 +166,26 @@ def test_a_parent_that_already_failed_is_refused(api):
     api.wait_status(parent["job_id"])
     reply = api.submit("PARENTS", depends_on=[parent["job_id"]])
     assert reply.status == 422 and "DEAD_LETTER" in reply.json["detail"]
+
+
+def test_the_cli_submits_a_dependent_job_lists_dependents_and_replays_them(
+        jobs, api):  # noqa: F811 - the fixture
+    parent = jobs("submit", "PERMANENT_FAIL", "--run-at", "+2s", "--json")  # fails later
+    assert parent.returncode == 0, parent.stderr
+    parent_id = json.loads(parent.stdout)["job_id"]
+    child = jobs("submit", "PARENTS", "--depends-on", parent_id[:12], "--wait",
+                 "--wait-timeout", "30")
+    assert child.returncode == 1, child.stdout + child.stderr  # cancelled: its parent failed
+    assert "CANCELLED" in child.stdout
+    listed = jobs("dependents", parent_id, "--full-ids")
+    assert listed.returncode == 0 and "CANCELLED" in listed.stdout, listed.stderr
+    child_id = api.request("GET", f"/jobs/{parent_id}/dependents").json["items"][0]["job_id"]
+    assert child_id in listed.stdout
+    shown = jobs("status", child_id)
+    assert f"Depends on:   {parent_id}" in shown.stdout
+    assert f"Cancelled by: {parent_id}" in shown.stdout
+    before = api.job(child_id)["version"]
+    again = jobs("retry", parent_id, "--with-dependents")
+    assert again.returncode == 0, again.stderr
+    # waits again (one version), then is cancelled again when the parent fails again
+    wait_for(lambda: api.job(child_id)["version"] >= before + 2, 20, "the child to wait again")

@@ -64,6 +64,8 @@ JOB_TYPE = "LIFECYCLE_PROBE"
 LEASE_SECONDS = 3600.0  # only a forced expiry (the crash rule) ends a lease
 HANDLER_LIMIT = 120.0  # the type's time limit: far past any step, so it never fires here
 WAIT = 15.0  # deadline of every wait for a thread of the system under test
+# Tables that reference jobs (migration 0008): truncated with it
+DEPENDENT_TABLES = "job_dependencies, job_settlements, job_callbacks, job_callback_attempts"
 # No backoff: a RETRYING job is due at once, so the next delivery can claim it.
 SETTINGS = Settings(max_retries=3, backoff_base_seconds=0, backoff_max_seconds=0,
                     backoff_jitter=0, lease_seconds=LEASE_SECONDS,
@@ -240,8 +242,8 @@ class Lifecycle(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.db.run("TRUNCATE jobs, job_attempts, dead_letters, cache_repairs, status_changes"
-                    " RESTART IDENTITY")
+        self.db.run("TRUNCATE jobs, job_attempts, dead_letters, cache_repairs, status_changes,"
+                    f" {DEPENDENT_TABLES} RESTART IDENTITY")
         SCRIPT.reset()
         with self.publisher._lock:
             self.publisher.events.clear()
@@ -596,7 +598,8 @@ def system(stack, scratch_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator
     publisher = RecordingPublisher()
     system = System(db, [Processor(SETTINGS, db, cache, publisher) for _ in WORKERS],
                     publisher, redis.Redis.from_url(stack.env["REDIS_URL"]))
-    db.run("TRUNCATE jobs, job_attempts, dead_letters, cache_repairs, status_changes")
+    db.run(f"TRUNCATE jobs, job_attempts, dead_letters, cache_repairs, status_changes,"
+           f" {DEPENDENT_TABLES}")
     SCRIPT.reset()
     try:
         yield system

@@ -56,7 +56,7 @@ FUNCTIONS = {
     "sweeper": ("sweep_jobs", "http"),
 }
 DECORATOR_SIGNATURE = {"http": "http", "cloud_event": "cloudevent"}
-SECRET_KEYS = {"DATABASE_URL", "REDIS_URL", "SMTP_URL"}
+SECRET_KEYS = {"DATABASE_URL", "REDIS_URL", "SMTP_URL", "JOBS_CALLBACK_SECRET"}
 PLACEHOLDER = "REPLACE_ME"
 
 # Fields Knative Serving's webhook accepts without a feature flag (pkg/apis/serving/fieldmask.go).
@@ -482,7 +482,11 @@ def test_every_variable_set_is_one_the_code_reads_and_the_settings_accept_the_va
         unknown = {e["name"] for e in container["env"]} - known
         assert not unknown, f"{name} sets variables nothing reads: {unknown}"
     # The same types the functions will parse at start-up (ints, floats, paths).
-    settings = load_settings({**_config(), **_secret_values(secret)})
+    # The callback secret's placeholder is refused at start (a known signing key): filled in.
+    filled = {**_secret_values(secret), "JOBS_CALLBACK_SECRET": "x" * 32}
+    settings = load_settings({**_config(), **filled})
+    with pytest.raises(ValueError, match="placeholder"):
+        load_settings({**_config(), **_secret_values(secret)})
     assert settings.queue_topic == _queue_topic() and settings.dlq_topic == _dlq_topic()
 
 

@@ -1,0 +1,80 @@
+"""Callback URL checks, address refusals after resolution, and signatures (pure logic)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from common import callbacks
+from common.errors import ApiError
+from common.settings import load_settings
+
+
+def settings(**env: str):
+    return load_settings({"JOBS_CALLBACK_SECRET": "s3cret-of-16-chars-or-more", **env})
+
+
+def test_no_secret_means_no_callbacks():
+    with pytest.raises(ApiError) as err:
+        callbacks.check_url("http://127.0.0.1/x", load_settings(
+            {"JOBS_CALLBACK_ALLOWED_HOSTS": "127.0.0.1"}))
+    assert err.value.status == 422 and "JOBS_CALLBACK_SECRET" in err.value.detail
+
+
+def test_only_listed_hosts_and_ports_are_allowed():
+    s = settings(JOBS_CALLBACK_ALLOWED_HOSTS="hooks.example.com, 127.0.0.1:9999")
+    assert callbacks.check_url("https://hooks.example.com/a?b=1", s)
+    assert callbacks.check_url("http://HOOKS.example.com:8080/", s)  # any port of a bare host
+    assert callbacks.check_url("http://127.0.0.1:9999/hook", s)
+    for url in ("http://127.0.0.1:9998/hook", "http://127.0.0.1/hook", "http://evil.com/"):
+        with pytest.raises(ApiError) as err:
+            callbacks.check_url(url, s)
+        assert "not in JOBS_CALLBACK_ALLOWED_HOSTS" in err.value.detail
+
+
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254/latest", "http://[fd00:ec2::254]/", "http://169.254.1.1/",
+    "http://[::ffff:169.254.169.254]/", "http://metadata.google.internal/",
+    "http://[fe80::1%25eth0]/"])
+def test_metadata_and_link_local_addresses_are_refused_even_when_listed(url):
+    s = settings(JOBS_CALLBACK_ALLOWED_HOSTS="169.254.169.254,fd00:ec2::254,169.254.1.1,"
+                 "::ffff:169.254.169.254,metadata.google.internal,fe80::1%eth0")
+    with pytest.raises(ApiError) as err:
+        callbacks.check_url(url, s)
+    assert "metadata" in err.value.detail or "link-local" in err.value.detail
+
+
+def test_a_name_resolving_to_a_metadata_address_is_refused_at_delivery(monkeypatch):
+    def fake(host, port, type=0):  # noqa: A002 - socket.getaddrinfo's own name
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.5", port)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    with pytest.raises(callbacks.Refused, match="metadata"):
+        callbacks.post("http://allowed.example/hook", {}, b"{}", timeout=1)
+
+
+def test_a_signature_verifies_only_with_the_secret_the_body_and_a_recent_time():
+    body = b'{"a": 1}'
+    now = int(time.time())
+    header = callbacks.sign("k", now, body)
+    assert header.startswith(f"t={now},v1=")
+    assert callbacks.verify("k", header, body)
+    assert not callbacks.verify("k2", header, body)
+    assert not callbacks.verify("k", header, body + b" ")
+    assert not callbacks.verify("k", callbacks.sign("k", now - 3600, body), body)
+    assert not callbacks.verify("k", "garbage", body)
+
+
+def test_the_allowed_hosts_setting_takes_hosts_not_urls():
+    with pytest.raises(ValueError, match="not URLs"):
+        load_settings({"JOBS_CALLBACK_ALLOWED_HOSTS": "https://hooks.example.com/x"})
+
+
+@pytest.mark.parametrize("secret", ["short", "REPLACE_ME_CALLBACK_SECRET"])
+def test_a_weak_or_template_callback_secret_is_refused_at_start(secret):
+    with pytest.raises(ValueError, match="JOBS_CALLBACK_SECRET") as err:
+        load_settings({"JOBS_CALLBACK_SECRET": secret})
+    assert secret not in str(err.value)  # settings errors never echo values
