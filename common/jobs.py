@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from common import ratelimits
 from common.cache import StatusCache, is_final
 from common.db import Connection, Database, GroupCommitter, rows_as_dicts
 from common.errors import ApiError
 from common.lifecycle import transition_many_sql, transition_sql
 from common.models import JobDocument, JobStatus, JobSubmission
+from common.ratelimits import RateLimit
 
 S = JobStatus
 log = logging.getLogger(__name__)
@@ -206,13 +208,16 @@ def mark_published(db: Database, published: list[tuple[str, int]]) -> None:
     """
     if published:
         # SKIP LOCKED: a locked job is being claimed (a mark would not apply anyway), and
-        # waiting for it could deadlock with a multi-row claim.
+        # waiting for it could deadlock with a multi-row claim. A job deferred since its
+        # publish (a concurrency or rate limit put it back to wait) is the sweeper's to
+        # publish again when due: a late mark must not hide it for requeue_after.
         published = sorted(published)
         with db.transaction(durable=False) as conn:  # a lost mark costs one duplicate
             conn.run("UPDATE jobs SET published_at = now() WHERE job_id IN (SELECT job_id"
                      " FROM jobs JOIN unnest(CAST(:ids AS uuid[]), CAST(:ns AS int[]))"
                      " AS p(id, n) ON jobs.job_id = p.id AND jobs.attempts = p.n"
-                     " WHERE jobs.status IN ('QUEUED', 'RETRYING')"
+                     " WHERE jobs.status IN ('QUEUED', 'RETRYING') AND jobs.rate_slot_at IS NULL"
+                     " AND (jobs.next_attempt_at IS NULL OR jobs.next_attempt_at <= now())"
                      " FOR UPDATE OF jobs SKIP LOCKED)",
                      ids=[job_id for job_id, _ in published], ns=[n for _, n in published])
 
@@ -305,11 +310,14 @@ def list_jobs(conn: Connection, *, status: list[str] | None, job_type: list[str]
 
 
 def claim(conn: Connection, job_id: str, lease_seconds: float,
-          concurrency: tuple[str, int] | None = None) -> dict[str, Any] | None:
+          concurrency: tuple[str, int] | None = None,
+          rate: tuple[str, RateLimit] | None = None) -> dict[str, Any] | None:
     """QUEUED/RETRYING -> IN_PROGRESS, counting the attempt before the handler runs.
 
     With `concurrency` = (job type, limit), a job whose type already runs `limit` attempts
-    is not claimed but put back to wait a second (the sweeper re-enqueues it).
+    is not claimed but put back to wait a second (the sweeper re-enqueues it). With `rate`
+    = (job type, limit), a job over the rate is not claimed but given the bucket's next
+    slot and put back to wait for it (see `common.ratelimits`); neither counts an attempt.
     """
     if concurrency is not None:
         job_type, limit = concurrency
@@ -321,6 +329,21 @@ def claim(conn: Connection, job_id: str, lease_seconds: float,
             conn.run("UPDATE jobs SET next_attempt_at = now() + interval '1 second',"
                      " published_at = NULL WHERE job_id = CAST(:id AS uuid)"
                      " AND status IN ('QUEUED', 'RETRYING')", id=job_id)
+            return None
+    if rate is not None:
+        # The job first, locked: a duplicate delivery, or one before the job is due,
+        # takes no token. A job holding a reserved slot (now due) takes none either.
+        waiting = conn.run("SELECT rate_slot_at IS NOT NULL FROM jobs"
+                           " WHERE job_id = CAST(:id AS uuid) AND status IN ('QUEUED', 'RETRYING')"
+                           " AND (next_attempt_at IS NULL OR next_attempt_at <= now()) FOR UPDATE",
+                           id=job_id)
+        if not waiting:
+            return None
+        slot = None if waiting[0][0] else ratelimits.take_slot(conn, *rate)
+        if slot is not None:
+            conn.run("UPDATE jobs SET next_attempt_at = CAST(:slot AS timestamptz),"
+                     " rate_slot_at = CAST(:slot AS timestamptz), published_at = NULL"
+                     " WHERE job_id = CAST(:id AS uuid)", id=job_id, slot=slot)
             return None
     sql, params = claim_sql(job_id, lease_seconds)
     rows = rows_as_dicts(conn, conn.run(sql, **params))
@@ -414,6 +437,7 @@ _CLAIM_EXPRESSIONS = {
     "retries": "retries + CASE WHEN status = 'RETRYING' THEN 1 ELSE 0 END",
     "lease_expires_at": "now() + make_interval(secs => :lease)",
     "next_attempt_at": "NULL",
+    "rate_slot_at": "NULL",  # a slot reserved by the rate limit is used by this attempt
 }
 
 

@@ -16,7 +16,7 @@ from common.db import Database, rows_as_dicts
 from common.errors import ServiceUnavailable
 from common.handlers import get_job_type
 from common.processing import policy_for, publish_dead_letters, record_failure
-from common.queue import Publisher, job_event
+from common.queue import Publisher, job_event, job_topic
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def publish_due(db: Database, publisher: Publisher, settings: Settings,
         if not rows:
             return 0
         events = [
-            job_event(settings.queue_topic, row["job_id"], row["job_type"],
+            job_event(job_topic(settings, row["job_type"]), row["job_id"], row["job_type"],
                       ce_id=f"{row['job_id']}:{row['status'].lower()}-{row['attempts']}",
                       source="/jobs/sweeper")
             for row in rows
