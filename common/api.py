@@ -25,7 +25,7 @@ from common.models import (
     JobSubmission,
     Stats,
 )
-from common.queue import job_event
+from common.queue import job_event, job_topic
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
     else:
         keys = [idempotency_key]
         prints = [jobs.request_fingerprint(submissions[0]) if idempotency_key else None]
-    items = [(sub, payload, key, _max_retries(sub, settings.max_retries), fingerprint)
+    items = [(sub, payload, key, max_retries_for(sub, settings.max_retries), fingerprint)
              for sub, payload, key, fingerprint
              in zip(submissions, payloads, keys, prints, strict=True)]
     db = clients.database()
@@ -108,7 +108,7 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
         metrics.SUBMITTED.labels(job_type).inc(count)
     new_rows = [row for row, is_new in created if is_new and row["next_attempt_at"] is None
                 and row["status"] == JobStatus.QUEUED.value]
-    events = [job_event(settings.queue_topic, row["job_id"], row["job_type"])
+    events = [job_event(job_topic(settings, row["job_type"]), row["job_id"], row["job_type"])
               for row in new_rows]
     refusal: ServiceUnavailable | None = None
     acknowledged = None
@@ -143,7 +143,7 @@ def check_type_scope(principal: Principal, job_type: str, payload: dict[str, Any
                                          " scope, which this token lacks")
 
 
-def _max_retries(submission: JobSubmission, default: int) -> int:
+def max_retries_for(submission: JobSubmission, default: int) -> int:
     """The job's own budget, else its type's, else the global default."""
     if submission.max_retries is not None:
         return submission.max_retries
@@ -266,6 +266,7 @@ def replay(job_id: str, with_dependents: bool = False) -> JobDocument:
     """Send a dead-lettered job back to QUEUED with a fresh retry budget, and enqueue it;
     `with_dependents`: the jobs its failure cancelled wait for it again."""
     job_id = parse_job_id(job_id)
+    clients.handlers()  # the type's topic
     settings = clients.settings()
     db = clients.database()
     with db.transaction() as conn:
@@ -273,7 +274,7 @@ def replay(job_id: str, with_dependents: bool = False) -> JobDocument:
         revived = dependencies.revive(conn, job_id) if with_dependents else []
     if revived:
         log.info("replayed job %s with %d dependent(s) waiting again", job_id, len(revived))
-    event = job_event(settings.queue_topic, job_id, row["job_type"],
+    event = job_event(job_topic(settings, row["job_type"]), job_id, row["job_type"],
                       ce_id=f"{job_id}:replay-{row['attempts']}", source="/jobs/retry")
     try:
         clients.publisher().publish([event])

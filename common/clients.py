@@ -12,7 +12,7 @@ from common.db import Database, GroupCommitter, connect_kwargs, get_database, mi
 from common.handlers import load_handlers
 from common.jobs import PublishMarks
 from common.processing import Processor
-from common.queue import Publisher, get_publisher
+from common.queue import Publisher, get_publisher, queue_topics
 from common.settings import MissingSetting, Settings, get_settings, kafka_client_config, require
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,13 @@ def publisher() -> Publisher:
 def handlers() -> None:
     """Import built-in and user handler modules (JOBS_HANDLER_MODULES) once."""
     load_handlers(get_settings().handler_modules)
+
+
+def job_topics() -> dict[str, str]:
+    """Every job topic (the job queue, then the registered types' own), each with the
+    consumer group that delivers it to `process`."""
+    settings = get_settings()
+    return queue_topics(settings, load_handlers(settings.handler_modules).values())
 
 
 _processor: Processor | None = None

@@ -29,7 +29,7 @@ from common.db import Connection, Database, rows_as_dicts
 from common.errors import ApiError
 from common.lifecycle import transition_many_sql
 from common.models import JobStatus
-from common.queue import Publisher, job_event
+from common.queue import Publisher, job_event, job_topic
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def publish_released(db: Database, publisher: Publisher, settings: Settings,
     due = [row for row in rows if row["next_attempt_at"] is None]
     if not due:
         return
-    events = [job_event(settings.queue_topic, str(row["job_id"]), row["job_type"],
+    events = [job_event(job_topic(settings, row["job_type"]), str(row["job_id"]), row["job_type"],
                         ce_id=f"{row['job_id']}:released-{row['version']}",
                         source="/jobs/dependencies") for row in due]
     try:

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import re
 import sys
 import threading
 import time
@@ -19,10 +20,13 @@ from uuid import UUID
 from pydantic import BaseModel, ValidationError
 
 from common.errors import ApiError, PermanentError
+from common.ratelimits import RateLimit, parse_rate_limit
 
 log = logging.getLogger(__name__)
 
 BUILTIN_MODULES = ("common.builtin",)
+# Kafka's own rule for topic names (its Topic.validate): these characters, 1-249 of them.
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
 @dataclass
@@ -76,8 +80,15 @@ class JobType:
     backoff_base_seconds: float | None = None
     backoff_max_seconds: float | None = None
     concurrency: int | None = None
+    rate_limit: RateLimit | None = None
+    topic: str | None = None  # None: the job queue (JOBS_QUEUE_TOPIC)
     description: str = ""
     scope: str | Callable[[dict[str, Any]], str | None] | None = None
+
+    @property
+    def limited(self) -> bool:
+        """Whether attempts are claimed one at a time, under the type's limits."""
+        return bool(self.concurrency or self.rate_limit)
 
     def run(self, payload: Any, ctx: JobContext) -> Any:
         """Call the handler with the payload, and the context if it takes one."""
@@ -111,6 +122,8 @@ def job_handler(
     backoff_base_seconds: float | None = None,
     backoff_max_seconds: float | None = None,
     concurrency: int | None = None,
+    rate_limit: str | None = None,
+    topic: str | None = None,
     scope: str | Callable[[dict[str, Any]], str | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated function as the handler of job type `name`.
@@ -118,11 +131,19 @@ def job_handler(
     The function takes `(payload)` or `(payload, ctx)` and returns a JSON-able
     result. Raise `RetryableError` / any exception for a retryable failure,
     `PermanentError` to dead-letter at once. `concurrency` caps how many attempts of
-    this type run at once across every worker. `scope` is a token scope a submitter
-    needs beyond `jobs:submit` (or a function of the validated payload naming one).
+    this type run at once across every worker. `rate_limit` ("100/m": per s, m or h)
+    caps how many start per period across every worker, a burst of that many at once;
+    a job over it waits for its slot without counting an attempt. `topic` routes the
+    type to a Kafka topic of its own, with its own consumers. `scope` is a token scope a
+    submitter needs beyond `jobs:submit` (or a function of the validated payload naming one).
     """
     if concurrency is not None and concurrency < 1:
         raise ValueError("concurrency must be at least 1")
+    limit = parse_rate_limit(rate_limit) if rate_limit is not None else None
+    if topic is not None and (not isinstance(topic, str) or not TOPIC_NAME.match(topic)
+                              or topic in (".", "..")):
+        raise ValueError("topic must be a Kafka topic name: 1-249 of letters, digits, '.',"
+                         f" '_' and '-' (not '.' or '..'), got {topic!r}")
     if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
         raise ValueError(f"job type names are letters, digits, '_', '-' and '.', got {name!r}")
 
@@ -140,6 +161,8 @@ def job_handler(
                 backoff_base_seconds=backoff_base_seconds,
                 backoff_max_seconds=backoff_max_seconds,
                 concurrency=concurrency,
+                rate_limit=limit,
+                topic=topic,
                 scope=scope,
                 description=(inspect.getdoc(func) or "").split("\n\n")[0],
             )

@@ -9,15 +9,18 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from common import ratelimits
 from common.cache import StatusCache, is_final
 from common.db import Connection, Database, GroupCommitter, rows_as_dicts
 from common.errors import ApiError
 from common.lifecycle import transition_many_sql, transition_sql
 from common.models import JobDocument, JobStatus, JobSubmission
+from common.ratelimits import RateLimit
 
 S = JobStatus
 log = logging.getLogger(__name__)
@@ -97,7 +100,8 @@ def create_jobs(
     Each item is (submission, validated payload, idempotency key, max retries,
     request fingerprint). A key seen before with the same request returns the existing
     job (created=False); with another request it is a 409. With a `writer`, the insert
-    shares its commit with concurrent submits; with `conn`, it runs in that transaction.
+    shares its commit with concurrent submits; with `conn`, it is part of the caller's
+    transaction (a schedule's tick, a job with parents).
     """
     ids = graph.ids if graph else [str(uuid.uuid4()) for _ in submissions]
     statement = (
@@ -127,24 +131,19 @@ def create_jobs(
         parents=[",".join(p) or None for p in graph.parents] if graph else none,
         dependents=graph.has_dependents if graph else none)
     # One statement: atomic on its own, whether in autocommit or in a group commit.
-    if conn is not None:
-        inserted = rows_as_dicts(conn, conn.run(statement, **params))
-    elif writer is not None:
+    if writer is not None and conn is None:
         inserted = writer.run(statement, **params)
     else:
-        with db.connection() as own:
-            inserted = rows_as_dicts(own, own.run(statement, **params))
+        with _borrowed(db, conn) as c:
+            inserted = rows_as_dicts(c, c.run(statement, **params))
     by_id = {str(row["job_id"]): row for row in inserted}
     missing = [k for (_, _, k, _, _), i in zip(submissions, ids, strict=True) if i not in by_id]
     existing = {}
     if missing:
-        lookup = ("SELECT * FROM jobs WHERE idempotency_key = ANY(CAST(:keys AS text[]))")
-        if conn is not None:
-            found = rows_as_dicts(conn, conn.run(lookup, keys=missing))
-        else:
-            with db.connection() as own:
-                found = rows_as_dicts(own, own.run(lookup, keys=missing))
-        existing = {row["idempotency_key"]: row for row in found}
+        with _borrowed(db, conn) as c:
+            existing = {row["idempotency_key"]: row for row in rows_as_dicts(c, c.run(
+                "SELECT * FROM jobs WHERE idempotency_key = ANY(CAST(:keys AS text[]))",
+                keys=missing))}
     out: list[tuple[dict[str, Any], bool]] = []
     for (_, _, key, _, fingerprint), job_id in zip(submissions, ids, strict=True):
         if job_id in by_id:
@@ -157,6 +156,11 @@ def create_jobs(
                            f" (job {old['job_id']})")
         out.append((old, False))
     return out
+
+
+def _borrowed(db: Database, conn: Connection | None) -> AbstractContextManager[Connection]:
+    """`conn` if the caller holds one (its transaction), else one from the pool."""
+    return nullcontext(conn) if conn is not None else db.connection()
 
 
 class PublishMarks:
@@ -204,13 +208,16 @@ def mark_published(db: Database, published: list[tuple[str, int]]) -> None:
     """
     if published:
         # SKIP LOCKED: a locked job is being claimed (a mark would not apply anyway), and
-        # waiting for it could deadlock with a multi-row claim.
+        # waiting for it could deadlock with a multi-row claim. A job deferred since its
+        # publish (a concurrency or rate limit put it back to wait) is the sweeper's to
+        # publish again when due: a late mark must not hide it for requeue_after.
         published = sorted(published)
         with db.transaction(durable=False) as conn:  # a lost mark costs one duplicate
             conn.run("UPDATE jobs SET published_at = now() WHERE job_id IN (SELECT job_id"
                      " FROM jobs JOIN unnest(CAST(:ids AS uuid[]), CAST(:ns AS int[]))"
                      " AS p(id, n) ON jobs.job_id = p.id AND jobs.attempts = p.n"
-                     " WHERE jobs.status IN ('QUEUED', 'RETRYING')"
+                     " WHERE jobs.status IN ('QUEUED', 'RETRYING') AND jobs.rate_slot_at IS NULL"
+                     " AND (jobs.next_attempt_at IS NULL OR jobs.next_attempt_at <= now())"
                      " FOR UPDATE OF jobs SKIP LOCKED)",
                      ids=[job_id for job_id, _ in published], ns=[n for _, n in published])
 
@@ -303,11 +310,14 @@ def list_jobs(conn: Connection, *, status: list[str] | None, job_type: list[str]
 
 
 def claim(conn: Connection, job_id: str, lease_seconds: float,
-          concurrency: tuple[str, int] | None = None) -> dict[str, Any] | None:
+          concurrency: tuple[str, int] | None = None,
+          rate: tuple[str, RateLimit] | None = None) -> dict[str, Any] | None:
     """QUEUED/RETRYING -> IN_PROGRESS, counting the attempt before the handler runs.
 
     With `concurrency` = (job type, limit), a job whose type already runs `limit` attempts
-    is not claimed but put back to wait a second (the sweeper re-enqueues it).
+    is not claimed but put back to wait a second (the sweeper re-enqueues it). With `rate`
+    = (job type, limit), a job over the rate is not claimed but given the bucket's next
+    slot and put back to wait for it (see `common.ratelimits`); neither counts an attempt.
     """
     if concurrency is not None:
         job_type, limit = concurrency
@@ -319,6 +329,21 @@ def claim(conn: Connection, job_id: str, lease_seconds: float,
             conn.run("UPDATE jobs SET next_attempt_at = now() + interval '1 second',"
                      " published_at = NULL WHERE job_id = CAST(:id AS uuid)"
                      " AND status IN ('QUEUED', 'RETRYING')", id=job_id)
+            return None
+    if rate is not None:
+        # The job first, locked: a duplicate delivery, or one before the job is due,
+        # takes no token. A job holding a reserved slot (now due) takes none either.
+        waiting = conn.run("SELECT rate_slot_at IS NOT NULL FROM jobs"
+                           " WHERE job_id = CAST(:id AS uuid) AND status IN ('QUEUED', 'RETRYING')"
+                           " AND (next_attempt_at IS NULL OR next_attempt_at <= now()) FOR UPDATE",
+                           id=job_id)
+        if not waiting:
+            return None
+        slot = None if waiting[0][0] else ratelimits.take_slot(conn, *rate)
+        if slot is not None:
+            conn.run("UPDATE jobs SET next_attempt_at = CAST(:slot AS timestamptz),"
+                     " rate_slot_at = CAST(:slot AS timestamptz), published_at = NULL"
+                     " WHERE job_id = CAST(:id AS uuid)", id=job_id, slot=slot)
             return None
     sql, params = claim_sql(job_id, lease_seconds)
     rows = rows_as_dicts(conn, conn.run(sql, **params))
@@ -420,6 +445,7 @@ _CLAIM_EXPRESSIONS = {
     "retries": "retries + CASE WHEN status = 'RETRYING' THEN 1 ELSE 0 END",
     "lease_expires_at": "now() + make_interval(secs => :lease)",
     "next_attempt_at": "NULL",
+    "rate_slot_at": "NULL",  # a slot reserved by the rate limit is used by this attempt
 }
 
 

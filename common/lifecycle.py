@@ -38,6 +38,7 @@ SETTABLE = frozenset(
         "next_attempt_at",
         "lease_expires_at",
         "published_at",
+        "rate_slot_at",
         "progress",
         "progress_message",
         "cancel_requested_at",

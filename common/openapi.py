@@ -12,12 +12,14 @@ from common.api import MAX_BATCH
 from common.handlers import JobType, registered
 from common.models import JobSubmission, Problem
 from common.routes import API, AUTH_ERRORS, UNAVAILABLE, Operation
+from common.schedules import NAME_PATTERN
 
 REF = "#/components/schemas/{model}"
 SECURITY_SCHEME = "bearer"
 _PATH_PARAMS = {
     "job_id": {"type": "string", "format": "uuid"},
     "token_id": {"type": "string", "format": "uuid"},
+    "name": {"type": "string", "pattern": NAME_PATTERN},  # a schedule's
 }
 _EXAMPLE_SUBMISSION = {
     "job_type": "REPORT_GENERATION",
@@ -35,6 +37,14 @@ def _problem(description: str) -> dict[str, Any]:
             "content": {"application/problem+json": {"schema": _ref("Problem")}}}
 
 
+def _policy(jt: JobType) -> str:
+    """The type's limits and topic, as a sentence for its schema's description."""
+    parts = [f"at most {jt.concurrency} running at once" if jt.concurrency else "",
+             f"rate limit {jt.rate_limit}" if jt.rate_limit else "",
+             f"Kafka topic {jt.topic}" if jt.topic else ""]
+    return "(" + "; ".join(p for p in parts if p) + ")" if any(parts) else ""
+
+
 def _submission_schemas(types: dict[str, JobType], base: dict[str, Any]) -> dict[str, Any]:
     """One submission schema per job type (JobSubmission's fields, with the type's payload
     model), so each type's payload is documented and generated clients can build it."""
@@ -46,7 +56,8 @@ def _submission_schemas(types: dict[str, JobType], base: dict[str, Any]) -> dict
                                  else {"type": "object", "description": "Free-form payload"})
         schemas[f"Submit_{name}"] = {
             **base, "title": f"Submit_{name}", "properties": properties,
-            "description": jt.description or f"Submit a {name} job",
+            "description": " ".join(filter(None, [jt.description or f"Submit a {name} job",
+                                                  _policy(jt)])),
             "required": ["job_type", "payload"]}
     schemas["JobSubmission"] = {
         "oneOf": [_ref(f"Submit_{name}") for name in sorted(types)],

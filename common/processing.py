@@ -25,7 +25,7 @@ from common.handlers import JobContext, JobType, get_job_type, parse_or_permanen
 from common.lifecycle import transition, transition_many_sql
 from common.logs import job_context
 from common.models import JobMessage, JobStatus
-from common.queue import DEAD_LETTER_EVENT_TYPE, Event, Publisher, job_event
+from common.queue import DEAD_LETTER_EVENT_TYPE, Event, Publisher, job_event, job_topic
 from common.retry import RetryPolicy
 from common.settings import Settings
 
@@ -178,11 +178,11 @@ class Processor:
         limited: list[int] = []
         for i, message in enumerate(messages):
             declared = get_job_type(message.job_type)
-            if declared is not None and declared.concurrency:
+            if declared is not None and declared.limited:
                 limited.append(i)
             else:
                 positions.setdefault(str(message.job_id), []).append(i)
-        # Types with a concurrency limit claim under a lock, one job at a time, meanwhile.
+        # Types with a concurrency or rate limit claim one job at a time, meanwhile.
         solo = {i: self._solo.submit(self._handle_limited, messages[i]) for i in limited}
         if positions:
             self._start_heartbeat()
@@ -213,18 +213,26 @@ class Processor:
         return results  # type: ignore[return-value]
 
     def _handle_limited(self, message: JobMessage) -> Outcome:
-        """A delivery of a type with a concurrency limit: claimed only if a slot is free."""
+        """A delivery of a type with a concurrency or rate limit: claimed only if a slot of
+        each is free, else deferred (no attempt counted) for the sweeper to send again."""
         job_id = str(message.job_id)
         declared = get_job_type(message.job_type)
-        assert declared is not None and declared.concurrency
-        limit = (message.job_type, declared.concurrency)
+        assert declared is not None and declared.limited
         self._start_heartbeat()
         with self.db.transaction() as conn:
-            row = jobs.claim(conn, job_id, self.settings.lease_seconds, concurrency=limit)
+            row = jobs.claim(
+                conn, job_id, self.settings.lease_seconds,
+                concurrency=(declared.name, declared.concurrency) if declared.concurrency else None,
+                rate=(declared.name, declared.rate_limit) if declared.rate_limit else None)
             current = row or jobs.get_job(conn, job_id)
         if row is None and current is not None and current["status"] in ("QUEUED", "RETRYING"):
-            log.info("job %s waits: %s already runs %d at once", job_id, *limit)
-            return Outcome(job_id, "deferred", current["status"], "type at its concurrency limit")
+            if current["rate_slot_at"] is not None \
+                    and current["rate_slot_at"] == current["next_attempt_at"]:
+                reason = f"type at its rate limit; its slot is {current['rate_slot_at']}"
+            else:
+                reason = "type at its concurrency limit"
+            log.info("job %s of %s waits: %s", job_id, declared.name, reason)
+            return Outcome(job_id, "deferred", current["status"], reason)
         if row is None:
             result = _not_waiting(job_id, current)
             if isinstance(result, PoisonMessage):
@@ -426,7 +434,8 @@ class Processor:
         return outcomes
 
     def _requeue(self, rows: list[dict[str, Any]]) -> None:
-        events = [job_event(self.settings.queue_topic, str(row["job_id"]), row["job_type"],
+        events = [job_event(job_topic(self.settings, row["job_type"]), str(row["job_id"]),
+                            row["job_type"],
                             ce_id=f"{row['job_id']}:retry-{row['retries'] + 1}",
                             source="/jobs/process") for row in rows]
         try:

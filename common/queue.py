@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -17,6 +17,8 @@ from cloudevents.kafka import KafkaMessage, to_binary
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from common.errors import ServiceUnavailable
+from common.handlers import JobType, get_job_type
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 SPECVERSION = "1.0"
@@ -68,6 +70,40 @@ def job_event(topic: str, job_id: uuid.UUID | str, job_type: str, *, ce_id: str 
         data={"job_id": job, "job_type": job_type},
         extensions=(("jobtype", job_type),),
     )
+
+
+def job_topic(settings: Settings, job_type: str) -> str:
+    """The topic of a job's messages: its type's own (`@job_handler(topic=...)`), else the
+    job queue. Every publisher of a job message (submit, replay, process's requeue, the
+    sweeper) asks here, so a type's messages never land on another type's topic."""
+    declared = get_job_type(job_type)
+    return declared.topic if declared is not None and declared.topic else settings.queue_topic
+
+
+def consumer_group(settings: Settings, topic: str) -> str:
+    """The consumer group that delivers `topic` to its function: JOBS_QUEUE_CONSUMER_GROUP
+    for the job queue, JOBS_DLQ_CONSUMER_GROUP for the DLQ, and for a job type's own topic
+    the job queue's group, a dash and the topic (`jobs-process-job-queue-reports`)."""
+    if topic == settings.queue_topic:
+        return settings.queue_consumer_group
+    if topic == settings.dlq_topic:
+        return settings.dlq_consumer_group
+    return f"{settings.queue_consumer_group}-{topic}"
+
+
+def queue_topics(settings: Settings, types: Iterable[JobType]) -> dict[str, str]:
+    """Every topic jobs of `types` are published to, the job queue first, each with the
+    consumer group that delivers it to `process`."""
+    topics = {settings.queue_topic: settings.queue_consumer_group}
+    for declared in sorted(types, key=lambda t: t.name):
+        topic = declared.topic
+        if topic is None or topic in topics:
+            continue
+        if topic == settings.dlq_topic:
+            raise ValueError(f"job type {declared.name}: topic {topic!r} is the dead-letter"
+                             " topic (JOBS_DLQ_TOPIC); give it a topic of its own")
+        topics[topic] = consumer_group(settings, topic)
+    return topics
 
 
 def _is_fatal(exc: BaseException) -> bool:

@@ -33,6 +33,7 @@ from common.models import (
     TokenPage,
     TokenRequest,
 )
+from common.schedules import ScheduleDocument, SchedulePage, ScheduleRequest
 
 #: Which process answers an operation: an HTTP function, or the gateway itself.
 SUBMIT, STATUS, GATEWAY = "submit", "status", "gateway"
@@ -105,6 +106,7 @@ _BODY_ERRORS = {
     422: "Unknown job type, invalid payload, or a field out of range",
 }
 _NOT_A_JOB = {400: "Not a UUID", 404: "No such job"}
+_NOT_A_SCHEDULE = {400: "Not a schedule name", 404: "No such schedule"}
 
 API: tuple[Operation, ...] = (
     Operation("submitJob", "POST", "/jobs", SUBMIT, Scope.SUBMIT, "Submit a job",
@@ -170,6 +172,33 @@ API: tuple[Operation, ...] = (
     Operation("getStats", "GET", "/stats", STATUS, Scope.READ,
               "Counts by status and type, completions per minute, recent and running jobs",
               {200: Answer("The counts", Stats)}),
+    Operation("createSchedule", "POST", "/schedules", SUBMIT, Scope.SUBMIT,
+              "Create a schedule: a job made on every tick of a cron expression (in a time"
+              " zone) or every N seconds",
+              {201: Answer("Created, with its first `next_run_at`", ScheduleDocument,
+                           headers=(("Location", "URL of the schedule"),))},
+              {**_BODY_ERRORS, 409: "A schedule with this name exists",
+               422: "Bad name, cron expression or time zone; unknown job type, or a payload"
+                    " that does not match the type's model"},
+              ScheduleRequest, tag="schedules"),
+    Operation("listSchedules", "GET", "/schedules", STATUS, Scope.READ,
+              "Schedules, by name", {200: Answer("A page of schedules", SchedulePage)},
+              {400: "Bad limit or cursor"}, params=(_CURSOR, _LIMIT), tag="schedules"),
+    Operation("getSchedule", "GET", "/schedules/{name}", STATUS, Scope.READ,
+              "A schedule: its next tick, its last tick and the job that made",
+              {200: Answer("The schedule", ScheduleDocument)}, _NOT_A_SCHEDULE,
+              tag="schedules"),
+    Operation("deleteSchedule", "DELETE", "/schedules/{name}", SUBMIT, Scope.OPERATE,
+              "Delete a schedule: it makes no job after this",
+              {204: Answer("Deleted", None, None)}, _NOT_A_SCHEDULE, tag="schedules"),
+    Operation("pauseSchedule", "POST", "/schedules/{name}/pause", SUBMIT, Scope.OPERATE,
+              "Pause a schedule: no ticks until it is resumed",
+              {200: Answer("Paused (`next_run_at` is null)", ScheduleDocument)},
+              _NOT_A_SCHEDULE, tag="schedules"),
+    Operation("resumeSchedule", "POST", "/schedules/{name}/resume", SUBMIT, Scope.OPERATE,
+              "Resume a schedule from its first tick after now (missed ones are not made up)",
+              {200: Answer("Active again, with its `next_run_at`", ScheduleDocument)},
+              _NOT_A_SCHEDULE, tag="schedules"),
     Operation("createToken", "POST", "/tokens", GATEWAY, Scope.ADMIN,
               "Create an API token (its secret is shown this once)",
               {201: Answer("The token, with its secret", TokenCreated)},

@@ -40,7 +40,8 @@ class Settings(BaseModel):
     queue_topic: str = "job-queue"
     dlq_topic: str = "job-dlq"
     # The consumer groups that deliver each topic to its function (the local bridges, the
-    # KafkaSources of infra/knative): the lag metric and /readyz look at the first.
+    # KafkaSources of infra/knative): the lag metric and /readyz look at the first, and at
+    # `<queue group>-<topic>` for each job type's own topic (common.queue.consumer_group).
     # Partitions of each topic when `make run` creates it: the most consumers (bridges,
     # KafkaSource `consumers`) that can share its records.
     queue_partitions: int = Field(4, ge=1, le=1000)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from common import callbacks, dependencies, jobs
+from common import callbacks, dependencies, jobs, schedules
 from common.artifacts import delete_artifacts
 from common.cache import StatusCache
 from common.db import Database, rows_as_dicts
 from common.errors import ServiceUnavailable
 from common.handlers import get_job_type
 from common.processing import policy_for, publish_dead_letters, record_failure
-from common.queue import Publisher, job_event
+from common.queue import Publisher, job_event, job_topic
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def publish_due(db: Database, publisher: Publisher, settings: Settings,
         if not rows:
             return 0
         events = [
-            job_event(settings.queue_topic, row["job_id"], row["job_type"],
+            job_event(job_topic(settings, row["job_type"]), row["job_id"], row["job_type"],
                       ce_id=f"{row['job_id']}:{row['status'].lower()}-{row['attempts']}",
                       source="/jobs/sweeper")
             for row in rows
@@ -163,7 +163,8 @@ def publish_due(db: Database, publisher: Publisher, settings: Settings,
 
 def sweep(db: Database, cache: StatusCache, publisher: Publisher,
           settings: Settings) -> dict[str, int]:
-    """One pass: reclaim dead workers' jobs, then publish everything that is due."""
+    """One pass: reclaim dead workers' jobs, publish everything that is due, and the rest of
+    the upkeep; then fire due schedules."""
     counts: dict[str, int] = {}
     failure: ServiceUnavailable | None = None
     steps = {
@@ -174,6 +175,8 @@ def sweep(db: Database, cache: StatusCache, publisher: Publisher,
         "deleted": lambda: forget_old_jobs(db, cache, settings),
         "counts_folded": lambda: fold_counts(db),
         "callbacks_tried": lambda: callbacks.deliver_due(db, settings),
+        # last: a schedule's trouble never holds up the recovery of jobs above
+        "scheduled": lambda: len(schedules.fire_due(db, publisher, settings)),
     }
     for name, step in steps.items():
         # Each step on its own: a broker outage must not stop the cache repair, and so on.

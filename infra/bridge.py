@@ -41,6 +41,7 @@ from cloudevents.kafka import KafkaMessage
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from common.logs import configure_logging
+from common.queue import consumer_group
 from common.settings import kafka_client_config, load_settings
 
 log = logging.getLogger("bridge")
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--topic", required=True)
     parser.add_argument("--group", help="consumer group (default: JOBS_QUEUE_CONSUMER_GROUP"
                         " for the job queue, JOBS_DLQ_CONSUMER_GROUP for the DLQ topic,"
-                        " else bridge-<topic>)")
+                        " else JOBS_QUEUE_CONSUMER_GROUP-<topic>, a job type's own topic)")
     parser.add_argument("--target", required=True, help="function URL to POST events to")
     parser.add_argument("--dlq-topic", help="where undeliverable records go")
     parser.add_argument("--max-in-flight", type=int, default=16)
@@ -452,9 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("KAFKA_BOOTSTRAP_SERVERS is not set and --bootstrap was not given")
     configure_logging(f"bridge:{args.topic}")  # JSON lines, as every process logs
     settings = load_settings()
-    group = args.group or {settings.queue_topic: settings.queue_consumer_group,
-                           settings.dlq_topic: settings.dlq_consumer_group}.get(
-                               args.topic, f"bridge-{args.topic}")
+    group = args.group or consumer_group(settings, args.topic)
     bridge = Bridge(bootstrap=args.bootstrap, topic=args.topic, group=group, target=args.target,
                     dlq_topic=args.dlq_topic, max_in_flight=args.max_in_flight,
                     retries=args.retries, batch_size=args.batch_size,

@@ -345,7 +345,7 @@ class Gateway:
         from infra.metrics import MetricsEndpoint
 
         if self._metrics is None:
-            self._metrics = MetricsEndpoint(clients.settings().queue_consumer_group)
+            self._metrics = MetricsEndpoint()
         body = await run_in_threadpool(self._metrics.render)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -580,8 +580,11 @@ def readiness(upstreams: dict[str, str]) -> dict[str, dict[str, Any]]:
             raise RuntimeError(f"consumer group {group} is {state.name}: nothing delivers"
                                f" {topic} to its function yet")
 
-    check(f"trigger:{settings.queue_topic}",
-          lambda: consumed(settings.queue_consumer_group, settings.queue_topic))
+    # Every job topic: the job queue and each job type's own (JOBS_HANDLER_MODULES).
+    topics = {settings.queue_topic: settings.queue_consumer_group}
+    check("handlers", lambda: topics.update(clients.job_topics()))
+    for topic, group in topics.items():
+        check(f"trigger:{topic}", lambda g=group, t=topic: consumed(g, t))
     for name, urls in upstreams.items():
         for i, url in enumerate(urls.split(",")):
             parsed = urlparse(url.strip())

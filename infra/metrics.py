@@ -23,10 +23,9 @@ log = logging.getLogger(__name__)
 class LiveCollector(Collector):
     """Gauges computed when scraped, from PostgreSQL, Kafka and the lookup counters."""
 
-    def __init__(self, counters: MultiProcessCollector | None, consumer_group: str) -> None:
+    def __init__(self, counters: MultiProcessCollector | None) -> None:
         self.counters = counters
-        self.consumer_group = consumer_group
-        self._consumer: Any = None
+        self._consumers: dict[str, Any] = {}  # consumer group -> a consumer reading its offsets
         self._lock = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:
@@ -48,28 +47,29 @@ class LiveCollector(Collector):
         yield gauge
 
     def _queue_lag(self) -> Iterator[Metric]:
+        """Per partition of every job topic (the job queue and each type's own), the records
+        its consumer group has not committed yet."""
         from confluent_kafka import Consumer, TopicPartition
 
         settings = clients.settings()
-        topic = settings.queue_topic
         gauge = GaugeMetricFamily("jobs_queue_lag_records",
                                   "Records not yet committed by the processing consumer group",
                                   labels=["topic", "partition"])
         try:
             with self._lock:
-                if self._consumer is None:
-                    # Never subscribes, so it never joins the group: it only reads offsets.
-                    self._consumer = Consumer({
-                        **kafka_client_config(settings),
-                        "group.id": self.consumer_group, "enable.auto.commit": False})
-                consumer = self._consumer
-                partitions = consumer.list_topics(topic, timeout=2).topics[topic].partitions
-                tps = [TopicPartition(topic, p) for p in partitions]
-                committed = consumer.committed(tps, timeout=2)
-                for tp in committed:
-                    low, high = consumer.get_watermark_offsets(tp, timeout=2, cached=False)
-                    position = tp.offset if tp.offset >= 0 else low
-                    gauge.add_metric([topic, str(tp.partition)], max(0, high - position))
+                for topic, group in clients.job_topics().items():
+                    consumer = self._consumers.get(group)
+                    if consumer is None:
+                        # Never subscribes, so it never joins the group: it only reads offsets.
+                        consumer = self._consumers[group] = Consumer({
+                            **kafka_client_config(settings),
+                            "group.id": group, "enable.auto.commit": False})
+                    partitions = consumer.list_topics(topic, timeout=2).topics[topic].partitions
+                    tps = [TopicPartition(topic, p) for p in partitions]
+                    for tp in consumer.committed(tps, timeout=2):
+                        low, high = consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+                        position = tp.offset if tp.offset >= 0 else low
+                        gauge.add_metric([topic, str(tp.partition)], max(0, high - position))
         except Exception as exc:
             log.warning("metrics: queue lag unavailable: %s", exc)
             return
@@ -96,12 +96,12 @@ class LiveCollector(Collector):
 class MetricsEndpoint:
     """Builds the exposition text; one per gateway process."""
 
-    def __init__(self, consumer_group: str = "jobs-process") -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         counters = None
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             counters = MultiProcessCollector(self.registry)
-        self.registry.register(LiveCollector(counters, consumer_group))
+        self.registry.register(LiveCollector(counters))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

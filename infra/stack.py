@@ -3,14 +3,16 @@
 Starts PostgreSQL, Redis and a Kafka-compatible broker unless their URLs are given
 (DATABASE_URL, REDIS_URL, KAFKA_BOOTSTRAP_SERVERS), an SMTP sink unless SMTP_URL is
 given, creates the topics, applies migrations, then runs each function as its own
-functions-framework process, the two Kafka bridges, the sweeper's ticker and the
-gateway. Ctrl-C stops everything it started.
+functions-framework process, the Kafka bridges (one per job topic: the job queue and
+each topic a job type asked for with `@job_handler(topic=...)`, plus the DLQ's), the
+sweeper's ticker and the gateway. Ctrl-C stops everything it started.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -29,7 +31,7 @@ import psutil
 
 from common.auth import bootstrap_admin_token
 from common.db import Database, migrate
-from common.settings import kafka_client_config, load_settings
+from common.settings import Settings, kafka_client_config, load_settings
 from infra import services
 
 log = logging.getLogger("stack")
@@ -189,6 +191,7 @@ class Stack:
         self._held: set[str] = set()  # servers stopped on purpose, not to be restarted
         self._threads: list[threading.Thread] = []
         self.new_admin_token: str | None = None  # made by this start, to print once
+        self._queue_topics: dict[str, str] | None = None
 
     # -- start ---------------------------------------------------------------------
 
@@ -265,6 +268,8 @@ class Stack:
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         env["PYTHONUNBUFFERED"] = "1"
         topics = self.topics
+        log.info("job topics (each with its own bridges): %s", ", ".join(
+            f"{topic} (group {group})" for topic, group in self.queue_topics.items()))
         services.create_topics(env["KAFKA_BOOTSTRAP_SERVERS"], topics,
                                config=kafka_client_config(load_settings(env)))
         db = Database(env["DATABASE_URL"])
@@ -297,17 +302,20 @@ class Stack:
                     "--signature-type", signature, "--host", "127.0.0.1", "--port", str(port)],
                     port=port, extra_env={"THREADS": threads, "WORKERS": workers,
                                           "XDG_RUNTIME_DIR": str(run_dir)})
-        queue_topic, dlq_topic = list(topics)
         settings = load_settings(env)
+        dlq_topic = settings.dlq_topic
         url = self.function_url
         for replica in self.replica_suffixes:
-            self._child("bridge-q" + replica, [
-                py, "-m", "infra.bridge", "--topic", queue_topic,
-                "--target", url("process" + replica), "--dlq-topic", dlq_topic,
-                "--group", settings.queue_consumer_group, "--max-in-flight",
-                str(self.bridge_in_flight), "--batch-size", str(self.batch_size),
-                "--fetch-wait-ms", str(settings.bridge_fetch_wait_ms),
-                "--delivery", self.bridge_delivery, "--retries", str(self.bridge_retries)])
+            # One bridge per job topic (its own consumer group), each feeding `process`:
+            # a flood on one topic cannot hold up the records of another.
+            for topic, group in self.queue_topics.items():
+                self._child(self.bridge_name(topic) + replica, [
+                    py, "-m", "infra.bridge", "--topic", topic,
+                    "--target", url("process" + replica), "--dlq-topic", dlq_topic,
+                    "--group", group, "--max-in-flight",
+                    str(self.bridge_in_flight), "--batch-size", str(self.batch_size),
+                    "--fetch-wait-ms", str(settings.bridge_fetch_wait_ms),
+                    "--delivery", self.bridge_delivery, "--retries", str(self.bridge_retries)])
             self._child("bridge-d" + replica, [
                 py, "-m", "infra.bridge", "--topic", dlq_topic, "--target", url("dlq" + replica),
                 "--group", settings.dlq_consumer_group,
@@ -332,10 +340,27 @@ class Stack:
         self._tick_sweepers()
 
     @property
+    def settings(self) -> Settings:
+        return load_settings(self.env)
+
+    @property
+    def queue_topics(self) -> dict[str, str]:
+        """The job topics (the job queue, then those of job types with `topic=`), each
+        with the consumer group of its bridges."""
+        if self._queue_topics is None:
+            self._queue_topics = job_topics(self.env)
+        return self._queue_topics
+
+    @property
     def topics(self) -> dict[str, int]:
-        settings = load_settings(self.env)
-        return {settings.queue_topic: settings.queue_partitions,
+        """Every topic the stack creates, with its partitions."""
+        settings = self.settings
+        return {**{topic: settings.queue_partitions for topic in self.queue_topics},
                 settings.dlq_topic: settings.dlq_partitions}
+
+    def bridge_name(self, topic: str) -> str:
+        """`bridge-q` for the job queue, `bridge-<topic>` for a job type's own topic."""
+        return "bridge-q" if topic == self.settings.queue_topic else f"bridge-{topic}"
 
     def restart_service(self, name: str) -> None:
         """Restart one of our servers in place; a broker comes back empty, so recreate the
@@ -470,7 +495,7 @@ class Stack:
             f"   (Swagger UI: {self.gateway_url}/swagger-ui.html)",
             f"  PostgreSQL    {env['DATABASE_URL']}",
             f"  Redis         {env['REDIS_URL']}",
-            f"  Kafka         {env['KAFKA_BOOTSTRAP_SERVERS']}  topics: job-queue, job-dlq"
+            f"  Kafka         {env['KAFKA_BOOTSTRAP_SERVERS']}  topics: {', '.join(self.topics)}"
             + ("  (plaintext: Tansu 0.6.0 cannot serve TLS)" if self.local_tls else ""),
             f"  SMTP          {env['SMTP_URL']}"
             + (f"  (mail lands in {self.data_dir / 'mail'})" if "smtp" in self.services else ""),
@@ -484,7 +509,9 @@ class Stack:
             lines.append(f"  function      {name:<8} " + ", ".join(
                 self.function_url(name + r) for r in self.replica_suffixes))
         lines += [
-            "  bridges       job-queue -> process, job-dlq -> dlq",
+            "  bridges       " + ", ".join(
+                [f"{topic} -> process ({group})" for topic, group in self.queue_topics.items()]
+                + [f"{self.settings.dlq_topic} -> dlq"]),
             f"  logs          {self.data_dir / 'logs'}",
             "",
         ]
@@ -512,9 +539,10 @@ class Stack:
 
     def stop(self) -> None:
         self._stop.set()
-        order = [name + replica for name in ("gateway", "bridge-q", "bridge-d", "submit",
-                                             "status", "process", "dlq", "sweeper")
-                 for replica in self.replica_suffixes]
+        bridges = [name for name in self.children if name.startswith("bridge-")]
+        order = ["gateway", *bridges] + [
+            name + replica for name in ("submit", "status", "process", "dlq", "sweeper")
+            for replica in self.replica_suffixes]
         for name in order:
             if name in self.children:
                 self.children[name].stopping = True
@@ -529,6 +557,22 @@ class Stack:
                     log.error("could not stop %s: %s", name, exc)
         with contextlib.suppress(OSError):
             self._pidfile.unlink()
+
+
+def job_topics(env: dict[str, str]) -> dict[str, str]:
+    """`common.clients.job_topics` as the functions will see it: in a process of their
+    environment that imports their handler modules (this one may have registered others,
+    a test process certainly has)."""
+    run = subprocess.run(
+        [sys.executable, "-c", "import json; from common import clients;"
+         " print(json.dumps(clients.job_topics()))"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if run.returncode != 0:
+        modules = env.get("JOBS_HANDLER_MODULES") or "built-in only"
+        raise RuntimeError(f"cannot import the handler modules ({modules}):"
+                           f" {run.stderr.strip()[-2000:]}")
+    topics: dict[str, str] = json.loads(run.stdout.strip().splitlines()[-1])
+    return topics
 
 
 def port_is_free(port: int) -> bool:

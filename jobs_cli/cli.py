@@ -52,6 +52,8 @@ examples:
   jobs --json status 3f1c9a2e-...      (ids can be shortened to a unique prefix)
   jobs watch
   jobs tokens create ci --scope jobs:submit --scope jobs:read --expires-in 30d
+  jobs schedules create nightly REPORT_GENERATION --payload @report.json \
+       --cron '0 2 * * *' --timezone Europe/Berlin
 
 authentication: every request sends `Authorization: Bearer <token>` with the token from
   --token, else $JOBS_TOKEN, else the file `make run` writes: .data/admin-token in the
@@ -71,7 +73,9 @@ class Parser(argparse.ArgumentParser):
         unknown = re.match(r"argument (COMMAND|ACTION): invalid choice: (.+?)"
                            r" \(choose from (.*)\)$", message)
         if unknown:
-            kind = "command" if unknown.group(1) == "COMMAND" else "tokens command"
+            # an ACTION belongs to the command whose parser this is: `jobs tokens`...
+            kind = "command" if unknown.group(1) == "COMMAND" else \
+                f"{self.prog.split()[-1]} command"
             message = f"unknown {kind} {unknown.group(2)} (commands: {unknown.group(3)})"
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
@@ -224,12 +228,7 @@ def build_parser() -> Parser:
 
     p = command("tokens", "create, list and revoke API tokens (/tokens; needs the admin scope)")
     p.set_defaults(handler=cmd_tokens_missing)
-    actions = p.add_subparsers(dest="tokens_command", metavar="ACTION", parser_class=Parser)
-
-    def action(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = actions.add_parser(name, help=help_text, description=help_text)
-        _global_options(sub, sub=True)
-        return sub
+    action = _actions(p)
 
     t = action("create", "create a token (POST /tokens); it is shown only this once")
     t.add_argument("name", metavar="NAME", help="a label for people, e.g. the client's name")
@@ -249,7 +248,53 @@ def build_parser() -> Parser:
     t = action("revoke", "revoke a token at once (DELETE /tokens/{id})")
     t.add_argument("token_id", metavar="ID", help="the token's id (from `jobs tokens list`)")
     t.set_defaults(handler=cmd_tokens_revoke)
+
+    p = command("schedules", "create, list, show, pause, resume and delete schedules: a job"
+                " made on every tick of a cron expression or every N seconds (/schedules)")
+    p.set_defaults(handler=cmd_schedules_missing)
+    action = _actions(p)
+    s = action("create", "create a schedule (POST /schedules)")
+    s.add_argument("name", metavar="NAME", help="letters, digits, '_', '-', '.' (at most 100)")
+    s.add_argument("job_type", metavar="TYPE", help="the job type each tick submits")
+    s.add_argument("--payload", metavar="JSON|@FILE",
+                   help="each job's input, as for submit (default {})")
+    timing = s.add_mutually_exclusive_group(required=True)
+    timing.add_argument("--cron", metavar="EXPR", help="five fields: minute hour"
+                        " day-of-month month day-of-week, e.g. '30 2 * * MON-FRI'")
+    timing.add_argument("--every", metavar="DURATION", help="a tick every DURATION: seconds,"
+                        " or N followed by s, m, h, d or w (2s, 5m, 1h)")
+    s.add_argument("--timezone", metavar="TZ", help="with --cron: the IANA time zone it is"
+                   " read in (default UTC), e.g. Europe/Berlin")
+    s.add_argument("--max-retries", type=retries_int, metavar="N",
+                   help="each job's retries (0-100; default: its type's, else 3)")
+    s.set_defaults(handler=cmd_schedules_create)
+    s = action("list", "list schedules by name, with their next and last runs (GET /schedules)")
+    _paging_options(s, default_limit=50)
+    s.set_defaults(handler=cmd_schedules_list)
+    for name, help_text, handler in [
+            ("show", "show one schedule (GET /schedules/{name})", cmd_schedules_show),
+            ("pause", "stop a schedule's ticks until resumed (POST /schedules/{name}/pause)",
+             cmd_schedules_pause),
+            ("resume", "tick again from the next tick after now"
+             " (POST /schedules/{name}/resume)", cmd_schedules_resume),
+            ("delete", "delete a schedule (DELETE /schedules/{name})", cmd_schedules_delete)]:
+        s = action(name, help_text)
+        s.add_argument("name", metavar="NAME", help="the schedule's name")
+        s.set_defaults(handler=handler)
     return parser
+
+
+def _actions(parent: argparse.ArgumentParser) -> Callable[[str, str], argparse.ArgumentParser]:
+    """The ACTION sub-commands of a command (`jobs tokens create`): a maker of each."""
+    group = parent.add_subparsers(dest=f"{parent.prog.split()[-1]}_command", metavar="ACTION",
+                                  parser_class=Parser)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help_text, description=help_text)
+        _global_options(sub, sub=True)
+        return sub
+
+    return action
 
 
 def _paging_options(p: argparse.ArgumentParser, default_limit: int) -> None:
@@ -326,6 +371,16 @@ def _iso_time(text: str, option: str, alternative: str = "") -> str:
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_EVERY = re.compile(r"^(\d+)([smhdw]?)$")
+
+
+def parse_every(text: str) -> int:
+    """--every: seconds, or N followed by s, m, h, d or w; at least one second."""
+    match = _EVERY.match(text.strip().lower())
+    if not match or int(match.group(1)) == 0:
+        raise UsageError(f"--every {text!r} is not a duration like 30, 30s, 5m or 1h"
+                         " (N > 0, optionally followed by s, m, h, d or w)")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
 
 
 def parse_expiry(expires_in: str | None, expires_at: str | None,
@@ -439,7 +494,7 @@ def run(argv: list[str] | None = None, *, stdout: IO[str] | None = None,
         args = build_parser().parse_args(argv)
         if not getattr(args, "command", None):
             raise UsageError("a command is needed: submit, wait, status, list, dead-letters,"
-                             " retry, cancel, watch or tokens (see `jobs --help`)")
+                             " retry, cancel, watch, tokens or schedules (see `jobs --help`)")
         url = args.url or os.environ.get("JOBS_URL") or DEFAULT_URL
         token, token_source = resolve_token(args.token)
         client = Client(url, timeout=args.timeout, token=token)
@@ -837,6 +892,69 @@ def cmd_tokens_revoke(args: argparse.Namespace, client: Client, out: Out) -> int
     client.revoke_token(args.token_id.strip())
     if not args.json:  # 204: the API has no document to print
         out.print(f"token {args.token_id.strip()} revoked")
+    return EXIT_OK
+
+
+# --- schedules --------------------------------------------------------------------------
+
+def cmd_schedules_missing(args: argparse.Namespace, client: Client, out: Out) -> int:
+    raise UsageError("a schedules command is needed: create, list, show, pause, resume or"
+                     " delete (see `jobs schedules --help`)")
+
+
+def cmd_schedules_create(args: argparse.Namespace, client: Client, out: Out) -> int:
+    body: dict[str, Any] = {"name": args.name, "job_type": args.job_type,
+                            "payload": parse_payload(args.payload)}
+    if args.cron is not None:
+        body["cron"] = args.cron
+        if args.timezone:
+            body["timezone"] = args.timezone
+    elif args.timezone:
+        raise UsageError("--timezone goes with --cron (--every ticks are absolute)")
+    else:
+        body["every_seconds"] = parse_every(args.every)
+    if args.max_retries is not None:
+        body["max_retries"] = args.max_retries
+    return _schedule_answer(out, args, client.create_schedule(body), "created schedule")
+
+
+def cmd_schedules_list(args: argparse.Namespace, client: Client, out: Out) -> int:
+    return _list_output(out, args, _pages(client.schedules, args), render.schedules_table,
+                        "schedules")
+
+
+def cmd_schedules_show(args: argparse.Namespace, client: Client, out: Out) -> int:
+    reply = client.schedule(args.name)
+    if args.json:
+        out.raw(reply)
+    else:
+        out.print(render.schedule_detail(reply.json))
+    return EXIT_OK
+
+
+def cmd_schedules_pause(args: argparse.Namespace, client: Client, out: Out) -> int:
+    return _schedule_answer(out, args, client.pause_schedule(args.name), "paused schedule")
+
+
+def cmd_schedules_resume(args: argparse.Namespace, client: Client, out: Out) -> int:
+    return _schedule_answer(out, args, client.resume_schedule(args.name), "resumed schedule")
+
+
+def cmd_schedules_delete(args: argparse.Namespace, client: Client, out: Out) -> int:
+    client.delete_schedule(args.name)
+    if not args.json:  # 204: no document to print
+        out.print(f"deleted schedule {args.name}")
+    return EXIT_OK
+
+
+def _schedule_answer(out: Out, args: argparse.Namespace, reply: Reply, done: str) -> int:
+    if args.json:
+        out.raw(reply)
+        return EXIT_OK
+    doc = reply.json
+    out.print(f"{done} {doc.get('name')}: {doc.get('job_type')} {render.schedule_when(doc)}")
+    out.print("next run: " + (render.iso_and_relative(doc["next_run_at"])
+                              if doc.get("next_run_at") else "none (paused)"))
     return EXIT_OK
 
 

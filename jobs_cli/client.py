@@ -245,6 +245,24 @@ class Client:
     def revoke_token(self, token_id: str) -> Reply:
         return self.request("DELETE", f"/tokens/{_seg(token_id)}")
 
+    def create_schedule(self, body: dict[str, Any]) -> Reply:
+        return self.request("POST", "/schedules", body=body)
+
+    def schedules(self, limit: int | None = None, cursor: str | None = None) -> Reply:
+        return self.request("GET", "/schedules", params={"limit": limit, "cursor": cursor})
+
+    def schedule(self, name: str) -> Reply:
+        return self.request("GET", f"/schedules/{_seg(name)}")
+
+    def pause_schedule(self, name: str) -> Reply:
+        return self.request("POST", f"/schedules/{_seg(name)}/pause")
+
+    def resume_schedule(self, name: str) -> Reply:
+        return self.request("POST", f"/schedules/{_seg(name)}/resume")
+
+    def delete_schedule(self, name: str) -> Reply:
+        return self.request("DELETE", f"/schedules/{_seg(name)}")
+
 
 def api_error(reply: Reply) -> ApiError:
     """The ApiError for an error answer: the problem document's detail when there is one."""

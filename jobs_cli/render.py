@@ -199,6 +199,39 @@ def tokens_table(items: Sequence[dict[str, Any]], *, now: datetime | None = None
                  max_widths={1: 30})
 
 
+def schedule_when(doc: dict[str, Any]) -> str:
+    """`every 2s`, or `cron '0 9 * * *' (Europe/Berlin)`."""
+    if doc.get("every_seconds") is not None:
+        return f"every {doc['every_seconds']}s"
+    return f"cron '{doc.get('cron')}' ({doc.get('timezone') or 'UTC'})"
+
+
+def schedules_table(items: Sequence[dict[str, Any]], *, now: datetime | None = None) -> str:
+    """Schedules with when they tick, their state, next and last runs and last job."""
+    rows = [[d.get("name"), d.get("job_type"), schedule_when(d),
+             "paused" if d.get("paused") else "active",
+             relative(d.get("next_run_at"), now), relative(d.get("last_run_at"), now),
+             short_id(d.get("last_job_id"))] for d in items]
+    return table(["NAME", "TYPE", "WHEN", "STATE", "NEXT RUN", "LAST RUN", "LAST JOB"], rows,
+                 max_widths={0: 40, 1: 30})
+
+
+def schedule_detail(doc: dict[str, Any], now: datetime | None = None) -> str:
+    """A schedule as 'Label: value' lines, times as ISO plus relative."""
+    rows = [("Schedule", str(doc.get("name"))), ("Id", str(doc.get("schedule_id"))),
+            ("Type", str(doc.get("job_type"))), ("When", schedule_when(doc)),
+            ("State", "paused" if doc.get("paused") else "active"),
+            ("Next run", iso_and_relative(doc.get("next_run_at"), now)),
+            ("Last run", iso_and_relative(doc.get("last_run_at"), now)),
+            ("Last job", str(doc.get("last_job_id") or "-")),
+            ("Max retries", one_cell(doc.get("max_retries"))),
+            ("Created", f"{iso_and_relative(doc.get('created_at'), now)} by"
+                        f" {doc.get('created_by') or '-'}"),
+            ("Payload", json.dumps(doc.get("payload"), ensure_ascii=False))]
+    label_width = max(len(label) for label, _ in rows) + 1
+    return "\n".join(f"{(label + ':').ljust(label_width)} {value}" for label, value in rows)
+
+
 #: Fields `job_detail` shows in its own way; any other field is listed after them.
 _DETAIL_FIELDS = ("job_id", "job_type", "status", "attempts", "retries", "max_retries",
                   "progress", "progress_message", "cancel_requested", "run_at",

@@ -1,11 +1,12 @@
 """`status`: answer job state (GET /jobs/{id}, GET /jobs, artifacts, attempts, dead
-letters, stats). Its operations and their scopes are declared in `common.routes`."""
+letters, stats) and list schedules. Its operations and their scopes are declared in
+`common.routes`."""
 
 import flask
 import functions_framework
 from werkzeug.exceptions import HTTPException
 
-from common import api, artifacts, clients
+from common import api, artifacts, clients, schedules
 from common.auth import Principal
 from common.errors import ApiError
 from common.http import Dispatcher, query_int, query_list, query_text
@@ -79,12 +80,21 @@ def get_dependents(request: flask.Request, principal: Principal, job_id: str) ->
 
 def get_callbacks(request: flask.Request, principal: Principal, job_id: str) -> CallbackPage:
     return api.callback_deliveries(job_id)
+def get_schedules(request: flask.Request, principal: Principal) -> schedules.SchedulePage:
+    return schedules.list_page(clients.database(), cursor=query_text(request, "cursor"),
+                               limit=query_int(request, "limit", 50, 1, 200))
+
+
+def get_schedule(request: flask.Request, principal: Principal,
+                 name: str) -> schedules.ScheduleDocument:
+    return schedules.get(clients.database(), name)
 
 
 DISPATCH = Dispatcher("status", {
     "listJobs": get_many, "getJob": get_one, "getArtifact": get_artifact,
     "getAttempts": get_attempts, "listDeadLetters": get_dead_letters, "getStats": get_stats,
     "getDependents": get_dependents, "getCallbacks": get_callbacks,
+    "listSchedules": get_schedules, "getSchedule": get_schedule,
 })
 
 

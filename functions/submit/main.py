@@ -1,4 +1,5 @@
-"""`submit`: accept jobs over HTTP (POST /jobs, POST /jobs/batch, retry and cancel).
+"""`submit`: accept jobs over HTTP (POST /jobs, POST /jobs/batch, retry and cancel), and
+create, delete, pause and resume schedules.
 
 Its operations and their scopes are declared in `common.routes`."""
 
@@ -6,7 +7,7 @@ import flask
 import functions_framework
 from werkzeug.exceptions import HTTPException
 
-from common import api, clients
+from common import api, clients, schedules
 from common.auth import Principal
 from common.http import Dispatcher, Reply, parse_model, query_bool, read_json
 from common.logs import configure_logging
@@ -44,8 +45,35 @@ def cancel(request: flask.Request, principal: Principal, job_id: str) -> Reply:
     return Reply(api.cancel(job_id))
 
 
+def create_schedule(request: flask.Request, principal: Principal) -> Reply:
+    body = parse_model(schedules.ScheduleRequest,
+                       read_json(request, clients.settings().max_body_bytes))
+    clients.handlers()
+    doc = schedules.create(clients.database(), body, principal)
+    return Reply(doc, headers={"Location": f"/schedules/{doc.name}"})
+
+
+def delete_schedule(request: flask.Request, principal: Principal, name: str) -> Reply:
+    schedules.delete(clients.database(), name)
+    return Reply(None)
+
+
+def pause_schedule(request: flask.Request, principal: Principal,
+                   name: str) -> schedules.ScheduleDocument:
+    return schedules.pause(clients.database(), name)
+
+
+def resume_schedule(request: flask.Request, principal: Principal,
+                    name: str) -> schedules.ScheduleDocument:
+    return schedules.resume(clients.database(), name)
+
+
 DISPATCH = Dispatcher("submit", {"submitJob": create, "submitBatch": create_batch,
-                                 "replayJob": retry, "cancelJob": cancel})
+                                 "replayJob": retry, "cancelJob": cancel,
+                                 "createSchedule": create_schedule,
+                                 "deleteSchedule": delete_schedule,
+                                 "pauseSchedule": pause_schedule,
+                                 "resumeSchedule": resume_schedule})
 
 
 @functions_framework.http

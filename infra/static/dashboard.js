@@ -1,9 +1,9 @@
 /* Jobs dashboard: vanilla JS, no build step, no dependencies.
  *
  * Pages (hash routing): #/ overview, #/jobs list, #/jobs/<id> one job, #/dead-letters,
- * #/submit. Everything comes from the public HTTP API on the same origin; errors are
- * problem documents whose `detail` is shown as it is. A job's page follows the job's event
- * stream (GET /jobs/{id}/events) and polls only if the stream cannot be had.
+ * #/schedules, #/submit. Everything comes from the public HTTP API on the same origin;
+ * errors are problem documents whose `detail` is shown as it is. A job's page follows the
+ * job's event stream (GET /jobs/{id}/events) and polls only if the stream cannot be had.
  *
  * The API wants `Authorization: Bearer <token>`. The token is asked for in a sign-in form
  * and kept in sessionStorage (this tab only, gone when it closes; never localStorage, never
@@ -92,6 +92,16 @@
     const abs = Math.abs(offset);
     return `${String(d.getFullYear()).padStart(4, "0")}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}`
       + `T${hhmmss(d)}${offset < 0 ? "-" : "+"}${pad(Math.floor(abs / 60))}:${pad(abs % 60)}`;
+  }
+  /** "in 5 s", "in 3 min", "in 2 h", else the date: for times ahead (next runs). */
+  function until(iso) {
+    if (!iso) return "";
+    const s = Math.round((Date.parse(iso) - serverNow()) / 1000);
+    if (s < 1) return "due now";
+    if (s < 90) return `in ${s} s`;
+    if (s < 90 * 60) return `in ${Math.round(s / 60)} min`;
+    if (s < 36 * 3600) return `in ${Math.round(s / 3600)} h`;
+    return when(iso);
   }
   const timeCell = (iso) => (iso ? html`<time datetime="${iso}" title="${iso}">${ago(iso)}</time>`
     : html`<span class="muted">–</span>`);
@@ -394,6 +404,7 @@
       (m) => jobView(decodeURIComponent(m[1]))],
     [/^\/dead-letters\/?$/, "dead-letters", SCOPE.READ, "see dead letters",
       () => deadLettersView()],
+    [/^\/schedules\/?$/, "schedules", SCOPE.READ, "see schedules", () => schedulesView()],
     [/^\/submit\/?$/, "submit", SCOPE.SUBMIT, "submit jobs", (m, q) => submitView(q)],
   ];
   let lastPath = null;
@@ -1167,6 +1178,152 @@
           } catch (err) {
             notice(errorEl, "error", problemHTML(err));
           }
+        },
+      },
+    };
+  }
+
+  // ---------------------------------------------------------------- schedules
+  const scheduleWhen = (d) => (d.every_seconds !== null && d.every_seconds !== undefined
+    ? html`every ${d.every_seconds} s`
+    : html`<code>${d.cron}</code> <span class="muted">${d.timezone || "UTC"}</span>`);
+  function schedulesView() {
+    const operate = can(SCOPE.OPERATE);
+    const submit = can(SCOPE.SUBMIT);
+    const el = render("Schedules", html`
+      <h1>Schedules <span class="hint">a job on every tick of a cron expression (in its time
+        zone) or every N seconds; missed ticks make one job</span></h1>
+      <div class="notice" role="status" aria-live="polite" data-testid="schedules-notice"></div>
+      <section class="panel" style="margin-bottom:16px">
+        <div class="table-wrap"><table data-testid="schedules-table">
+          <thead><tr><th scope="col">Name</th><th scope="col">Type</th><th scope="col">When</th>
+            <th scope="col">Next run</th><th scope="col">Last run</th><th scope="col">Last job</th>
+            <th scope="col">State</th>
+            ${operate ? html`<th scope="col"><span class="sr-only">Actions</span></th>` : ""}
+            </tr></thead>
+          <tbody></tbody></table></div>
+      </section>
+      ${submit ? html`<form class="panel" data-testid="schedule-form" novalidate
+        aria-labelledby="new-schedule-h"><h2 id="new-schedule-h">New schedule</h2>
+        <div class="grid halves">
+          <div>
+            <div class="field"><label for="s-name">Name</label>
+              <input id="s-name" name="name" required data-testid="schedule-name"
+                placeholder="nightly-report"></div>
+            <div class="field"><label for="s-type">Job type</label>
+              <select id="s-type" name="job_type" data-testid="schedule-type"></select></div>
+            <div class="field"><label for="s-cron">Cron <span class="hint">(five fields; or
+              every)</span></label>
+              <input id="s-cron" name="cron" class="mono" data-testid="schedule-cron"
+                placeholder="30 2 * * MON-FRI"></div>
+            <div class="field"><label for="s-zone">Time zone <span class="hint">(IANA name, with
+              cron; default UTC)</span></label>
+              <input id="s-zone" name="timezone" data-testid="schedule-timezone"
+                placeholder="${localZone()}"></div>
+            <div class="field"><label for="s-every">Every <span class="hint">(seconds; or
+              cron)</span></label>
+              <input id="s-every" name="every_seconds" type="number" min="1" inputmode="numeric"
+                data-testid="schedule-every" style="width:10em"></div>
+          </div>
+          <div class="field"><label for="s-payload">Payload (JSON)</label>
+            <textarea id="s-payload" name="payload" class="mono" spellcheck="false"
+              data-testid="schedule-payload">{}</textarea></div>
+        </div>
+        <div class="notice error" role="alert" data-testid="schedule-error"></div>
+        <div class="actions"><button type="submit" class="primary"
+          data-testid="schedule-create">Create schedule</button></div>
+      </form>` : ""}`);
+    const noticeEl = $("[data-testid=schedules-notice]", el);
+    let stopped = false;
+    const update = async () => {
+      const page = await api("/schedules?limit=200");
+      if (stopped) return;
+      patchRows($("tbody", el), page.items, {
+        key: (d) => d.schedule_id, cols: operate ? 8 : 7, empty: "No schedules yet.",
+        attrs: (d) => ({"data-testid": "schedule-row", "data-name": d.name,
+          "data-paused": d.paused ? "true" : "false"}),
+        cells: (d) => [{html: html`<strong>${d.name}</strong>`, cls: "nowrap"},
+          {html: html`${d.job_type}`, cls: "nowrap"}, scheduleWhen(d),
+          d.next_run_at ? html`<time datetime="${d.next_run_at}" title="${d.next_run_at}"
+            data-testid="schedule-next-run">${when(d.next_run_at)} <span class="muted">(${
+            until(d.next_run_at)})</span></time>` : html`<span class="muted">–</span>`,
+          timeCell(d.last_run_at),
+          d.last_job_id ? jobLink(d.last_job_id, "schedule-last-job") : html`<span
+            class="muted">–</span>`,
+          d.paused ? html`<span class="badge" data-status="CANCELLED">paused</span>`
+            : html`<span class="badge" data-status="COMPLETED">active</span>`,
+          ...(!operate ? [] : [{cls: "nowrap", html: html`<button type="button" class="small"
+            data-action="${d.paused ? "resume" : "pause"}" data-name="${d.name}"
+            data-testid="schedule-${d.paused ? "resume" : "pause"}">${
+            d.paused ? "Resume" : "Pause"}</button> <button type="button" class="small danger"
+            data-action="remove" data-name="${d.name}" data-testid="schedule-delete"
+            aria-label="Delete schedule ${d.name}">Delete</button>`}])],
+      });
+    };
+    const p = poller(update, REFRESH_MS);
+    const call = async (btn, method, suffix, done) => {
+      btn.disabled = true;
+      try {
+        await api(`/schedules/${encodeURIComponent(btn.dataset.name)}${suffix}`, {method});
+        notice(noticeEl, "ok", html`Schedule <strong>${btn.dataset.name}</strong> ${done}.`);
+      } catch (err) {
+        notice(noticeEl, "error", problemHTML(err));
+      }
+      btn.disabled = false;
+      p.now();
+    };
+    if (submit) {
+      const form = $("[data-testid=schedule-form]", el);
+      const errorEl = $("[data-testid=schedule-error]", el);
+      jobTypes().then((types) => {
+        $("#s-type", el).innerHTML = types.map((t) => html`<option value="${t.name}">${
+          t.name}</option>`.s).join("");
+      }).catch((err) => notice(errorEl, "error", problemHTML(err)));
+      form.addEventListener("submit", async (e) => {
+        e.preventDefault();
+        let payload;
+        try {
+          payload = JSON.parse($("#s-payload", el).value || "{}");
+        } catch (err) {
+          notice(errorEl, "error", html`The payload is not valid JSON: ${err.message}`);
+          return;
+        }
+        const body = {name: $("#s-name", el).value.trim(), job_type: $("#s-type", el).value,
+          payload};
+        const cron = $("#s-cron", el).value.trim();
+        const zone = $("#s-zone", el).value.trim();
+        const every = $("#s-every", el).value.trim();
+        if (cron) body.cron = cron;
+        if (zone) body.timezone = zone;
+        if (every) body.every_seconds = Number(every);
+        try {
+          const doc = await api("/schedules", {method: "POST", body});
+          errorEl.className = "notice error";
+          setHTML(errorEl, "");
+          form.reset();
+          $("#s-payload", el).value = "{}";
+          notice(noticeEl, "ok", html`Created schedule <strong>${doc.name}</strong>; next run ${
+            when(doc.next_run_at)}.`);
+          p.now();
+        } catch (err) {
+          notice(errorEl, "error", problemHTML(err));
+        }
+      });
+    }
+    return {
+      stop() { stopped = true; p.stop(); },
+      refresh: p.now,
+      actions: {
+        pause: (btn) => call(btn, "POST", "/pause", "paused"),
+        resume: (btn) => call(btn, "POST", "/resume", "resumed"),
+        remove: (btn) => {
+          // two clicks: the first only asks
+          if (btn.dataset.armed !== "true") {
+            btn.dataset.armed = "true";
+            btn.textContent = "Confirm delete";
+            return;
+          }
+          call(btn, "DELETE", "", "deleted");
         },
       },
     };

@@ -477,3 +477,55 @@ def test_a_job_page_links_parents_and_dependents_and_replays_them(
     # the parent fails again (a permanent error), and so its dependent is cancelled again
     expect(page.get_by_test_id("job-status")).to_have_text("DEAD_LETTER", timeout=30_000)
     assert api.wait_status(child, "CANCELLED", timeout=30)["version"] >= 4
+def test_the_schedules_page_lists_schedules_and_creates_pauses_and_deletes_them(
+        page: Any, api: Api, stack: Any) -> None:
+    suffix = os.urandom(4).hex()
+    cron_name, every_name, form_name = (f"{kind}-{suffix}" for kind in ("cron", "every", "form"))
+    reply = api.request("POST", "/schedules", json_body={
+        "name": cron_name, "job_type": "NOOP", "cron": "30 2 * * *",
+        "timezone": "America/New_York"})
+    assert reply.status == 201, reply.body
+    next_run = reply.json["next_run_at"]
+    assert api.request("POST", "/schedules", json_body={
+        "name": every_name, "job_type": "NOOP", "every_seconds": 1}).status == 201
+    try:
+        page.goto("/")
+        sign_in(page, stack.admin_token, "admin")
+        page.get_by_test_id("nav-schedules").click()
+        expect(page).to_have_title(re.compile("^Schedules"))
+
+        cron_row = page.locator(f'[data-testid=schedule-row][data-name="{cron_name}"]')
+        expect(cron_row).to_contain_text("30 2 * * *")
+        expect(cron_row).to_contain_text("America/New_York")
+        expect(cron_row.get_by_test_id("schedule-next-run")).to_have_attribute(
+            "datetime", next_run)
+        # the every-second one fills in its last job as it ticks
+        every_row = page.locator(f'[data-testid=schedule-row][data-name="{every_name}"]')
+        expect(every_row.get_by_test_id("schedule-last-job")).to_be_visible(timeout=20_000)
+
+        every_row.get_by_test_id("schedule-pause").click()
+        expect(every_row).to_have_attribute("data-paused", "true")
+        assert api.request("GET", f"/schedules/{every_name}").json["paused"] is True
+        every_row.get_by_test_id("schedule-delete").click()  # the first click only asks
+        expect(every_row.get_by_test_id("schedule-delete")).to_have_text("Confirm delete")
+        every_row.get_by_test_id("schedule-delete").click()
+        expect(every_row).to_have_count(0)
+        assert api.request("GET", f"/schedules/{every_name}").status == 404
+
+        # a bad cron expression: the API's detail, then a good one lists the new schedule
+        page.get_by_test_id("schedule-name").fill(form_name)
+        page.get_by_test_id("schedule-type").select_option("NOOP")
+        page.get_by_test_id("schedule-cron").fill("0 24 * * *")
+        page.get_by_test_id("schedule-create").click()
+        expect(page.get_by_test_id("schedule-error")).to_contain_text("Bad hour")
+        page.get_by_test_id("schedule-cron").fill("0 9 * * MON-FRI")
+        page.get_by_test_id("schedule-timezone").fill("Europe/Berlin")
+        page.get_by_test_id("schedule-create").click()
+        expect(page.locator(f'[data-testid=schedule-row][data-name="{form_name}"]')
+               ).to_contain_text("Europe/Berlin")
+        assert api.request("GET", f"/schedules/{form_name}").json["cron"] == "0 9 * * MON-FRI"
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "schedules.png"))
+    finally:
+        for name in (cron_name, every_name, form_name):
+            api.request("DELETE", f"/schedules/{name}")

@@ -269,3 +269,46 @@ def test_tokens_made_listed_and_revoked_with_the_cli_work_against_the_api(jobs, 
     gone = wait_for(lambda: (done := jobs("--token", token["token"], "list", "--limit", "1"))
                     .returncode == 1 and done, 10, "the revoked token to be refused")
     assert "401" in _one_line(gone.stderr)
+
+
+def test_schedules_created_listed_paused_resumed_and_deleted_with_the_cli(jobs, api):
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    made = jobs("schedules", "create", name, "ECHO", "--payload", '{"message": "cron"}',
+                "--cron", "0 9 * * MON-FRI", "--timezone", "America/New_York")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith(f"created schedule {name}: ECHO cron '0 9 * * MON-FRI'"
+                                  " (America/New_York)")
+    next_run = api.request("GET", f"/schedules/{name}").json["next_run_at"]
+    assert f"next run: {next_run}" in made.stdout
+
+    listed = jobs("schedules", "list", "--limit", "200")
+    assert listed.returncode == 0, listed.stderr
+    mine = [row for row in listed.stdout.splitlines() if row.startswith(name + " ")]
+    assert mine and "active" in mine[0] and "America/New_York" in mine[0]
+
+    paused = jobs("--json", "schedules", "pause", name)
+    assert paused.returncode == 0 and json.loads(paused.stdout)["paused"] is True
+    shown = jobs("schedules", "show", name)
+    assert "State:" in shown.stdout and "paused" in shown.stdout
+    resumed = jobs("schedules", "resume", name)
+    assert resumed.returncode == 0 and "next run: 20" in resumed.stdout, resumed.stdout
+
+    deleted = jobs("schedules", "delete", name)
+    assert deleted.returncode == 0 and deleted.stdout == f"deleted schedule {name}\n"
+    gone = jobs("schedules", "show", name)
+    assert gone.returncode == 1 and "404" in _one_line(gone.stderr)
+
+
+def test_a_schedule_every_second_from_the_cli_makes_jobs(jobs, api):
+    name = f"cli-every-{uuid.uuid4().hex[:8]}"
+    assert jobs("schedules", "create", name, "NOOP", "--every", "1s").returncode == 0
+    first = wait_for(lambda: api.request("GET", f"/schedules/{name}").json["last_job_id"],
+                     30, "the schedule's first job")
+    assert api.wait_status(first)["submitted_by"] == f"schedule:{name}"
+    assert jobs("schedules", "delete", name).returncode == 0
+
+
+def test_a_bad_cron_expression_from_the_cli_is_one_line_saying_why(jobs):
+    bad = jobs("schedules", "create", "cli-bad", "NOOP", "--cron", "0 25 * * *")
+    assert bad.returncode == 1
+    assert "422" in _one_line(bad.stderr) and "Bad hour" in bad.stderr

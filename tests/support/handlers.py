@@ -116,6 +116,21 @@ def tracked(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     return {"pid": os.getpid()}
 
 
+@job_handler("RATE_LIMITED", rate_limit="5/s", timeout_seconds=30)
+def rate_limited(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Do nothing; the type may start 5 attempts a second across all workers."""
+    return {"attempt": ctx.attempt}
+
+
+@job_handler("RATE_AND_CONCURRENCY", rate_limit="4/s", concurrency=1, timeout_seconds=30)
+def rate_and_concurrency(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Sleep a little; 4 starts a second and one running attempt, across all workers.
+    Returns when the handler itself ran (the attempt rows' times are their transactions')."""
+    started = time.time()
+    time.sleep(float(payload.get("seconds", 0.1)))
+    return {"attempt": ctx.attempt, "ran": [started, time.time()]}
+
+
 @job_handler("PARENTS")
 def parents(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     """Return the results of the jobs this one depends on (`ctx.parent_results`)."""

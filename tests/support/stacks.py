@@ -23,7 +23,7 @@ def own_stack(folder: Path, env: dict[str, str] | None = None, **options: Any
     """A whole stack with servers of its own in `folder` and the test handlers: this
     process's environment without service URLs, plus `env`; `options` go to Stack."""
     full = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
-    full.update(JOBS_HANDLER_MODULES=TEST_HANDLERS, **(env or {}))
+    full.update({"JOBS_HANDLER_MODULES": TEST_HANDLERS, **(env or {})})  # env may replace it
     stack = Stack(folder, gateway_port=services.free_port(), echo=False, env=full,
                   **options).start()
     try:

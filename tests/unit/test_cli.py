@@ -1151,3 +1151,70 @@ def test_watch_ended_by_sigterm_shows_the_cursor_again(fake, monkeypatch):
         assert outside == [signal.SIGTERM]  # and it gave the old handler back
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# --- schedules --------------------------------------------------------------------------
+
+SCHEDULE = {"name": "nightly", "schedule_id": "5b1f7d0e-3c44-4c7a-9a57-0c4b6f0f6a11",
+            "job_type": "ECHO", "payload": {"message": "hi"}, "max_retries": None,
+            "cron": "0 2 * * *", "timezone": "Europe/Berlin", "every_seconds": None,
+            "paused": False, "next_run_at": "2030-01-02T01:00:00+00:00", "last_run_at": None,
+            "last_job_id": None, "created_by": "admin",
+            "created_at": "2029-12-31T10:00:00+00:00", "updated_at": "2029-12-31T10:00:00+00:00"}
+
+
+def test_schedules_create_sends_cron_and_zone_or_every_in_seconds(fake):
+    fake.on("POST", "/schedules", (201, SCHEDULE))
+    result = jobs(fake, "schedules", "create", "nightly", "ECHO", "--payload",
+                  '{"message": "hi"}', "--cron", "0 2 * * *", "--timezone", "Europe/Berlin")
+    assert result.code == 0, result
+    assert fake.sent("POST", "/schedules")[0]["body"] == {
+        "name": "nightly", "job_type": "ECHO", "payload": {"message": "hi"},
+        "cron": "0 2 * * *", "timezone": "Europe/Berlin"}
+    assert "created schedule nightly: ECHO cron '0 2 * * *' (Europe/Berlin)" in result.out
+    assert "next run: 2030-01-02T01:00:00+00:00" in result.out
+
+    fake.requests.clear()
+    assert jobs(fake, "schedules", "create", "often", "NOOP", "--every", "5m",
+                "--max-retries", "0").code == 0
+    assert fake.sent("POST", "/schedules")[0]["body"] == {
+        "name": "often", "job_type": "NOOP", "payload": {}, "every_seconds": 300,
+        "max_retries": 0}
+
+
+@pytest.mark.parametrize("text,seconds", [("2", 2), ("2s", 2), ("5m", 300), ("1h", 3600),
+                                          ("1d", 86400), ("1W", 604800)])
+def test_every_takes_seconds_or_a_duration(text, seconds):
+    assert cli.parse_every(text) == seconds
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["schedules"], "a schedules command is needed: create, list, show"),
+    (["schedules", "mint"], "unknown schedules command 'mint'"),
+    (["schedules", "create", "n", "ECHO"], "one of the arguments --cron --every is required"),
+    (["schedules", "create", "n", "ECHO", "--every", "0"], "N > 0"),
+    (["schedules", "create", "n", "ECHO", "--every", "soon"], "not a duration like 30"),
+    (["schedules", "create", "n", "ECHO", "--every", "5", "--timezone", "UTC"],
+     "--timezone goes with --cron"),
+    (["schedules", "pause"], "required: NAME"),
+])
+def test_schedules_usage_errors_exit_2_with_one_line(argv, needle):
+    result = jobs(None, *argv)
+    assert result.code == 2, result
+    assert needle in one_line_error(result)
+
+
+def test_schedules_list_and_show_render_the_api_documents(fake):
+    every = {**SCHEDULE, "name": "often", "cron": None, "timezone": None, "every_seconds": 2,
+             "paused": True, "next_run_at": None}
+    fake.on("GET", "/schedules", (200, {"items": [SCHEDULE, every], "next_cursor": None}))
+    listed = jobs(fake, "schedules", "list")
+    assert listed.code == 0, listed
+    header, *rows = listed.out.splitlines()
+    assert header.split()[:4] == ["NAME", "TYPE", "WHEN", "STATE"]
+    assert rows[0].split()[:3] == ["nightly", "ECHO", "cron"] and "active" in rows[0]
+    assert "every 2s" in rows[1] and "paused" in rows[1]
+
+    fake.on("GET", "/schedules/nightly", (200, SCHEDULE))
+    shown = jobs(fake, "schedules", "show", "nightly")
+    assert "Schedule:    nightly" in shown.out and "Europe/Berlin" in shown.out

@@ -816,3 +816,66 @@ def test_each_kafka_source_has_one_consumer_per_partition_make_run_creates():
     sources = _kafka_sources()
     assert sources[_queue_topic()]["spec"]["consumers"] == settings.queue_partitions
     assert sources[_dlq_topic()]["spec"]["consumers"] == settings.dlq_partitions
+
+
+# -- job types' own topics (python -m infra.knative.topics) -------------------------------
+
+def _typed(*topics: str | None) -> list[Any]:
+    from common.handlers import JobType
+
+    return [JobType(name=f"T{i}", func=print, topic=topic) for i, topic in enumerate(topics)]
+
+
+def test_each_types_own_topic_gets_a_kafka_source_like_the_job_queues():
+    from common.queue import consumer_group
+    from infra.knative.topics import kafka_sources
+
+    settings = load_settings(_config())
+    topics = ["job-queue-reports", "Billing_Events.v2", "9lives"]
+    sources = kafka_sources(settings, _typed(None, _queue_topic(), *topics, topics[0]))
+    assert [s["spec"]["topics"] for s in sources] == [[t] for t in topics]
+    queue = _kafka_sources()[_queue_topic()]
+    base_names = {doc["metadata"]["name"] for doc in _base("KafkaSource")}
+    base_groups = {doc["spec"]["consumerGroup"] for doc in _base("KafkaSource")}
+    names = [s["metadata"]["name"] for s in sources]
+    assert len(set(names)) == len(names) and not set(names) & base_names
+    for topic, source in zip(topics, sources, strict=True):
+        assert (source["apiVersion"], source["kind"]) in KNOWN_KINDS
+        assert DNS_LABEL.match(source["metadata"]["name"]), source["metadata"]["name"]
+        assert len(source["metadata"]["name"]) <= 63
+        spec = source["spec"]
+        assert set(spec) <= KAFKA_SOURCE_FIELDS, set(spec) - KAFKA_SOURCE_FIELDS
+        # The group the lag metric and /readyz look at, one of its own.
+        assert spec["consumerGroup"] == consumer_group(settings, topic)
+        assert spec["consumerGroup"] not in base_groups
+        # Everything else as the job queue's: servers, delivery, dead letters, `process`.
+        for field in ("bootstrapServers", "delivery", "sink", "ordering", "initialOffset",
+                      "consumers"):
+            assert spec[field] == queue["spec"][field], field
+        assert _resolve(spec["sink"]["ref"])["metadata"]["name"] == "process"
+
+
+def test_a_type_topic_equal_to_the_dead_letter_topic_or_to_another_sources_name_is_refused():
+    from infra.knative.topics import kafka_sources
+
+    settings = load_settings(_config())
+    with pytest.raises(ValueError, match="dead-letter topic"):
+        kafka_sources(settings, _typed(_dlq_topic()))
+    with pytest.raises(ValueError, match="source name"):
+        kafka_sources(settings, _typed("reports.v1", "reports_v1"))
+
+
+def test_the_topics_command_prints_kafka_sources_of_the_handler_modules_types():
+    import subprocess
+    import sys
+
+    lane = "job-queue-slow-lane"  # tests/support/topic_handlers.py (not imported: registers)
+    run = subprocess.run([sys.executable, "-m", "infra.knative.topics"], cwd=ROOT, env={
+        "JOBS_HANDLER_MODULES": str(ROOT / "tests" / "support" / "topic_handlers.py"),
+        "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60, check=True)
+    (source,) = list(yaml.safe_load_all(run.stdout))
+    assert source["kind"] == "KafkaSource" and source["spec"]["topics"] == [lane]
+    bare = subprocess.run([sys.executable, "-m", "infra.knative.topics"], cwd=ROOT,
+                          env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert bare.stdout == "", "no type of the built-in modules has a topic of its own"

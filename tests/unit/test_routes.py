@@ -92,6 +92,10 @@ def test_operations_that_change_jobs_need_the_operate_scope_and_tokens_need_admi
     assert scopes["submitJob"] == scopes["submitBatch"] == "jobs:submit"
     assert {scopes[o] for o in ("createToken", "listTokens", "revokeToken")} == {"admin"}
     assert {op.scope for op in operations("status")} == {"jobs:read"}
+    assert scopes["createSchedule"] == "jobs:submit"
+    assert {scopes[o] for o in ("deleteSchedule", "pauseSchedule", "resumeSchedule")} == {
+        "jobs:operate"}
+    assert {scopes[o] for o in ("listSchedules", "getSchedule")} == {"jobs:read"}
 
 
 def test_the_submission_schema_documents_every_field_of_a_submission():
