@@ -51,7 +51,11 @@ METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
     "192.0.0.192"))
 # Sends run on one pool; `deliver_soon`'s runs, which wait for sends, on another: a run
 # never waits for a pool its own kind may have filled.
-_SENDERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="callbacks")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_COMPATIBLE = ipaddress.ip_network("::/96")
+SENDERS = 8  # deliveries sent at once by one process (and taken per call of deliver_due)
+_SENDERS = concurrent.futures.ThreadPoolExecutor(max_workers=SENDERS,
+                                                 thread_name_prefix="callbacks")
 _SOON = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="callbacks-soon")
 
 
@@ -61,9 +65,15 @@ class Refused(ValueError):
 
 def forbidden_address(address: str) -> str | None:
     """Why an IP address is never called back, or None."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
+        address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An IPv4 address inside an IPv6 one reaches that IPv4 host: mapped (::ffff:a.b.c.d),
+        # NAT64 (64:ff9b::a.b.c.d) or the old IPv4-compatible form (::a.b.c.d).
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64 or (ip in _COMPATIBLE and int(ip) > 1):
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip in METADATA_ADDRESSES:
         return f"{ip} is a cloud metadata address"
     if ip.is_link_local:
@@ -161,18 +171,29 @@ def post(url: str, headers: dict[str, str], body: bytes, timeout: float) -> int:
         path += "?" + parts.query
     pool: urllib3.HTTPConnectionPool
     if parts.scheme == "https":
-        pool = urllib3.HTTPSConnectionPool(address, port, timeout=timeout, retries=False,
+        pool = urllib3.HTTPSConnectionPool(address, port, timeout=_limit(timeout),
+                                           retries=False,
                                            server_hostname=host, assert_hostname=host,
                                            cert_reqs="CERT_REQUIRED")
     else:
-        pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
+        pool = urllib3.HTTPConnectionPool(address, port, timeout=_limit(timeout),
+                                          retries=False)
     with pool:
         default_port = 443 if parts.scheme == "https" else 80
         host_header = host if port == default_port else f"{host}:{port}"
+        # Only the status matters: the body is never read (a receiver cannot make us hold
+        # a large or endless answer), and the whole exchange has one time limit.
         response = pool.urlopen("POST", path, body=body, redirect=False,
+                                preload_content=False,
                                 headers={**headers, "Host": host_header,
                                          "User-Agent": "jobs-callbacks/1"})
+        response.release_conn()
         return response.status
+
+
+def _limit(seconds: float) -> urllib3.Timeout:
+    """One limit for the whole try (connect, send, answer), not one per socket read."""
+    return urllib3.Timeout(total=seconds, connect=seconds, read=seconds)
 
 
 _CLAIM = """
@@ -187,10 +208,11 @@ RETURNING *
 
 
 def deliver_due(db: Database, settings: Settings, job_ids: list[str] | None = None,
-                limit: int = 50) -> int:
+                limit: int = SENDERS) -> int:
     """Deliver the callbacks that are due (of `job_ids`, or any); returns how many were
     tried. Each is taken under a lease (the timeout and a margin), so a process that dies
-    mid-delivery only delays it."""
+    mid-delivery only delays it; no more are taken than there are senders, so each is
+    sent as soon as it is taken, well within its lease."""
     where = "" if job_ids is None else "AND job_id = ANY(CAST(:ids AS uuid[]))"
     with db.transaction() as conn:
         taken = rows_as_dicts(conn, conn.run(
@@ -238,6 +260,9 @@ def _deliver(db: Database, settings: Settings, callback: dict[str, Any],
         except Refused as exc:
             error = f"refused: {exc}"
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            error = _network_error(exc)
+        except Exception as exc:  # noqa: BLE001 - e.g. UnicodeError for a bad host label
+            log.exception("callback %s: unexpected error", callback["callback_id"])
             error = f"{type(exc).__name__}: {exc}"[:500]
     elapsed_ms = (time.monotonic() - clock) * 1000
     if error is None:
@@ -268,6 +293,20 @@ def _deliver(db: Database, settings: Settings, callback: dict[str, Any],
     log.log(level, "callback %s of job %s to %s: %s (try %d, %s)", callback["event_type"],
             callback["job_id"], callback["url"], error or f"delivered ({status})", attempt,
             state)
+
+
+def _network_error(exc: BaseException) -> str:
+    """What went wrong, without the address the host resolved to (an internal detail)."""
+    reason = getattr(exc, "reason", None) or exc
+    # In this order: urllib3's NewConnectionError is also a TimeoutError.
+    text = ((urllib3.exceptions.NewConnectionError, "could not connect"),
+            (urllib3.exceptions.TimeoutError, "timed out"),
+            (urllib3.exceptions.ProtocolError, "the connection broke"),
+            (urllib3.exceptions.SSLError, "TLS failed"))
+    for kind, words in text:
+        if isinstance(exc, kind) or isinstance(reason, kind):
+            return words if kind is not urllib3.exceptions.SSLError else f"{words}: {reason}"[:500]
+    return type(reason).__name__
 
 
 def _refusal(url: str, settings: Settings) -> str | None:

@@ -136,6 +136,18 @@ def is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True for trouble that says nothing about the statement: the server unreachable,
+    a deadlock or serialization failure (40xxx), a lock or statement timeout or a
+    cancelled query (55P03, 57014), too many connections (53xxx). Worth trying again."""
+    if is_connection_error(exc):
+        return True
+    if isinstance(exc, DatabaseError) and exc.args and isinstance(exc.args[0], dict):
+        code = str(exc.args[0].get("C", ""))
+        return code.startswith(("40", "53", "55P03", "57014"))
+    return False
+
+
 TIMESTAMPTZ_OID = 1184
 PING_AFTER_IDLE = 2.0  # seconds: a pooled connection idle longer is checked before use
 

@@ -326,9 +326,12 @@ def claim(conn: Connection, job_id: str, lease_seconds: float,
         running = conn.run("SELECT count(*) FROM jobs WHERE status = 'IN_PROGRESS'"
                            " AND job_type = :t", t=job_type)[0][0]
         if running >= limit:
+            # Only a due job is put back: an early or duplicate delivery of one waiting for
+            # its backoff or its reserved rate slot must not pull it forward.
             conn.run("UPDATE jobs SET next_attempt_at = now() + interval '1 second',"
                      " published_at = NULL WHERE job_id = CAST(:id AS uuid)"
-                     " AND status IN ('QUEUED', 'RETRYING')", id=job_id)
+                     " AND status IN ('QUEUED', 'RETRYING')"
+                     " AND (next_attempt_at IS NULL OR next_attempt_at <= now())", id=job_id)
             return None
     if rate is not None:
         # The job first, locked: a duplicate delivery, or one before the job is due,

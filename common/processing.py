@@ -94,6 +94,10 @@ class Processor:
         self._done_recently: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._background = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="cache-claims")
+        # What follows a job's end (its dependents, its callback) on threads of its own: a
+        # slow broker while releasing dependents never holds up the claims' cache writes.
+        self._follow = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="follow-up")
         # Deliveries of types with a concurrency limit, within a batch (see handle_batch).
         self._solo = concurrent.futures.ThreadPoolExecutor(
             max_workers=16, thread_name_prefix="limited")
@@ -338,7 +342,7 @@ class Processor:
         self._cache(rows)
         followed = [row for row in rows if row["has_dependents"] or row["callback_url"]]
         if followed:  # dependents and callbacks of jobs that ended; the sweeper's otherwise
-            self._background.submit(follow_up, self.db, self.cache, self.publisher,
+            self._follow.submit(follow_up, self.db, self.cache, self.publisher,
                                     self.settings, followed)
         for running in started:
             job_type = running.row["job_type"]

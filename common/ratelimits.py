@@ -30,7 +30,8 @@ _FORMAT = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
 
 @dataclass(frozen=True)
 class RateLimit:
-    """At most `count` attempts started per `period` seconds (a burst of `count` at once)."""
+    """`count` attempts started per `period` seconds on average: a burst of `count` at once,
+    then one every `period / count` (one period can hold up to 2 x count - 1 starts)."""
 
     count: int
     period: float

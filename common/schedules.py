@@ -37,11 +37,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from common import jobs, metrics
 from common.api import check_type_scope, max_retries_for
 from common.auth import Principal
-from common.db import Connection, Database, rows_as_dicts
+from common.db import Connection, Database, is_transient, rows_as_dicts
 from common.errors import ApiError, ServiceUnavailable
 from common.handlers import validate_payload
 from common.models import JobSubmission
-from common.queue import Publisher, job_event
+from common.queue import Publisher, job_event, job_topic
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -308,7 +308,9 @@ def fire_due(db: Database, publisher: Publisher, settings: Settings,
             conn.run("SAVEPOINT tick")
             try:
                 job, is_new = _fire(db, conn, row, settings)
-            except Exception:
+            except Exception as exc:
+                if is_transient(exc):  # the next sweep tries this tick again
+                    raise
                 conn.run("ROLLBACK TO SAVEPOINT tick")
                 log.exception("schedule %s failed to fire its tick at %s; pausing it",
                               row["name"], row["next_run_at"].isoformat())
@@ -322,8 +324,9 @@ def fire_due(db: Database, publisher: Publisher, settings: Settings,
         metrics.SUBMITTED.labels(job["job_type"]).inc()
     if made:
         try:
-            publisher.publish([job_event(settings.queue_topic, job["job_id"], job["job_type"],
-                                         source="/schedules") for job in made])
+            publisher.publish([job_event(job_topic(settings, job["job_type"]), job["job_id"],
+                                         job["job_type"], source="/schedules")
+                               for job in made])
             jobs.mark_published(db, [(str(job["job_id"]), job["attempts"]) for job in made])
         except ServiceUnavailable as exc:
             log.warning("made %d scheduled job(s) but could not enqueue them now (%s);"

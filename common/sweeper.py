@@ -12,7 +12,7 @@ from typing import Any
 from common import callbacks, dependencies, jobs, schedules
 from common.artifacts import delete_artifacts
 from common.cache import StatusCache
-from common.db import Database, rows_as_dicts
+from common.db import Database, is_transient, rows_as_dicts
 from common.errors import ServiceUnavailable
 from common.handlers import get_job_type
 from common.processing import policy_for, publish_dead_letters, record_failure
@@ -174,9 +174,10 @@ def sweep(db: Database, cache: StatusCache, publisher: Publisher,
         "cache_repaired": lambda: jobs.repair_cache(db, cache),
         "deleted": lambda: forget_old_jobs(db, cache, settings),
         "counts_folded": lambda: fold_counts(db),
-        "callbacks_tried": lambda: callbacks.deliver_due(db, settings),
-        # last: a schedule's trouble never holds up the recovery of jobs above
+        # after the recovery of jobs above: a schedule's trouble never holds that up
         "scheduled": lambda: len(schedules.fire_due(db, publisher, settings)),
+        # last: a slow receiver holds up nothing else (a few sends, each time-limited)
+        "callbacks_tried": lambda: callbacks.deliver_due(db, settings),
     }
     for name, step in steps.items():
         # Each step on its own: a broker outage must not stop the cache repair, and so on.
@@ -185,6 +186,10 @@ def sweep(db: Database, cache: StatusCache, publisher: Publisher,
         except ServiceUnavailable as exc:
             log.warning("sweep step %s failed: %s", name, exc)
             failure = failure or exc
+        except Exception as exc:
+            if not is_transient(exc):  # a bug: let it show
+                raise
+            log.warning("sweep step %s failed, tried again next sweep: %s", name, exc)
     if failure is not None:
         raise failure
     return counts

@@ -263,7 +263,7 @@ class Gateway:
             response = await self._send_to_any("status", "GET", f"/jobs/{quote(job_id, safe='')}",
                                                headers, None)
             content = await response.read()
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise ApiError(503, "Service unavailable", "the status function is not answering",
                            headers={"Retry-After": "2"}) from exc
         response.release()

@@ -359,8 +359,9 @@ class Stack:
                 settings.dlq_topic: settings.dlq_partitions}
 
     def bridge_name(self, topic: str) -> str:
-        """`bridge-q` for the job queue, `bridge-<topic>` for a job type's own topic."""
-        return "bridge-q" if topic == self.settings.queue_topic else f"bridge-{topic}"
+        """`bridge-q` for the job queue, `bridge-topic-<topic>` for a job type's own topic
+        (never the name of the job queue's or the DLQ's bridge, whatever the topic)."""
+        return "bridge-q" if topic == self.settings.queue_topic else f"bridge-topic-{topic}"
 
     def restart_service(self, name: str) -> None:
         """Restart one of our servers in place; a broker comes back empty, so recreate the

@@ -119,3 +119,27 @@ def test_a_deferred_job_claims_on_its_reserved_slot_and_an_early_delivery_takes_
     finally:
         db.run("DELETE FROM jobs WHERE job_id = ANY(CAST(:ids AS uuid[]))", ids=ids)
         db.run("DELETE FROM rate_limits WHERE job_type = :t", t=job_type)
+
+
+def test_a_delivery_at_the_concurrency_limit_never_pulls_a_waiting_job_forward(db):
+    """A job waiting for its slot (or its backoff) keeps its time when a duplicate
+    delivery finds its type at the concurrency limit: it is not put back to a second
+    from now, where it would start early."""
+    job_type = f"UNIT_CONC_{uuid.uuid4().hex[:8]}"
+    ids = [str(uuid.uuid4()) for _ in range(2)]
+    db.run("INSERT INTO jobs (job_id, job_type, payload_json, next_attempt_at) VALUES"
+           " (CAST(:a AS uuid), :t, '{}', NULL),"
+           " (CAST(:b AS uuid), :t, '{}', now() + interval '1 hour')",
+           a=ids[0], b=ids[1], t=job_type)
+    try:
+        with db.transaction() as conn:
+            assert jobs.claim(conn, ids[0], 3600, concurrency=(job_type, 1)) is not None
+        [[before]] = db.run("SELECT next_attempt_at FROM jobs WHERE job_id = CAST(:id AS uuid)",
+                            id=ids[1])
+        with db.transaction() as conn:  # the type is at its limit: not claimed
+            assert jobs.claim(conn, ids[1], 3600, concurrency=(job_type, 1)) is None
+        [[after]] = db.run("SELECT next_attempt_at FROM jobs WHERE job_id = CAST(:id AS uuid)",
+                           id=ids[1])
+        assert after == before, "an early delivery pulled the waiting job forward"
+    finally:
+        db.run("DELETE FROM jobs WHERE job_type = :t", t=job_type)

@@ -76,7 +76,7 @@ def test_the_stack_creates_each_types_topic_with_a_bridge_and_group_of_its_own(l
                                                 (LANE, f"jobs-process-{LANE}")]
     assert lanes.topics[LANE] == lanes.topics["job-queue"]  # JOBS_QUEUE_PARTITIONS
     assert f"{LANE} -> process (jobs-process-{LANE})" in lanes.summary()
-    log = (lanes.data_dir / "logs" / f"bridge-{LANE}.log").read_text()
+    log = (lanes.data_dir / "logs" / f"bridge-topic-{LANE}.log").read_text()
     assert "assigned [" in log, "the lane's bridge never got a partition"
     ready = lapi.request("GET", "/readyz").json
     assert ready["checks"][f"trigger:{LANE}"] == ready["checks"]["handlers"] == {"ok": True}
@@ -88,6 +88,17 @@ def test_every_message_of_a_type_goes_to_its_topic_submit_requeue_sweeper_and_re
         lanes, lapi):
     ids = {job_type: lapi.submit(job_type).json["job_id"]
            for job_type in ("LANE_RETRY_NOW", "LANE_RETRY_LATER", "LANE_DEAD", "NOOP")}
+    # released by its parent, and made by a schedule's tick
+    _, released = lapi.request("POST", "/jobs/batch", json_body={"jobs": [
+        {"job_type": "NOOP"}, {"job_type": "LANE_DEAD", "depends_on": [0]}]}).json["jobs"]
+    name = f"lane-{uuid.uuid4().hex[:8]}"
+    assert lapi.request("POST", "/schedules", json_body={
+        "name": name, "job_type": "LANE_DEAD", "every_seconds": 1}).status == 201
+    ticked = wait_for(lambda: lapi.request("GET", f"/schedules/{name}").json["last_job_id"],
+                      20, "the schedule's first tick")
+    assert lapi.request("DELETE", f"/schedules/{name}").status == 204
+    for job_id in (released["job_id"], ticked):
+        assert lapi.wait_status(job_id)["status"] == "DEAD_LETTER"
     for job_type in ("LANE_RETRY_NOW", "LANE_RETRY_LATER", "NOOP"):
         job = lapi.wait_status(ids[job_type])
         assert (job["status"], job["attempts"]) == ("COMPLETED", 2 if "LANE" in job_type else 1)
@@ -102,6 +113,8 @@ def test_every_message_of_a_type_goes_to_its_topic_submit_requeue_sweeper_and_re
         assert lane[ids[job_type]] >= 2, (job_type, lane[ids[job_type]])
         assert queue[ids[job_type]] == 0, f"a {job_type} record went to the job queue"
     assert queue[ids["NOOP"]] >= 1 and lane[ids["NOOP"]] == 0
+    for job_id in (released["job_id"], ticked):
+        assert lane[job_id] >= 1 and queue[job_id] == 0, "a release or a tick missed the lane"
 
 
 def test_a_flood_of_slow_jobs_on_one_topic_does_not_hold_up_a_fast_type_on_another(

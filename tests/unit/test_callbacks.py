@@ -37,10 +37,11 @@ def test_only_listed_hosts_and_ports_are_allowed():
 @pytest.mark.parametrize("url", [
     "http://169.254.169.254/latest", "http://[fd00:ec2::254]/", "http://169.254.1.1/",
     "http://[::ffff:169.254.169.254]/", "http://metadata.google.internal/",
-    "http://[fe80::1%25eth0]/"])
+    "http://[fe80::1%25eth0]/", "http://[64:ff9b::a9fe:a9fe]/", "http://[::a9fe:a9fe]/"])
 def test_metadata_and_link_local_addresses_are_refused_even_when_listed(url):
     s = settings(JOBS_CALLBACK_ALLOWED_HOSTS="169.254.169.254,fd00:ec2::254,169.254.1.1,"
-                 "::ffff:169.254.169.254,metadata.google.internal,fe80::1%eth0")
+                 "::ffff:169.254.169.254,metadata.google.internal,fe80::1%eth0,"
+                 "64:ff9b::a9fe:a9fe,::a9fe:a9fe")
     with pytest.raises(ApiError) as err:
         callbacks.check_url(url, s)
     assert "metadata" in err.value.detail or "link-local" in err.value.detail
@@ -78,3 +79,11 @@ def test_a_weak_or_template_callback_secret_is_refused_at_start(secret):
     with pytest.raises(ValueError, match="JOBS_CALLBACK_SECRET") as err:
         load_settings({"JOBS_CALLBACK_SECRET": secret})
     assert secret not in str(err.value)  # settings errors never echo values
+
+
+def test_a_failed_try_never_names_the_address_the_host_resolved_to():
+    import urllib3
+
+    exc = urllib3.exceptions.MaxRetryError(
+        None, "/", urllib3.exceptions.NewConnectionError(None, "10.1.2.3:443 refused"))
+    assert callbacks._network_error(exc) == "could not connect"
