@@ -90,6 +90,8 @@ def check_url(url: str, settings: Settings) -> str:
 
     if not settings.callback_secret:
         raise refuse("callbacks are off here: JOBS_CALLBACK_SECRET is not set")
+    if not url.isprintable() or any(c.isspace() for c in url):
+        raise refuse("must not contain spaces or control characters (percent-encode them)")
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)

@@ -74,12 +74,16 @@ def create_with_parents(db: Database, items: list[Item], submitted_by: str | Non
             " uuid[])) ORDER BY job_id FOR NO KEY UPDATE", ids=outside))
         unknown = [p for p in outside if p not in found]
         if unknown:
-            raise ApiError(422, "Unknown parent", f"depends_on names no job {unknown[0]}")
+            raise ApiError(422, "Unknown parent",
+                           f"{_where(items, unknown[0])} names no job {unknown[0]}")
         failed = [p for p in outside if found[p] in FAILED]
         if failed:
+            state = found[failed[0]]
+            why = ("replay it first" if state == S.DEAD_LETTER.value
+                   else "a cancelled job never runs again")
             raise ApiError(422, "Parent will never complete",
-                           f"job {failed[0]} is {found[failed[0]]}: a job depending on it"
-                           " would never run (replay it first)")
+                           f"{_where(items, failed[0])} names job {failed[0]}, which is {state}:"
+                           f" a job depending on it would never run ({why})")
         conn.run("UPDATE jobs SET has_dependents = true WHERE job_id = ANY(CAST(:ids AS"
                  " uuid[])) AND NOT has_dependents", ids=outside)
         referenced = {p for refs in parents for p in refs}
@@ -98,6 +102,15 @@ def create_with_parents(db: Database, items: list[Item], submitted_by: str | Non
                      " unnest(CAST(:ps AS uuid[]), CAST(:cs AS uuid[])) ON CONFLICT DO NOTHING",
                      ps=[p for p, _ in edges], cs=[c for _, c in edges])
     return created
+
+
+def _where(items: list[Item], parent: str) -> str:
+    """`jobs[i].depends_on` of the first batch item naming `parent`, else `depends_on`."""
+    if len(items) > 1:
+        for i, (sub, *_) in enumerate(items):
+            if any(str(ref) == parent for ref in sub.depends_on or ()):
+                return f"jobs[{i}].depends_on"
+    return "depends_on"
 
 
 _TAKE = """

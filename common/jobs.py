@@ -62,8 +62,10 @@ def document(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def json_value(value: Any) -> Any:
-    """A JSON column's value, decoded if the driver handed back text."""
-    return json.loads(value) if isinstance(value, str) else value
+    """A jsonb column's value. pg8000 decodes jsonb itself: a `str` here is a JSON string
+    (a handler may return one), never text still to parse (parsing it was a 500 on every
+    read of such a job)."""
+    return value
 
 
 def _str(value: Any) -> str | None:

@@ -60,7 +60,8 @@ class JobSubmission(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     job_type: str = Field(
-        min_length=1, max_length=100, description="A registered job type", examples=["ECHO"]
+        min_length=1, max_length=100, description="A registered job type",
+        examples=["REPORT_GENERATION"]
     )
     payload: dict[str, Any] = Field(
         default_factory=dict, description="Input of the job, validated by the type's model"

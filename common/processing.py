@@ -6,6 +6,7 @@ import collections
 import concurrent.futures
 import contextlib
 import contextvars
+import json
 import logging
 import threading
 import time
@@ -314,6 +315,8 @@ class Processor:
                     f"handler ran past its time limit of {running.timeout:g}s")
             except Exception as exc:  # every handler failure is an attempt outcome
                 running.error = exc
+            if running.error is None:
+                running.error = self._unstorable(running.result)
         running.elapsed = time.monotonic() - running.started
         with self._running_lock:
             job_id = str(running.row["job_id"])
@@ -321,6 +324,21 @@ class Processor:
             self._done_recently[job_id] = running.ctx.attempt
             if len(self._done_recently) > 10_000:  # those whose claim was cached already
                 self._done_recently.popitem(last=False)
+
+    def _unstorable(self, result: Any) -> PermanentError | None:
+        """Why a handler's result cannot be stored as the job's result, or None: not JSON,
+        or larger than JOBS_MAX_RESULT_BYTES (it would be copied into every document,
+        listing, cache entry and dependent's context)."""
+        try:
+            size = len(json.dumps(result, allow_nan=False).encode())
+        except (TypeError, ValueError) as exc:
+            return PermanentError(f"the handler's result is not JSON: {exc}")
+        limit = self.settings.max_result_bytes
+        if size > limit:
+            return PermanentError(f"the handler's result is {size} bytes as JSON, over"
+                                  f" JOBS_MAX_RESULT_BYTES ({limit}); store large output as"
+                                  " an artifact and return its name")
+        return None
 
     def _attempts(self, claimed: list[dict[str, Any]]) -> list[Outcome]:
         """Run the handlers of claimed jobs and record every outcome; in the same order."""

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from common import jobs, metrics
 from common.api import check_type_scope, max_retries_for
-from common.auth import Principal
+from common.auth import Principal, Scope
 from common.db import Connection, Database, is_transient, rows_as_dicts
 from common.errors import ApiError, ServiceUnavailable
 from common.handlers import validate_payload
@@ -123,7 +123,7 @@ class ScheduleRequest(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN, description="Letters, digits, `_`, `-`, `.`;"
                       " at most 100", examples=["nightly-report"])
-    job_type: str = Field(min_length=1, max_length=100, examples=["ECHO"])
+    job_type: str = Field(min_length=1, max_length=100, examples=["EMAIL_SENDING"])
     payload: dict[str, Any] = Field(default_factory=dict,
                                     description="Each job's input, checked at creation")
     max_retries: int | None = Field(None, ge=0, le=100, strict=True,
@@ -217,14 +217,17 @@ def create(db: Database, request: ScheduleRequest, principal: Principal) -> Sche
         first = Timing(request.cron, timezone, request.every_seconds, now).next_after(now)
         rows = rows_as_dicts(conn, conn.run(
             "INSERT INTO schedules (name, schedule_id, job_type, payload_json, max_retries,"
-            " cron, timezone, every_seconds, anchor_at, next_run_at, created_by)"
+            " cron, timezone, every_seconds, anchor_at, next_run_at, created_by,"
+            " created_by_token)"
             " VALUES (:name, CAST(:id AS uuid), :type, CAST(:payload AS jsonb), :retries,"
             " :cron, :zone, :every, CAST(:anchor AS timestamptz),"
-            " CAST(:first AS timestamptz), :by) ON CONFLICT (name) DO NOTHING RETURNING *",
+            " CAST(:first AS timestamptz), :by, CAST(:token AS uuid))"
+            " ON CONFLICT (name) DO NOTHING RETURNING *",
             name=request.name, id=str(uuid.uuid4()), type=request.job_type,
             payload=json.dumps(payload), retries=request.max_retries, cron=request.cron,
             zone=timezone, every=request.every_seconds, anchor=now.isoformat(),
-            first=first.isoformat() if first else None, by=principal.name))
+            first=first.isoformat() if first else None, by=principal.name,
+            token=principal.token_id))
     if not rows:
         raise ApiError(409, "Schedule exists", f"a schedule named {request.name!r} already"
                        " exists; delete it first, or choose another name")
@@ -284,12 +287,33 @@ def _one(conn: Connection, sql: str, name: str, **params: Any) -> dict[str, Any]
 # --- the sweeper's step -------------------------------------------------------------------
 
 _DUE = """
-SELECT *, now() AS db_now FROM schedules
-WHERE paused_at IS NULL AND next_run_at <= now()
-ORDER BY next_run_at
+SELECT s.*, now() AS db_now, t.scopes AS owner_scopes,
+       s.created_by_token IS NOT NULL AND (t.id IS NULL OR t.expires_at <= now()) AS orphaned
+FROM schedules s LEFT JOIN api_tokens t ON t.id = s.created_by_token
+WHERE s.paused_at IS NULL AND s.next_run_at <= now()
+ORDER BY s.next_run_at
 LIMIT :limit
-FOR UPDATE SKIP LOCKED
+FOR UPDATE OF s SKIP LOCKED
 """
+
+
+def _owner_refuses(row: dict[str, Any]) -> str | None:
+    """Why the token that created a schedule may no longer have its ticks made, or None:
+    revoked, expired, or without the scopes creating it needed."""
+    if row["orphaned"]:
+        return f"its creator's token ({row['created_by']}) was revoked or has expired"
+    if row["owner_scopes"] is None:  # created with authentication off
+        return None
+    owner = Principal(str(row["created_by_token"]), row["created_by"] or "",
+                      frozenset(row["owner_scopes"]))
+    if not owner.allows(Scope.SUBMIT):
+        return f"its creator's token ({row['created_by']}) no longer has jobs:submit"
+    try:
+        check_type_scope(owner, row["job_type"], jobs.json_value(row["payload_json"]),
+                         "scheduling")
+    except ApiError as exc:
+        return exc.detail
+    return None
 
 
 def fire_due(db: Database, publisher: Publisher, settings: Settings,
@@ -305,6 +329,11 @@ def fire_due(db: Database, publisher: Publisher, settings: Settings,
     fired: list[str] = []
     with db.transaction() as conn:
         for row in rows_as_dicts(conn, conn.run(_DUE, limit=limit)):
+            refusal = _owner_refuses(row)
+            if refusal:
+                log.warning("schedule %s paused: %s", row["name"], refusal)
+                _stop(conn, row["name"])
+                continue
             conn.run("SAVEPOINT tick")
             try:
                 job, is_new = _fire(db, conn, row, settings)
@@ -314,8 +343,7 @@ def fire_due(db: Database, publisher: Publisher, settings: Settings,
                 conn.run("ROLLBACK TO SAVEPOINT tick")
                 log.exception("schedule %s failed to fire its tick at %s; pausing it",
                               row["name"], row["next_run_at"].isoformat())
-                conn.run("UPDATE schedules SET paused_at = now(), next_run_at = NULL,"
-                         " updated_at = now() WHERE name = :name", name=row["name"])
+                _stop(conn, row["name"])
                 continue
             fired.append(row["name"])
             if is_new:
@@ -333,6 +361,11 @@ def fire_due(db: Database, publisher: Publisher, settings: Settings,
                         " the sweeper will", len(made), exc.detail)
         log.info("schedules made %d job(s)", len(made))
     return fired
+
+
+def _stop(conn: Connection, name: str) -> None:
+    conn.run("UPDATE schedules SET paused_at = now(), next_run_at = NULL, updated_at = now()"
+             " WHERE name = :name", name=name)
 
 
 def _fire(db: Database, conn: Connection, row: dict[str, Any],

@@ -63,6 +63,9 @@ class Settings(BaseModel):
     # s3://bucket/prefix (see common.artifacts); checked at start, never ignored.
     artifact_url: str = ""
     max_body_bytes: int = 256 * 1024
+    # A handler's result is stored with its job, cached, listed and handed to dependents:
+    # one larger (as JSON) fails the attempt permanently. Files belong in artifacts.
+    max_result_bytes: int = Field(1 << 20, ge=1024)
     # API bearer tokens (common/auth.py): JOBS_AUTH=off lets every request in as admin.
     auth: bool = True
     auth_cache_seconds: float = Field(2.0, ge=0)
@@ -206,6 +209,7 @@ ENV = {
     "artifact_dir": "JOBS_ARTIFACT_DIR",
     "artifact_url": "JOBS_ARTIFACT_URL",
     "max_body_bytes": "JOBS_MAX_BODY_BYTES",
+    "max_result_bytes": "JOBS_MAX_RESULT_BYTES",
     "auth": "JOBS_AUTH",
     "auth_cache_seconds": "JOBS_AUTH_CACHE_SECONDS",
     "publish_timeout_seconds": "JOBS_PUBLISH_TIMEOUT_SECONDS",

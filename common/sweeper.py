@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from common import callbacks, dependencies, jobs, schedules
+from common import callbacks, dependencies, jobs, metrics, schedules
 from common.artifacts import delete_artifacts
 from common.cache import StatusCache
 from common.db import Database, is_transient, rows_as_dicts
 from common.errors import ServiceUnavailable
 from common.handlers import get_job_type
+from common.lifecycle import transition
+from common.models import JobStatus
 from common.processing import policy_for, publish_dead_letters, record_failure
 from common.queue import Publisher, job_event, job_topic
 from common.settings import Settings
@@ -48,7 +50,7 @@ FOR UPDATE SKIP LOCKED
 """
 
 _EXPIRED = """
-SELECT job_id, job_type, attempts FROM jobs
+SELECT job_id, job_type, attempts, cancel_requested_at IS NOT NULL AS cancel FROM jobs
 WHERE status = 'IN_PROGRESS' AND lease_expires_at < now()
 ORDER BY lease_expires_at
 LIMIT :limit
@@ -118,11 +120,22 @@ def fold_counts(db: Database) -> int:
 
 def reclaim_expired(db: Database, cache: StatusCache, publisher: Publisher,
                     settings: Settings, limit: int = 500) -> int:
-    """Fail the attempts of workers whose lease ran out; the attempt counts."""
+    """Fail the attempts of workers whose lease ran out; the attempt counts. One whose job
+    was asked to stop ends CANCELLED, as it would have had its worker lived."""
     rows, letters = [], []
     with db.transaction() as conn:
         for row in rows_as_dicts(conn, conn.run(_EXPIRED, limit=limit)):
             job_id = str(row["job_id"])
+            if row["cancel"]:
+                message = "cancelled (its worker stopped answering before it stopped)"
+                new = transition(conn, job_id, JobStatus.CANCELLED,
+                                 sources=[JobStatus.IN_PROGRESS], attempt=row["attempts"],
+                                 values={"lease_expires_at": None, "error_message": message})
+                if new is not None:
+                    jobs.finish_attempt(conn, job_id, row["attempts"], "CANCELLED", message)
+                    metrics.CANCELLED.labels(row["job_type"]).inc()
+                    rows.append(new)
+                continue
             policy = policy_for(settings, get_job_type(row["job_type"]))
             new, letter = record_failure(
                 conn, job_id, row["attempts"], "lease expired: the worker stopped answering",

@@ -116,7 +116,8 @@ def test_a_cancelled_job_is_called_back_too(api, receiver):
     ("http://metadata.google.internal/", "metadata"),
     ("ftp://127.0.0.1/x", "http:// or https://"),
     ("http://user:pw@127.0.0.1/x", "credentials"),
-    ("not a url", "http:// or https://"),
+    ("not a url", "spaces or control characters"),
+    ("http://127.0.0.1/hook\r\nX-Evil: 1", "control characters"),
 ])
 def test_callbacks_to_other_hosts_are_refused_at_submit(api, url, words):
     reply = api.submit("ECHO", {"message": "x"}, callback_url=url)

@@ -159,6 +159,11 @@ def test_a_batch_item_may_only_depend_on_earlier_items(api):
             {"job_type": "NOOP"}, {"job_type": "NOOP", "depends_on": refs}]})
         assert reply.status == 422 and "jobs[1].depends_on" in reply.json["detail"], reply.body
     assert api.request("GET", "/jobs?job_type=NOOP&status=WAITING").status == 200
+    unknown = str(uuid.uuid4())
+    reply = api.request("POST", "/jobs/batch", json_body={"jobs": [
+        {"job_type": "NOOP"}, {"job_type": "NOOP", "depends_on": [0, unknown]}]})
+    assert reply.status == 422
+    assert reply.json["detail"] == f"jobs[1].depends_on names no job {unknown}"
 
 
 def test_a_parent_that_already_failed_is_refused(api):
@@ -166,6 +171,7 @@ def test_a_parent_that_already_failed_is_refused(api):
     api.wait_status(parent["job_id"])
     reply = api.submit("PARENTS", depends_on=[parent["job_id"]])
     assert reply.status == 422 and "DEAD_LETTER" in reply.json["detail"]
+    assert "replay it first" in reply.json["detail"]
 
 
 def test_the_cli_submits_a_dependent_job_lists_dependents_and_replays_them(

@@ -267,3 +267,32 @@ def test_each_operation_needs_its_scope(api):
         "payload": {"dataset": "jobs", "format": "jsonl"}})
     assert export.status == 403 and "admin" in export.json["detail"], export.body
     assert api.request("DELETE", f"/schedules/{body['name']}").status == 204
+
+
+def test_a_schedule_stops_when_its_creators_token_is_revoked_or_loses_the_scope(api, db):
+    def token(name: str, scopes: list[str]) -> tuple[str, Api]:
+        reply = api.request("POST", "/tokens", json_body={"name": name, "scopes": scopes})
+        assert reply.status == 201, reply.body
+        return reply.json["id"], Api(api.base, reply.json["token"])
+
+    revoked_id, revoked_api = token(unique("sched-owner"), ["jobs:submit"])
+    narrowed_id, narrowed_api = token(unique("sched-exporter"), ["admin"])
+    by_revoked, by_narrowed = unique("revoked"), unique("narrowed")
+    create(revoked_api, by_revoked, job_type="NOOP", every_seconds=1)
+    create(narrowed_api, by_narrowed, job_type="DATA_EXPORT",
+           payload={"dataset": "jobs", "format": "jsonl", "limit": 1}, every_seconds=1)
+    wait_for(lambda: made_by(db, by_revoked) and made_by(db, by_narrowed), 30,
+             "both schedules to tick")
+    assert api.request("DELETE", f"/tokens/{revoked_id}").status == 204
+    # the admin token that scheduled an export is left with jobs:submit only
+    db.run("UPDATE api_tokens SET scopes = ARRAY['jobs:submit'] WHERE id = CAST(:id AS uuid)",
+           id=narrowed_id)
+    for name in (by_revoked, by_narrowed):
+        wait_for(lambda name=name: api.request("GET", f"/schedules/{name}").json["paused"],
+                 30, f"{name} to be paused")
+    counts = {name: len(made_by(db, name)) for name in (by_revoked, by_narrowed)}
+    sweeper_ticked_twice(api, db)
+    assert counts == {name: len(made_by(db, name)) for name in counts}, "a tick after that"
+    for name in counts:
+        assert api.request("DELETE", f"/schedules/{name}").status == 204
+    api.request("DELETE", f"/tokens/{narrowed_id}")

@@ -135,3 +135,11 @@ def rate_and_concurrency(payload: dict[str, Any], ctx: JobContext) -> dict[str, 
 def parents(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     """Return the results of the jobs this one depends on (`ctx.parent_results`)."""
     return {"parents": ctx.parent_results}
+
+
+@job_handler("BIG_RESULT")
+def big_result(payload: dict[str, Any]) -> Any:
+    """Return `bytes` characters (or, with `"kind": "set"`, something that is not JSON)."""
+    if payload.get("kind") == "set":
+        return {1, 2, 3}
+    return "x" * int(payload.get("bytes", 10))
