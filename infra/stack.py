@@ -189,6 +189,9 @@ class Stack:
         self.children: dict[str, Child] = {}
         self._stop = threading.Event()
         self._held: set[str] = set()  # servers stopped on purpose, not to be restarted
+        # One restart of a server at a time: the supervisor seeing a server down in the
+        # middle of restart_service (stopped, not yet started) must not start a second one.
+        self._servers_lock = threading.RLock()
         self._threads: list[threading.Thread] = []
         self.new_admin_token: str | None = None  # made by this start, to print once
         self._queue_topics: dict[str, str] | None = None
@@ -367,16 +370,21 @@ class Stack:
         """Restart one of our servers in place; a broker comes back empty, so recreate the
         topics at once (PostgreSQL rebuilds the queue itself: the sweeper republishes)."""
         server = self.services[name]
-        server.restart()
-        if name == "kafka":
-            services.create_topics(server.url, self.topics)
-        self._held.discard(name)
-        self._record_pids()
+        with self._servers_lock:
+            self._held.add(name)  # the supervisor leaves it alone meanwhile
+            try:
+                server.restart()
+                if name == "kafka":
+                    services.create_topics(server.url, self.topics)
+            finally:
+                self._held.discard(name)
+            self._record_pids()
 
     def stop_service(self, name: str) -> None:
         """Stop one of our servers and keep it down (an outage) until restart_service."""
-        self._held.add(name)
-        self.services[name].stop()
+        with self._servers_lock:
+            self._held.add(name)
+            self.services[name].stop()
 
     def _child(self, name: str, argv: list[str], *, port: int | None = None,
                extra_env: dict[str, str] | None = None) -> None:
@@ -452,8 +460,11 @@ class Stack:
         """Restart a child or server that died on its own (crash, kill -9)."""
         while not self._stop.wait(0.2):
             for name, server in list(self.services.items()):
-                if name not in self._held and not server.is_running() \
-                        and not self._stop.is_set():
+                if name in self._held or server.is_running() or self._stop.is_set():
+                    continue
+                with self._servers_lock:  # asked again: a restart may have just ended
+                    if name in self._held or server.is_running() or self._stop.is_set():
+                        continue
                     log.warning("%s is not running; restarting it", name)
                     try:
                         self.restart_service(name)

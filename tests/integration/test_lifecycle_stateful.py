@@ -425,7 +425,8 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(data=st.data())
     def crash(self, data: st.DataObject) -> None:
         """The worker vanishes: its lease runs out and the sweeper takes the job back; the
-        attempt counts. Its handler is still waiting, to report later (and be fenced out)."""
+        attempt counts (a job asked to stop ends CANCELLED, as its worker would have ended
+        it). Its handler is still waiting, to report later (and be fenced out)."""
         job = self._pick(data, self._running())
         self.db.run("UPDATE jobs SET lease_expires_at = now() - interval '1 second'"
                     " WHERE job_id = CAST(:id AS uuid)", id=job.job_id)
@@ -435,7 +436,11 @@ class Lifecycle(RuleBasedStateMachine):
         # A second sweeper pass (or a second sweeper) finds nothing more to do.
         assert reclaim_expired(self.db, cache, self.publisher, SETTINGS) == 0, job
         attempt = job.live
-        _, target = self._failed(job, permanent=False)
+        if job.cancel_requested:
+            self._move(job, S.CANCELLED)
+            job.outcomes[attempt], job.live, target = "CANCELLED", None, S.CANCELLED
+        else:
+            _, target = self._failed(job, permanent=False)
         letters = [e.ce_id for e in self.publisher.since(published)]
         assert letters == ([f"{job.job_id}:{attempt}"] if target is S.DEAD_LETTER else []), letters
 
@@ -654,16 +659,16 @@ def test_a_handler_that_returns_after_a_cancel_request_ends_cancelled(system: Sy
 
 def test_a_replayed_dead_letter_carries_no_cancel_request_from_its_last_cycle(system: System):
     """Replay gives a dead letter "a fresh retry budget"; it should not inherit a cancel
-    request made while its last attempt ran (whose worker then vanished, the job being out
-    of retries). Fails today: `deadletters.replay` leaves `cancel_requested_at` set, so the
-    replayed job shows `cancel_requested` and the heartbeat stops its next attempt."""
+    request made while its last attempt ran (`deadletters.replay` once left
+    `cancel_requested_at` set, so the replayed job showed `cancel_requested` and the
+    heartbeat stopped its next attempt). A worker that vanishes after a cancel request now
+    ends its job CANCELLED (see the crash rule), so here the request lands as the attempt
+    fails: set in PostgreSQL, as `request_cancel` would, once the job is dead."""
     job_id = submitted(system, max_retries=0)
     delivery = running(system, job_id)
-    assert api.cancel(job_id).cancel_requested
-    system.db.run("UPDATE jobs SET lease_expires_at = now() - interval '1 second'")
-    assert reclaim_expired(system.db, system.workers[0].cache, system.publisher, SETTINGS) == 1
-    SCRIPT.order(job_id, 1, "raise")  # the vanished worker's late report is fenced out
-    assert [a.outcome for a in delivery.result(WAIT)] == ["ignored"]
+    SCRIPT.order(job_id, 1, "raise")
+    assert [a.outcome for a in delivery.result(WAIT)] == ["dead_lettered"]
+    system.db.run("UPDATE jobs SET cancel_requested_at = now()")
     with system.db.transaction() as conn:
         replayed = jobs.document(deadletters.replay(conn, job_id))
     assert (replayed["status"], replayed["cancel_requested"]) == ("QUEUED", False)
