@@ -169,6 +169,9 @@ class ScheduleDocument(BaseModel):
     timezone: str | None = Field(None, description="With cron: the zone it is read in")
     every_seconds: int | None = None
     paused: bool
+    paused_reason: str | None = Field(
+        None, description="While paused: who paused it, or what stopped it (its creator's"
+        " token revoked or without the scope, a tick that could not be made)")
     next_run_at: datetime | None = Field(None, description="The next tick (null while paused)")
     last_run_at: datetime | None = Field(None, description="The tick the last job was made for")
     last_job_id: uuid.UUID | None = None
@@ -191,6 +194,7 @@ def document(row: dict[str, Any]) -> ScheduleDocument:
                                "last_job_id", "created_by", "created_at", "updated_at")},
         "payload": jobs.json_value(row["payload_json"]),
         "paused": row["paused_at"] is not None,
+        "paused_reason": row.get("paused_reason") if row["paused_at"] is not None else None,
     })
 
 
@@ -255,12 +259,14 @@ def delete(db: Database, name: str) -> None:
         _one(conn, "DELETE FROM schedules WHERE name = :name RETURNING name", name)
 
 
-def pause(db: Database, name: str) -> ScheduleDocument:
+def pause(db: Database, name: str, by: str | None = None) -> ScheduleDocument:
     """No ticks until resumed (pausing a paused schedule changes nothing)."""
     with db.connection() as conn:
         return document(_one(
-            conn, "UPDATE schedules SET paused_at = coalesce(paused_at, now()),"
-            " next_run_at = NULL, updated_at = now() WHERE name = :name RETURNING *", name))
+            conn, "UPDATE schedules SET paused_reason = CASE WHEN paused_at IS NULL THEN"
+            " :reason ELSE paused_reason END, paused_at = coalesce(paused_at, now()),"
+            " next_run_at = NULL, updated_at = now() WHERE name = :name RETURNING *", name,
+            reason=f"paused by {by}" if by else "paused"))
 
 
 def resume(db: Database, name: str) -> ScheduleDocument:
@@ -271,7 +277,8 @@ def resume(db: Database, name: str) -> ScheduleDocument:
         if row["paused_at"] is None:
             return document(row)
         after = _timing(row).next_after(row["db_now"])
-        row = _one(conn, "UPDATE schedules SET paused_at = NULL, updated_at = now(),"
+        row = _one(conn, "UPDATE schedules SET paused_at = NULL, paused_reason = NULL,"
+                   " updated_at = now(),"
                    " next_run_at = CAST(:next AS timestamptz) WHERE name = :name RETURNING *",
                    name, next=after.isoformat() if after else None)
     return document(row)
@@ -332,7 +339,7 @@ def fire_due(db: Database, publisher: Publisher, settings: Settings,
             refusal = _owner_refuses(row)
             if refusal:
                 log.warning("schedule %s paused: %s", row["name"], refusal)
-                _stop(conn, row["name"])
+                _stop(conn, row["name"], refusal)
                 continue
             conn.run("SAVEPOINT tick")
             try:
@@ -343,7 +350,8 @@ def fire_due(db: Database, publisher: Publisher, settings: Settings,
                 conn.run("ROLLBACK TO SAVEPOINT tick")
                 log.exception("schedule %s failed to fire its tick at %s; pausing it",
                               row["name"], row["next_run_at"].isoformat())
-                _stop(conn, row["name"])
+                _stop(conn, row["name"], f"its tick at {row['next_run_at'].isoformat()}"
+                      f" could not be made ({type(exc).__name__}; see the sweeper's log)")
                 continue
             fired.append(row["name"])
             if is_new:
@@ -363,9 +371,9 @@ def fire_due(db: Database, publisher: Publisher, settings: Settings,
     return fired
 
 
-def _stop(conn: Connection, name: str) -> None:
-    conn.run("UPDATE schedules SET paused_at = now(), next_run_at = NULL, updated_at = now()"
-             " WHERE name = :name", name=name)
+def _stop(conn: Connection, name: str, reason: str) -> None:
+    conn.run("UPDATE schedules SET paused_at = now(), next_run_at = NULL, updated_at = now(),"
+             " paused_reason = :reason WHERE name = :name", name=name, reason=reason[:500])
 
 
 def _fire(db: Database, conn: Connection, row: dict[str, Any],

@@ -220,7 +220,8 @@ def schedule_detail(doc: dict[str, Any], now: datetime | None = None) -> str:
     """A schedule as 'Label: value' lines, times as ISO plus relative."""
     rows = [("Schedule", str(doc.get("name"))), ("Id", str(doc.get("schedule_id"))),
             ("Type", str(doc.get("job_type"))), ("When", schedule_when(doc)),
-            ("State", "paused" if doc.get("paused") else "active"),
+            ("State", ("paused" + (f" ({doc['paused_reason']})" if doc.get("paused_reason")
+                                   else "")) if doc.get("paused") else "active"),
             ("Next run", iso_and_relative(doc.get("next_run_at"), now)),
             ("Last run", iso_and_relative(doc.get("last_run_at"), now)),
             ("Last job", str(doc.get("last_job_id") or "-")),

@@ -60,7 +60,7 @@ def delete_schedule(request: flask.Request, principal: Principal, name: str) -> 
 
 def pause_schedule(request: flask.Request, principal: Principal,
                    name: str) -> schedules.ScheduleDocument:
-    return schedules.pause(clients.database(), name)
+    return schedules.pause(clients.database(), name, by=principal.name)
 
 
 def resume_schedule(request: flask.Request, principal: Principal,

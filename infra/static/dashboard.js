@@ -1250,7 +1250,8 @@
           timeCell(d.last_run_at),
           d.last_job_id ? jobLink(d.last_job_id, "schedule-last-job") : html`<span
             class="muted">–</span>`,
-          d.paused ? html`<span class="badge" data-status="CANCELLED">paused</span>`
+          d.paused ? html`<span class="badge" data-status="CANCELLED" data-testid="schedule-paused"
+            title="${d.paused_reason || ""}">paused</span>`
             : html`<span class="badge" data-status="COMPLETED">active</span>`,
           ...(!operate ? [] : [{cls: "nowrap", html: html`<button type="button" class="small"
             data-action="${d.paused ? "resume" : "pause"}" data-name="${d.name}"

@@ -107,6 +107,7 @@ def test_a_paused_schedule_makes_no_job_and_resumes_from_the_next_tick(api, db):
     paused = api.request("POST", f"/schedules/{name}/pause")
     assert paused.status == 200, paused.body
     assert paused.json["paused"] is True and paused.json["next_run_at"] is None
+    assert paused.json["paused_reason"] == "paused by admin"
     assert api.request("POST", f"/schedules/{name}/pause").json["paused"] is True
     count = len(made_by(db, name))
     sweeper_ticked_twice(api, db)
@@ -114,6 +115,7 @@ def test_a_paused_schedule_makes_no_job_and_resumes_from_the_next_tick(api, db):
 
     resumed = api.request("POST", f"/schedules/{name}/resume")
     assert resumed.status == 200 and resumed.json["paused"] is False
+    assert resumed.json["paused_reason"] is None
     next_run = datetime.fromisoformat(resumed.json["next_run_at"])
     assert next_run > datetime.fromisoformat(paused.json["updated_at"])
     wait_for(lambda: len(made_by(db, name)) > count, 30, "a tick after resume")
@@ -195,6 +197,8 @@ def test_a_schedule_whose_tick_fails_is_paused_and_holds_up_no_other(api, db):
     create(api, healthy, job_type="NOOP", every_seconds=1)
     wait_for(lambda: api.request("GET", f"/schedules/{broken}").json["paused"], 30,
              "the broken schedule to be paused")
+    assert "could not be made" in api.request("GET", f"/schedules/{broken}").json[
+        "paused_reason"]
     wait_for(lambda: len(made_by(db, healthy)) >= 2, 30, "the healthy one to keep ticking")
     assert made_by(db, broken) == []  # its job was rolled back with the rest of its tick
     for name in (broken, healthy):
@@ -290,6 +294,10 @@ def test_a_schedule_stops_when_its_creators_token_is_revoked_or_loses_the_scope(
     for name in (by_revoked, by_narrowed):
         wait_for(lambda name=name: api.request("GET", f"/schedules/{name}").json["paused"],
                  30, f"{name} to be paused")
+    reasons = {name: api.request("GET", f"/schedules/{name}").json["paused_reason"]
+               for name in (by_revoked, by_narrowed)}
+    assert "was revoked or has expired" in reasons[by_revoked], reasons
+    assert "'admin' scope" in reasons[by_narrowed], reasons
     counts = {name: len(made_by(db, name)) for name in (by_revoked, by_narrowed)}
     sweeper_ticked_twice(api, db)
     assert counts == {name: len(made_by(db, name)) for name in counts}, "a tick after that"

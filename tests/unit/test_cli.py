@@ -1218,3 +1218,6 @@ def test_schedules_list_and_show_render_the_api_documents(fake):
     fake.on("GET", "/schedules/nightly", (200, SCHEDULE))
     shown = jobs(fake, "schedules", "show", "nightly")
     assert "Schedule:    nightly" in shown.out and "Europe/Berlin" in shown.out
+    fake.on("GET", "/schedules/often", (200, {**every, "paused_reason": "paused by ops"}))
+    shown = jobs(fake, "schedules", "show", "often")
+    assert "paused (paused by ops)" in shown.out
