@@ -58,7 +58,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=20, deadline=None,
+@settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 def test_the_api_answers_any_generated_request_as_its_schema_documents(case):
     case.call_and_validate(checks=CHECKS)
