@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from common import callbacks, clients, deadletters, dependencies, jobs, metrics
 from common.auth import Principal
 from common.cache import is_final
+from common.db import Connection
 from common.errors import ApiError, ServiceUnavailable
 from common.handlers import get_job_type, validate_payload
 from common.lifecycle import transition
@@ -222,11 +225,18 @@ def cancel(job_id: str) -> JobDocument:
 
 def attempts(job_id: str) -> AttemptPage:
     """A job's attempt history, oldest first."""
-    job_id = parse_job_id(job_id)
+    with _existing_job(job_id) as (conn, job_id):
+        return AttemptPage.model_validate({"items": jobs.attempt_history(conn, job_id)})
+
+
+@contextlib.contextmanager
+def _existing_job(raw_id: str) -> Iterator[tuple[Connection, str]]:
+    """A connection and the parsed id of a job that exists; 400 or 404 otherwise."""
+    job_id = parse_job_id(raw_id)
     with clients.database().connection() as conn:
         if jobs.get_job(conn, job_id) is None:
             raise ApiError(404, "Job not found", f"no job {job_id}")
-        return AttemptPage.model_validate({"items": jobs.attempt_history(conn, job_id)})
+        yield conn, job_id
 
 
 def stats() -> Stats:
@@ -287,19 +297,12 @@ def replay(job_id: str, with_dependents: bool = False) -> JobDocument:
 
 def dependents(job_id: str) -> JobPage:
     """The jobs that depend on `job_id` (up to 1,000), oldest first."""
-    job_id = parse_job_id(job_id)
-    with clients.database().connection() as conn:
-        if jobs.get_job(conn, job_id) is None:
-            raise ApiError(404, "Job not found", f"no job {job_id}")
+    with _existing_job(job_id) as (conn, job_id):
         rows = dependencies.dependents(conn, job_id)
     return JobPage.model_validate({"items": [jobs.document(r) for r in rows]})
 
 
 def callback_deliveries(job_id: str) -> CallbackPage:
     """A job's completion callbacks and every try at delivering them."""
-    job_id = parse_job_id(job_id)
-    db = clients.database()
-    with db.connection() as conn:
-        if jobs.get_job(conn, job_id) is None:
-            raise ApiError(404, "Job not found", f"no job {job_id}")
-    return CallbackPage.model_validate({"items": callbacks.deliveries(db, job_id)})
+    with _existing_job(job_id) as (conn, job_id):
+        return CallbackPage.model_validate({"items": callbacks.deliveries(conn, job_id)})

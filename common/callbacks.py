@@ -35,7 +35,7 @@ from cloudevents.conversion import to_structured
 from cloudevents.http import CloudEvent
 
 from common import jobs
-from common.db import Database, rows_as_dicts
+from common.db import Connection, Database, rows_as_dicts
 from common.errors import ApiError
 from common.settings import Settings
 
@@ -319,15 +319,14 @@ def _refusal(url: str, settings: Settings) -> str | None:
     return None
 
 
-def deliveries(db: Database, job_id: str) -> list[dict[str, Any]]:
+def deliveries(conn: Connection, job_id: str) -> list[dict[str, Any]]:
     """A job's callbacks with their tries, oldest first (`GET /jobs/{id}/callbacks`)."""
-    with db.connection() as conn:
-        callbacks = rows_as_dicts(conn, conn.run(
-            "SELECT * FROM job_callbacks WHERE job_id = CAST(:id AS uuid)"
-            " ORDER BY created_at, callback_id", id=job_id))
-        tries = rows_as_dicts(conn, conn.run(
-            "SELECT a.* FROM job_callback_attempts a JOIN job_callbacks c USING (callback_id)"
-            " WHERE c.job_id = CAST(:id AS uuid) ORDER BY a.attempt", id=job_id))
+    callbacks = rows_as_dicts(conn, conn.run(
+        "SELECT * FROM job_callbacks WHERE job_id = CAST(:id AS uuid)"
+        " ORDER BY created_at, callback_id", id=job_id))
+    tries = rows_as_dicts(conn, conn.run(
+        "SELECT a.* FROM job_callback_attempts a JOIN job_callbacks c USING (callback_id)"
+        " WHERE c.job_id = CAST(:id AS uuid) ORDER BY a.attempt", id=job_id))
     out = []
     for c in callbacks:
         out.append({

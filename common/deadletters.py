@@ -79,7 +79,7 @@ def dead_letter_document(row: dict[str, Any]) -> dict[str, Any]:
         "reason": row["reason"],
         "last_error": row["last_error"],
         "attempts": row["attempts"],
-        "history": jobs.json_value(row["history"]) or [],
+        "history": row["history"] or [],
         "dead_lettered_at": row["dead_lettered_at"].isoformat(),
         "replayed_at": row["replayed_at"].isoformat() if row["replayed_at"] else None,
     }

@@ -263,7 +263,7 @@ def revive(conn: Connection, job_id: str) -> list[dict[str, Any]]:
 def parent_results(db: Database, parents: list[Any]) -> dict[str, Any]:
     """job id -> result of each parent (a handler's `ctx.parent_results`)."""
     with db.connection() as conn:
-        return {job_id: jobs.json_value(result) for job_id, result in conn.run(
+        return {job_id: result for job_id, result in conn.run(
             "SELECT job_id::text, result_json FROM jobs WHERE job_id = ANY(CAST(:ids AS"
             " uuid[]))", ids=[str(p) for p in parents])}
 

@@ -43,8 +43,8 @@ def document(row: dict[str, Any]) -> dict[str, Any]:
         "retries": row["retries"],
         "max_retries": row["max_retries"],
         "attempts": row["attempts"],
-        "payload": json_value(row["payload_json"]),
-        "result": json_value(row["result_json"]),
+        "payload": row["payload_json"],
+        "result": row["result_json"],
         "error_message": row["error_message"],
         "next_attempt_at": _iso(row["next_attempt_at"]),
         "run_at": _iso(row.get("run_at")),
@@ -59,13 +59,6 @@ def document(row: dict[str, Any]) -> dict[str, Any]:
         "updated_at": _iso(row["updated_at"]),
         "version": row["version"],
     }).model_dump(mode="json")
-
-
-def json_value(value: Any) -> Any:
-    """A jsonb column's value. pg8000 decodes jsonb itself: a `str` here is a JSON string
-    (a handler may return one), never text still to parse (parsing it was a 500 on every
-    read of such a job)."""
-    return value
 
 
 def _str(value: Any) -> str | None:

@@ -293,7 +293,7 @@ class Processor:
         try:
             if jt is None:
                 raise PermanentError(f"no handler for job type {row['job_type']!r} in this worker")
-            payload = parse_or_permanent(jt, jobs.json_value(row["payload_json"]))
+            payload = parse_or_permanent(jt, row["payload_json"])
             running.future = self._executor.submit(context.run, jt.run, payload, ctx)
         except Exception as exc:
             running.error = exc

@@ -192,7 +192,7 @@ def document(row: dict[str, Any]) -> ScheduleDocument:
         **{k: row[k] for k in ("name", "schedule_id", "job_type", "max_retries", "cron",
                                "timezone", "every_seconds", "next_run_at", "last_run_at",
                                "last_job_id", "created_by", "created_at", "updated_at")},
-        "payload": jobs.json_value(row["payload_json"]),
+        "payload": row["payload_json"],
         "paused": row["paused_at"] is not None,
         "paused_reason": row.get("paused_reason") if row["paused_at"] is not None else None,
     })
@@ -316,7 +316,7 @@ def _owner_refuses(row: dict[str, Any]) -> str | None:
     if not owner.allows(Scope.SUBMIT):
         return f"its creator's token ({row['created_by']}) no longer has jobs:submit"
     try:
-        check_type_scope(owner, row["job_type"], jobs.json_value(row["payload_json"]),
+        check_type_scope(owner, row["job_type"], row["payload_json"],
                          "scheduling")
     except ApiError as exc:
         return exc.detail
@@ -382,7 +382,7 @@ def _fire(db: Database, conn: Connection, row: dict[str, Any],
     to the first tick after now (missed ticks: one job for all)."""
     tick = row["next_run_at"]
     submission = JobSubmission(job_type=row["job_type"], max_retries=row["max_retries"],
-                               payload=jobs.json_value(row["payload_json"]))
+                               payload=row["payload_json"])
     [(job, is_new)] = jobs.create_jobs(
         db, [(submission, submission.payload, tick_key(row["schedule_id"], tick),
               max_retries_for(submission, settings.max_retries),

@@ -814,24 +814,21 @@ def cmd_retry(args: argparse.Namespace, client: Client, out: Out) -> int:
 
 def cmd_dependents(args: argparse.Namespace, client: Client, out: Out) -> int:
     reply = client.dependents(resolve_id(client, args.job_id))
-    if args.json:
-        out.raw(reply)
-        return EXIT_OK
-    items = reply.json.get("items") or []
-    out.print(render.jobs_table(items, full_ids=args.full_ids, ascii_only=out.ascii_only)
-              if items else "no job depends on it")
-    return EXIT_OK
+    return _list_output(out, args, _one_page(reply),
+                        lambda items: render.jobs_table(items, full_ids=args.full_ids,
+                                                        ascii_only=out.ascii_only),
+                        "job depends on it")
 
 
 def cmd_callbacks(args: argparse.Namespace, client: Client, out: Out) -> int:
     reply = client.callbacks(resolve_id(client, args.job_id))
-    if args.json:
-        out.raw(reply)
-        return EXIT_OK
-    items = reply.json.get("items") or []
-    out.print(render.callbacks_table(items) if items else "no callbacks (none asked, or the"
-              " job has not ended)")
-    return EXIT_OK
+    return _list_output(out, args, _one_page(reply), render.callbacks_table,
+                        "callbacks (none asked, or the job has not ended)")
+
+
+def _one_page(reply: Reply) -> Iterator[tuple[Reply, list[dict[str, Any]], None]]:
+    """A listing the API answers whole (no cursor), as `_list_output` takes pages."""
+    yield reply, reply.json.get("items") or [], None
 
 
 def cmd_cancel(args: argparse.Namespace, client: Client, out: Out) -> int:
