@@ -912,8 +912,10 @@
       let doc;
       let attempts;
       try {
-        [doc, attempts] = await Promise.all([api(`/jobs/${encodeURIComponent(id)}`),
-          attemptsOf()]);
+        // The attempts after the document, never side by side: read first, they could
+        // predate a job that then finished, and a finished job is not read again.
+        doc = await api(`/jobs/${encodeURIComponent(id)}`);
+        attempts = await attemptsOf();
       } catch (err) {
         if (err.status === 404 || err.status === 400) {
           notice(noticeEl, "error", problemHTML(err));
