@@ -57,6 +57,17 @@ class Settings(BaseModel):
     backoff_jitter: float = Field(0.2, ge=0, le=1)
     handler_timeout_seconds: float = Field(300.0, gt=0)
     lease_seconds: float = Field(30.0, gt=0)
+    # `process`'s timing. A running attempt learns of a cancel request within
+    # cancel_check_seconds (leases are renewed every third of lease_seconds on the same
+    # beat). A job done within claim_cache_delay_seconds of its claim is cached once, as
+    # done, never as IN_PROGRESS. An outcome whose write fails (PostgreSQL down) is tried
+    # again with backoff from outcome_retry_base_seconds up to outcome_retry_max_seconds
+    # for outcome_patience_seconds: the handler's work is not thrown away for an outage.
+    cancel_check_seconds: float = Field(1.0, gt=0)
+    claim_cache_delay_seconds: float = Field(0.02, ge=0)
+    outcome_retry_base_seconds: float = Field(0.1, gt=0)
+    outcome_retry_max_seconds: float = Field(5.0, gt=0)
+    outcome_patience_seconds: float = Field(300.0, ge=0)
     handler_modules: str = ""
     artifact_dir: Path = DEFAULT_DATA_DIR / "artifacts"
     # Where artifacts live when not in artifact_dir: file:///path, gs://bucket/prefix,
@@ -205,6 +216,11 @@ ENV = {
     "backoff_jitter": "JOBS_BACKOFF_JITTER",
     "handler_timeout_seconds": "JOBS_HANDLER_TIMEOUT_SECONDS",
     "lease_seconds": "JOBS_LEASE_SECONDS",
+    "cancel_check_seconds": "JOBS_CANCEL_CHECK_SECONDS",
+    "claim_cache_delay_seconds": "JOBS_CLAIM_CACHE_DELAY_SECONDS",
+    "outcome_retry_base_seconds": "JOBS_OUTCOME_RETRY_BASE_SECONDS",
+    "outcome_retry_max_seconds": "JOBS_OUTCOME_RETRY_MAX_SECONDS",
+    "outcome_patience_seconds": "JOBS_OUTCOME_PATIENCE_SECONDS",
     "handler_modules": "JOBS_HANDLER_MODULES",
     "artifact_dir": "JOBS_ARTIFACT_DIR",
     "artifact_url": "JOBS_ARTIFACT_URL",

@@ -17,7 +17,7 @@ from common.errors import ServiceUnavailable
 from common.handlers import get_job_type
 from common.lifecycle import transition
 from common.models import JobStatus
-from common.processing import policy_for, publish_dead_letters, record_failure
+from common.outcomes import policy_for, publish_dead_letters, record_failure
 from common.queue import Publisher, job_event, job_topic
 from common.settings import Settings
 

@@ -24,7 +24,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import random
 import signal
 import threading
 import time
@@ -34,6 +33,7 @@ from typing import Any
 
 import cloudevents.conversion
 import cloudevents.kafka
+import tenacity
 import urllib3
 from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent
@@ -42,6 +42,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from common.logs import configure_logging
 from common.queue import consumer_group
+from common.retry import RetryPolicy
 from common.settings import kafka_client_config, load_settings
 
 log = logging.getLogger("bridge")
@@ -70,6 +71,19 @@ class Delivery:
     status: int | None
     body: bytes
     attempts: int
+
+    @property
+    def final(self) -> bool:
+        """Accepted, or refused for good (a 4xx other than 408/429): no retry changes it."""
+        return self.status is not None and (200 <= self.status < 300 or _permanent(self.status))
+
+    @property
+    def outage(self) -> bool:
+        """No answer, or one that says the function is away or busy: it will pass."""
+        return self.status is None or self.status in RETRY_FOREVER or self.status in (408, 429)
+
+    def __str__(self) -> str:
+        return str(self.status or self.body[:200].decode(errors="replace"))
 
 
 KAFKA_EVENT_TYPE = "dev.knative.kafka.event"
@@ -191,8 +205,8 @@ class Bridge:
         self.max_in_flight = max_in_flight
         self.retries = retries
         self.retry_outages_forever = retry_outages_forever  # False: as Knative delivers
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
+        self.backoff = RetryPolicy(max_retries=retries, base_seconds=backoff_base,
+                                   max_seconds=backoff_max)
         self.source = f"/apis/v1/namespaces/default/kafkasources/{group}#{topic}"
         kafka = {**(kafka_config or {}), "bootstrap.servers": bootstrap}
         self._consumer = Consumer({
@@ -366,29 +380,32 @@ class Bridge:
         self._dead_letter(msg, result)
 
     def deliver(self, msg: Message) -> Delivery:
-        """POST the record until it is accepted, refused for good, or retries run out."""
+        """POST the record until it is accepted, refused for good, or retries run out
+        (outages are waited out when `retry_outages_forever`)."""
         headers, body = binary_request(msg, self.source)
-        attempt = 0
-        while True:
-            attempt += 1
+        tries = 0
+
+        def post() -> Delivery:
+            nonlocal tries
+            tries += 1
             try:
                 response = self._http.request("POST", self.target, body=body, headers=headers)
-                status, payload = response.status, response.data
             except urllib3.exceptions.HTTPError as exc:
-                status, payload = None, str(exc).encode()
-            if status is not None and (200 <= status < 300 or _permanent(status)):
-                return Delivery(status, payload, attempt)
-            forever = self.retry_outages_forever and (
-                status is None or status in RETRY_FOREVER or status in (408, 429))
-            if not forever and attempt > self.retries:
-                return Delivery(status, payload, attempt)
-            if self._stopping.is_set():
-                raise RuntimeError("stopping before the record was delivered")
-            delay = min(self.backoff_max, self.backoff_base * 2 ** min(attempt - 1, 16))
-            log.warning("delivery of %s/%d@%d failed (%s); retry %d in %.1fs", msg.topic(),
-                        msg.partition(), msg.offset(), status or payload[:200].decode(), attempt,
-                        delay)
-            time.sleep(delay * random.uniform(0.8, 1.2))
+                return Delivery(None, str(exc).encode(), tries)
+            return Delivery(response.status, response.data, tries)
+
+        def outage(state: tenacity.RetryCallState) -> bool:
+            assert state.outcome is not None
+            return self.retry_outages_forever and state.outcome.result().outage
+
+        retrying = self.backoff.retrying(
+            retry=tenacity.retry_if_result(lambda delivery: not delivery.final),
+            forever=outage, stopping=self._stopping,
+            what=f"delivery of {msg.topic()}/{msg.partition()}@{msg.offset()}")
+        result: Delivery = retrying(post)
+        if not result.final and self._stopping.is_set():
+            raise RuntimeError("stopping before the record was delivered")
+        return result
 
     def _dead_letter(self, msg: Message, result: Delivery) -> None:
         if self._producer is None or self.dlq_topic is None:

@@ -51,7 +51,8 @@ from common.errors import ApiError, PermanentError
 from common.handlers import JobContext, get_job_type, job_handler
 from common.lifecycle import TRANSITIONS
 from common.models import JobMessage, JobStatus, JobSubmission
-from common.processing import Failure, Outcome, Processor, policy_for, record_failures
+from common.outcomes import Failure, Outcome, policy_for, record_failures
+from common.processing import Processor
 from common.queue import Event
 from common.settings import Settings
 from common.sweeper import reclaim_expired
@@ -320,7 +321,8 @@ class Lifecycle(RuleBasedStateMachine):
                                    max_retries=max_retries)
         ((row, created),) = jobs.create_jobs(
             self.db, [(submission, submission.payload, None, max_retries,
-                       jobs.request_fingerprint(submission))], writer=self.workers[0].writer)
+                       jobs.request_fingerprint(submission))],
+            writer=self.workers[0].outcomes.writer)
         assert created and row["status"] == S.QUEUED
         self.jobs[str(row["job_id"])] = Job(str(row["job_id"]), max_retries)
 
@@ -453,7 +455,7 @@ class Lifecycle(RuleBasedStateMachine):
                                 if any(n != j.live for n in j.outcomes)])
         attempt = data.draw(st.sampled_from(sorted(n for n in job.outcomes if n != job.live)),
                             label="attempt")
-        writer = self.workers[data.draw(st.sampled_from(WORKERS), label="worker")].writer
+        writer = self.workers[data.draw(st.sampled_from(WORKERS), label="worker")].outcomes.writer
         if outcome == "return":
             sql, params = jobs.complete_many_sql([(job.job_id, attempt, {"late": attempt})])
             assert writer.run(sql, **params) == [], (job, attempt)

@@ -23,17 +23,15 @@ from common.jobs import claim_many_sql, complete_many_sql
 from common.lifecycle import transition_many_sql
 from common.logs import job_context
 from common.models import JobMessage, JobStatus
-from common.processing import (
+from common.outcomes import (
     MAX_ERROR_CHARS,
     Outcome,
-    PoisonMessage,
-    _not_waiting,
     describe,
     job_context_of,
-    parse_message,
     policy_for,
     record_failures,
 )
+from common.processing import PoisonMessage, _not_waiting, parse_message
 from common.retry import RetryPolicy
 from common.settings import Settings
 
