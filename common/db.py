@@ -375,9 +375,13 @@ class GroupCommitter:
     """Runs single statements from many threads in shared transactions: one commit (one
     WAL flush) for a whole group instead of one per statement.
 
-    Each caller blocks until its statement is committed. If a group fails for a reason
-    other than a lost connection, its statements are retried one transaction each, so
-    one bad statement never fails the others.
+    Each caller blocks until its statement is committed. There is no writer thread: the
+    first caller to find no commit under way leads, running what is pending (its own
+    statement at least) on its own thread; whoever arrives meanwhile waits and goes into
+    the next group, which the leader hands to one of them to run. A lone statement thus
+    runs on its caller's thread, with no hand-off. If a group fails for a reason other
+    than a lost connection, its statements are retried one transaction each, so one bad
+    statement never fails the others.
     """
 
     def __init__(self, db: Database, max_batch: int = 64, durable: bool = True) -> None:
@@ -388,9 +392,9 @@ class GroupCommitter:
         self.db = db if durable else Database(db.dsn, size=4, wait=db.wait)
         self.durable = durable
         self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._pending: list[_Op] = []  # waiting for the next group, oldest first
+        self._leading = False  # a caller is running a group now
 
     def run(self, sql: str, **params: Any) -> list[dict[str, Any]]:
         """Execute `sql` in the next group commit; return its rows as dicts once committed."""
@@ -401,31 +405,45 @@ class GroupCommitter:
         """Run `work(conn)` inside the next group commit; return its result once committed.
         `work` may run twice (its group failed and is replayed one by one): it must only
         touch the database. `single`: it is one statement (atomic without a transaction)."""
-        self._ensure_started()
         op = _Op(work, single)
-        self._queue.put(op)
-        op.done.wait()
+        with self._lock:
+            self._pending.append(op)
+            lead = not self._leading
+            self._leading = True
+        while True:
+            if lead:
+                self._lead()
+            op.wake.wait()
+            with self._lock:
+                if op.finished:
+                    break
+                op.wake.clear()  # handed the lead: run the next group
+                lead = True
         if op.error is not None:
             raise op.error
         return op.result
 
-    def _ensure_started(self) -> None:
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._loop, name="group-commit",
-                                                    daemon=True)
-                    self._thread.start()
+    def pending(self) -> int:
+        """Statements waiting for a group (not the one being committed)."""
+        with self._lock:
+            return len(self._pending)
 
-    def _loop(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+    def _lead(self) -> None:
+        """Commit the next group, then hand the lead to a waiting caller (if any) and go
+        back to answering our own caller."""
+        with self._lock:
+            batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+        try:
             self._commit(batch)
+        finally:
+            with self._lock:
+                for op in batch:
+                    if not op.finished:  # _commit raised (BaseException): not committed
+                        op.finish(error=ServiceUnavailable("PostgreSQL", "group commit failed"))
+                if self._pending:
+                    self._pending[0].wake.set()  # its thread leads the next group
+                else:
+                    self._leading = False
 
     def _commit(self, batch: list[_Op]) -> None:
         try:
@@ -451,16 +469,18 @@ class GroupCommitter:
 
 
 class _Op:
-    __slots__ = ("work", "single", "result", "error", "done")
+    __slots__ = ("work", "single", "result", "error", "finished", "wake")
 
     def __init__(self, work: Callable[[Connection], Any], single: bool = False) -> None:
         self.work = work
         self.single = single
         self.result: Any = None
         self.error: BaseException | None = None
-        self.done = threading.Event()
+        self.finished = False
+        self.wake = threading.Event()  # finished, or handed the lead
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self.result = result
         self.error = error
-        self.done.set()
+        self.finished = True
+        self.wake.set()

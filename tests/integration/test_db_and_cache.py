@@ -113,8 +113,8 @@ def probe_table(db: Database) -> str:
 
 
 def hold(writer: GroupCommitter) -> tuple[threading.Event, concurrent.futures.Future[int]]:
-    """Keep the writer's commit thread busy in a group of its own until released, so that
-    everything sent meanwhile queues up and goes into the next group together."""
+    """Keep a group commit under way (its leader blocked in it) until released, so that
+    everything sent meanwhile waits and goes into the next group together."""
     entered, release = threading.Event(), threading.Event()
 
     def block(conn: Any) -> int:
@@ -132,8 +132,7 @@ def test_concurrent_statements_share_one_commit_and_each_caller_gets_its_own_row
     insert = "INSERT INTO group_probe (n) VALUES (:n) RETURNING n, txid_current() AS tx"
     release, blocker = hold(writer)
     calls = {n: in_thread(writer.run, insert, n=n) for n in range(20)}
-    # The queue is the writer's own: the only way to know all 20 are waiting in it.
-    wait_for(lambda: writer._queue.qsize() == 20, WAIT, "20 statements queued")
+    wait_for(lambda: writer.pending() == 20, WAIT, "20 statements queued")
     release.set()
     answers = {n: call.result(WAIT) for n, call in calls.items()}
     alone = blocker.result(WAIT)
@@ -144,13 +143,26 @@ def test_concurrent_statements_share_one_commit_and_each_caller_gets_its_own_row
     assert db.run("SELECT n FROM group_probe ORDER BY n") == [[n] for n in range(20)]
 
 
+def test_a_lone_statement_runs_on_its_callers_own_thread(db, probe_table):
+    writer = GroupCommitter(db)
+    ran_on = []
+
+    def work(conn: Any) -> int:
+        ran_on.append(threading.current_thread())
+        return int(conn.run("INSERT INTO group_probe (n) VALUES (7) RETURNING n")[0][0])
+
+    assert writer.call(work, single=True) == 7
+    assert ran_on == [threading.current_thread()]  # no hand-off to another thread
+    assert writer.pending() == 0 and not writer._leading
+
+
 def test_a_failing_statement_in_a_group_fails_only_its_caller(db, probe_table):
     writer = GroupCommitter(db)
     db.run("INSERT INTO group_probe (n) VALUES (99)")
     insert = "INSERT INTO group_probe (n) VALUES (:n) RETURNING n"
     release, _ = hold(writer)
     calls = {n: in_thread(writer.run, insert, n=n) for n in (1, 2, 99, 3, 4)}
-    wait_for(lambda: writer._queue.qsize() == 5, WAIT, "5 statements queued")
+    wait_for(lambda: writer.pending() == 5, WAIT, "5 statements queued")
     release.set()
     with pytest.raises(DatabaseError) as duplicate:
         calls[99].result(WAIT)
