@@ -84,6 +84,15 @@ class JobSubmission(BaseModel):
         description="POSTed a signed CloudEvent when the job ends (COMPLETED, DEAD_LETTER,"
         " CANCELLED); its host must be in JOBS_CALLBACK_ALLOWED_HOSTS")
 
+    @field_validator("run_at", mode="before")
+    @classmethod
+    def _run_at_is_text(cls, value: Any) -> Any:
+        # Pydantic would read a number as Unix time: seconds or milliseconds is a guess.
+        if value is not None and not isinstance(value, str | datetime):
+            raise ValueError("must be an ISO 8601 string with a UTC offset"
+                             " (2030-01-01T09:00:00Z), not a number")
+        return value
+
     @field_validator("run_at")
     @classmethod
     def _run_at_in_range(cls, value: datetime | None) -> datetime | None:

@@ -107,6 +107,12 @@ def test_a_run_at_outside_1970_to_a_century_ahead_is_refused(run_at):
         JobSubmission.model_validate({"job_type": "X", "run_at": run_at})
 
 
+@pytest.mark.parametrize("run_at", [5, 1893456000, 1893456000.5, True])
+def test_a_run_at_that_is_a_number_is_refused_not_read_as_unix_time(run_at):
+    with pytest.raises(ValidationError, match="ISO 8601 string"):
+        JobSubmission.model_validate({"job_type": "X", "run_at": run_at})
+
+
 def test_a_run_at_with_an_offset_is_kept_as_the_same_instant_in_utc():
     sub = JobSubmission.model_validate({"job_type": "X", "run_at": "2030-01-01T05:30:00+05:30"})
     assert sub.run_at.isoformat() == "2030-01-01T00:00:00+00:00"
