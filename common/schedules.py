@@ -67,8 +67,23 @@ def check_cron(expression: str) -> str:
     except StopIteration:
         raise ValueError(f"{text!r} matches no time within the next 50 years") from None
     except Exception as exc:  # CronSimError, or whatever else a hostile string provokes
+        if _valid_in_some_month(fields):
+            raise ValueError(f"{text!r} never fires: no month it names has day"
+                             f" {fields[2]}") from None
         raise ValueError(f"{text!r} is not a valid cron expression: {exc}") from None
     return text
+
+
+def _valid_in_some_month(fields: list[str]) -> bool:
+    """Whether the expression is valid with every month: cronsim refuses a day-of-month
+    that its months lack (30 in February) with the words of a bad field."""
+    if fields[3] == "*":
+        return False
+    try:
+        next(CronSim(" ".join([*fields[:3], "*", fields[4]]), datetime.now(UTC)))
+    except Exception:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=1)

@@ -97,7 +97,10 @@ def test_a_cron_expression_with_no_tick_left_has_no_next_run_and_is_refused():
     ("* * * *", "five fields"),
     ("* * * * * *", "five fields"),  # cronsim's seconds field is not offered
     ("@daily", "five fields"),
-    ("0 0 31 2 *", "Bad day-of-month"),
+    ("0 0 31 2 *", "never fires: no month it names has day 31"),
+    ("0 0 30 2 *", "never fires: no month it names has day 30"),
+    ("0 0 31 4,6 *", "never fires: no month it names has day 31"),
+    ("0 0 32 2 *", "Bad day-of-month"),  # bad in every month: the field itself is wrong
     ("*/0 * * * *", "not a valid cron expression"),
     ("a b c d e", "not a valid cron expression"),
 ])
