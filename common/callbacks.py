@@ -94,9 +94,11 @@ def check_url(url: str, settings: Settings) -> str:
         raise refuse("must not contain spaces or control characters (percent-encode them)")
     try:
         parts = urllib.parse.urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = _port(parts)
     except ValueError as exc:
         raise refuse(f"not a URL ({exc})") from None
+    if port == 0:
+        raise refuse("port 0 cannot be connected to")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise refuse("must be an http:// or https:// URL with a host")
     if parts.username is not None or parts.password is not None:
@@ -111,11 +113,19 @@ def check_url(url: str, settings: Settings) -> str:
     if why:
         raise refuse(why)
     allowed = settings.callback_allowed_hosts
-    if host not in allowed and f"{host}:{port}" not in allowed:
+    # An IPv6 address is listed in brackets with a port ([::1]:9999), bare without one.
+    with_port = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if host not in allowed and with_port not in allowed:
         listed = ", ".join(allowed) if allowed else "none are"
-        raise refuse(f"host {host}:{port} is not in JOBS_CALLBACK_ALLOWED_HOSTS"
+        raise refuse(f"host {with_port} is not in JOBS_CALLBACK_ALLOWED_HOSTS"
                      f" ({listed} allowed)")
     return url
+
+
+def _port(parts: urllib.parse.SplitResult) -> int:
+    """The URL's port, else its scheme's (a port 0 stays 0: it is refused, not defaulted)."""
+    port = parts.port
+    return port if port is not None else 443 if parts.scheme == "https" else 80
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -166,7 +176,7 @@ def post(url: str, headers: dict[str, str], body: bytes, timeout: float) -> int:
     the status code. Refused for a forbidden address; urllib3's errors for the network."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    port = _port(parts)
     address = resolve(host, port)
     path = parts.path or "/"
     if parts.query:

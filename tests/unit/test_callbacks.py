@@ -34,6 +34,22 @@ def test_only_listed_hosts_and_ports_are_allowed():
         assert "not in JOBS_CALLBACK_ALLOWED_HOSTS" in err.value.detail
 
 
+def test_ipv6_hosts_are_listed_bare_or_bracketed_with_a_port():
+    s = settings(JOBS_CALLBACK_ALLOWED_HOSTS="::1, [fd00::5]:9999")
+    assert callbacks.check_url("http://[::1]:8080/hook", s)
+    assert callbacks.check_url("http://[fd00::5]:9999/hook", s)
+    with pytest.raises(ApiError) as err:
+        callbacks.check_url("http://[fd00::5]:9998/hook", s)
+    assert "host [fd00::5]:9998 is not in" in err.value.detail
+
+
+def test_port_zero_is_refused_not_taken_for_the_default():
+    s = settings(JOBS_CALLBACK_ALLOWED_HOSTS="127.0.0.1")
+    with pytest.raises(ApiError) as err:
+        callbacks.check_url("http://127.0.0.1:0/hook", s)
+    assert "port 0" in err.value.detail
+
+
 @pytest.mark.parametrize("url", [
     "http://169.254.169.254/latest", "http://[fd00:ec2::254]/", "http://169.254.1.1/",
     "http://[::ffff:169.254.169.254]/", "http://metadata.google.internal/",
