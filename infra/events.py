@@ -173,7 +173,8 @@ class JobEvents:
         if first is None:
             status, body, headers = await self.read_job(job_id, authorization)
             if status != 200:  # 400 not a UUID, 404 no such job, 503...: as the function said
-                return Response(body, status_code=status, headers=headers)
+                return Response(_instance(body, request.url.path), status_code=status,
+                                headers=headers)
             first = body
         doc = json.loads(first)
         last_seen = _last_event_id(request)
@@ -244,3 +245,15 @@ def _last_event_id(request: Request) -> int:
     """The version a reconnecting client already has (Last-Event-ID), else -1."""
     value = request.headers.get("last-event-id", "").strip()
     return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else -1
+
+
+def _instance(body: bytes, path: str) -> bytes:
+    """The status function's problem document about the job, naming the events URL that
+    was asked for (not the GET /jobs/{id} made for it); any other body as it came."""
+    try:
+        problem = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(problem, dict) or "instance" not in problem:
+        return body
+    return json.dumps({**problem, "instance": path}).encode()

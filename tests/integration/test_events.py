@@ -141,11 +141,14 @@ def test_a_change_that_was_never_announced_still_reaches_the_stream(api, databas
 
 
 def test_errors_come_as_problems_before_any_stream_starts(api, stack):
-    unknown = api.request("GET", f"/jobs/{uuid.uuid4()}/events")
+    missing = uuid.uuid4()
+    unknown = api.request("GET", f"/jobs/{missing}/events")
     assert unknown.status == 404 and unknown.content_type == "application/problem+json"
     assert "no job" in unknown.json["detail"]
+    assert unknown.json["instance"] == f"/jobs/{missing}/events"  # the URL asked for
     bad = api.request("GET", "/jobs/not-a-uuid/events")
     assert bad.status == 400 and bad.content_type == "application/problem+json"
+    assert bad.json["instance"] == "/jobs/not-a-uuid/events"
     job_id = api.submit("ECHO", {"message": "x"}).json["job_id"]
     anonymous = Api(stack.gateway_url).request("GET", f"/jobs/{job_id}/events")
     assert anonymous.status == 401 and anonymous.content_type == "application/problem+json"
