@@ -410,18 +410,38 @@ class GroupCommitter:
             self._pending.append(op)
             lead = not self._leading
             self._leading = True
-        while True:
-            if lead:
-                self._lead()
-            op.wake.wait()
-            with self._lock:
-                if op.finished:
-                    break
-                op.wake.clear()  # handed the lead: run the next group
-                lead = True
+        try:
+            while True:
+                if lead:
+                    lead = False
+                    self._lead()
+                op.wake.wait()
+                with self._lock:
+                    if op.finished:
+                        break
+                    op.wake.clear()  # handed the lead: run the next group
+                    lead = True
+        except BaseException:
+            self._abandon(op, lead)
+            raise
         if op.error is not None:
             raise op.error
         return op.result
+
+    def _abandon(self, op: _Op, leading: bool) -> None:
+        """Our caller stopped waiting (an exception while it waited, e.g. KeyboardInterrupt):
+        take its statement out if not yet in a group, and never leave the lead with a
+        thread that is gone."""
+        with self._lock:
+            if op in self._pending:
+                self._pending.remove(op)
+            handed = leading or (op.wake.is_set() and not op.finished)
+            if not handed:
+                return
+            if self._pending:
+                self._pending[0].wake.set()
+            else:
+                self._leading = False
 
     def pending(self) -> int:
         """Statements waiting for a group (not the one being committed)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -52,6 +53,7 @@ class JobStatus(str, Enum):
 MAX_PARENTS = 100
 RUN_AT_MIN = datetime(1970, 1, 1, tzinfo=UTC)
 RUN_AT_AHEAD = timedelta(days=36525)
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
 
 
 class JobSubmission(BaseModel):
@@ -87,8 +89,10 @@ class JobSubmission(BaseModel):
     @field_validator("run_at", mode="before")
     @classmethod
     def _run_at_is_text(cls, value: Any) -> Any:
-        # Pydantic would read a number as Unix time: seconds or milliseconds is a guess.
-        if value is not None and not isinstance(value, str | datetime):
+        # Pydantic would read a number (or a string of digits) as Unix time: seconds or
+        # milliseconds would be a guess.
+        if value is not None and not isinstance(value, datetime) and (
+                not isinstance(value, str) or _NUMBER.fullmatch(value)):
             raise ValueError("must be an ISO 8601 string with a UTC offset"
                              " (2030-01-01T09:00:00Z), not a number")
         return value

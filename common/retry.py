@@ -51,17 +51,17 @@ class RetryPolicy:
 
         It stops after `max_retries` retries, or at `patience` seconds if given (then the
         retries are unlimited until it); `forever(state)` true keeps any retry going, and
-        a set `stopping` event ends the wait early (the last outcome is returned or raised).
+        a set `stopping` event ends the wait early. When it gives up, the last result is
+        returned as it is, or the last error raised.
         """
         def give_up(state: tenacity.RetryCallState) -> bool:
-            if stopping is not None and stopping.is_set():
-                return True
+            stopped = stopping is not None and stopping.is_set()
             if forever is not None and forever(state):
-                return False
-            if patience is not None:
-                return (state.seconds_since_start or 0.0) + self.delay(
-                    state.attempt_number - 1) > patience
-            return state.attempt_number > self.max_retries
+                return stopped
+            if patience is not None:  # tenacity has drawn the next wait already
+                spent = (state.seconds_since_start or 0.0) + state.upcoming_sleep
+                return spent > patience or stopped
+            return state.attempt_number > self.max_retries or stopped
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             outcome = state.outcome
@@ -79,7 +79,7 @@ class RetryPolicy:
         return tenacity.Retrying(
             retry=retry, stop=give_up, wait=lambda state: self.delay(state.attempt_number - 1),
             sleep=sleep,
-            before_sleep=before_sleep, retry_error_callback=_last_outcome, reraise=True)
+            before_sleep=before_sleep, retry_error_callback=_last_outcome)
 
 
 def _last_outcome(state: tenacity.RetryCallState) -> Any:

@@ -79,8 +79,10 @@ def _valid_in_some_month(fields: list[str]) -> bool:
     that its months lack (30 in February) with the words of a bad field."""
     if fields[3] == "*":
         return False
-    try:
-        next(CronSim(" ".join([*fields[:3], "*", fields[4]]), datetime.now(UTC)))
+    now = datetime.now(UTC)
+    try:  # the months themselves valid (any day), and the days valid in some month
+        next(CronSim(" ".join([*fields[:2], "*", fields[3], fields[4]]), now))
+        next(CronSim(" ".join([*fields[:3], "*", fields[4]]), now))
     except Exception:
         return False
     return True

@@ -403,7 +403,9 @@ class Bridge:
             forever=outage, stopping=self._stopping,
             what=f"delivery of {msg.topic()}/{msg.partition()}@{msg.offset()}")
         result: Delivery = retrying(post)
-        if not result.final and self._stopping.is_set():
+        exhausted = result.attempts > self.retries and not (
+            self.retry_outages_forever and result.outage)
+        if not result.final and not exhausted:  # given up only because the bridge stops
             raise RuntimeError("stopping before the record was delivered")
         return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import signal
 import sys
 import threading
 import time
@@ -153,6 +154,33 @@ def test_a_lone_statement_runs_on_its_callers_own_thread(db, probe_table):
 
     assert writer.call(work, single=True) == 7
     assert ran_on == [threading.current_thread()]  # no hand-off to another thread
+    assert writer.pending() == 0 and not writer._leading
+
+
+def test_a_caller_interrupted_while_waiting_never_blocks_the_ones_after_it(db, probe_table):
+    writer = GroupCommitter(db)
+    release, blocker = hold(writer)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)  # while it waits for the group under way
+        with pytest.raises(Interrupted):
+            writer.run("INSERT INTO group_probe (n) VALUES (1)")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    later = in_thread(writer.run, "INSERT INTO group_probe (n) VALUES (2) RETURNING n")
+    wait_for(lambda: writer.pending() == 1, WAIT, "the later statement waiting")
+    release.set()
+    blocker.result(WAIT)
+    assert later.result(WAIT) == [{"n": 2}]  # led by someone: not left waiting for good
+    assert db.run("SELECT n FROM group_probe") == [[2]]  # the abandoned one never ran
     assert writer.pending() == 0 and not writer._leading
 
 

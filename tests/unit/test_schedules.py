@@ -101,6 +101,9 @@ def test_a_cron_expression_with_no_tick_left_has_no_next_run_and_is_refused():
     ("0 0 30 2 *", "never fires: no month it names has day 30"),
     ("0 0 31 4,6 *", "never fires: no month it names has day 31"),
     ("0 0 32 2 *", "Bad day-of-month"),  # bad in every month: the field itself is wrong
+    ("0 0 1 13 *", "not a valid cron expression"),  # a bad month is not a day problem
+    ("0 0 1 foo *", "not a valid cron expression"),
+    ("0 0 31 0 *", "not a valid cron expression"),
     ("*/0 * * * *", "not a valid cron expression"),
     ("a b c d e", "not a valid cron expression"),
 ])
