@@ -186,7 +186,7 @@ def job_document(job_id: str) -> dict[str, Any]:
 
 
 def list_jobs(status: list[str] | None, job_type: list[str] | None, cursor: str | None,
-              limit: int) -> JobPage:
+              limit: int, id_prefix: str | None = None) -> JobPage:
     valid = {s.value for s in JobStatus}
     bad = [s for s in status or [] if s not in valid]
     if bad:
@@ -196,7 +196,8 @@ def list_jobs(status: list[str] | None, job_type: list[str] | None, cursor: str 
         if status:  # the pairs list_jobs reads and the rows: one snapshot
             conn.run("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         rows, next_cursor = jobs.list_jobs(conn, status=status, job_type=job_type,
-                                           cursor=cursor, limit=limit)
+                                           cursor=cursor, limit=limit,
+                                           ids=jobs.id_range(id_prefix) if id_prefix else None)
     return JobPage.model_validate({"items": [jobs.document(r) for r in rows],
                                    "next_cursor": next_cursor})
 

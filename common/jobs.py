@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -256,8 +257,22 @@ def decode_cursor(cursor: str, size: int) -> list[str]:
         raise ApiError(400, "Bad cursor", "cursor is not one this API handed out") from exc
 
 
+def id_range(prefix: str) -> tuple[str, str]:
+    """The lowest and highest job id starting with `prefix` (a start of a UUID's text,
+    any case); ApiError(400) for anything else."""
+    text = prefix.lower()
+    digits = text.replace("-", "")
+    lowest = str(uuid.UUID(digits.ljust(32, "0"))) if re.fullmatch(r"[0-9a-f]{1,32}", digits) \
+        else ""
+    if not lowest.startswith(text):
+        raise ApiError(400, "Bad id prefix", f"{prefix!r} is not the start of a job id (hex"
+                                             " digits, with dashes only where a UUID has them)")
+    return lowest, str(uuid.UUID(digits.ljust(32, "f")))
+
+
 def list_jobs(conn: Connection, *, status: list[str] | None, job_type: list[str] | None,
-              cursor: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+              cursor: str | None, limit: int, ids: tuple[str, str] | None = None
+              ) -> tuple[list[dict[str, Any]], str | None]:
     """Newest first, keyset-paginated on (created_at, job_id).
 
     Filtered by status, the query is one index range per (status, type) pair that has
@@ -292,6 +307,10 @@ def list_jobs(conn: Connection, *, status: list[str] | None, job_type: list[str]
             params[f"t{i}"] = t
     else:
         ranges.append("TRUE")
+    if ids is not None:  # an id prefix: a range of the primary key
+        after = " AND ".join(filter(None, [
+            after, "job_id BETWEEN CAST(:id_low AS uuid) AND CAST(:id_high AS uuid)"]))
+        params.update(id_low=ids[0], id_high=ids[1])
     order = "ORDER BY created_at DESC, job_id DESC LIMIT :limit"
     branches = [f"(SELECT * FROM jobs WHERE {w}{' AND ' + after if after else ''} {order})"
                 for w in ranges]

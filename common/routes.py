@@ -97,6 +97,8 @@ _LIST_FILTERS = (
     Param("status", "query", {"type": "string", "enum": [s.value for s in JobStatus]},
           "Only jobs in this state (repeat or comma-separate for several)"),
     Param("job_type", "query", {"type": "string"}, "Only jobs of this type"),
+    Param("id_prefix", "query", {"type": "string", "minLength": 1, "maxLength": 36},
+          "Only jobs whose id starts with this (hex digits, dashes where a UUID has them)"),
 )
 _BODY_ERRORS = {
     400: "Malformed JSON or bad header",

@@ -37,7 +37,6 @@ from jobs_cli.client import (
 
 DEFAULT_URL = "http://localhost:8080"
 PAGE_MAX = 200  # the API's largest `limit`
-RESOLVE_PAGES = 5  # a short id is looked up among this many pages of recent jobs
 WAIT_POLL_SECONDS = 0.2
 WAIT_OUTAGE_SECONDS = 30.0  # how long `--wait` rides out an unreachable or 503 API
 TOKEN_FILE = "admin-token"  # written by `make run` into its data folder (.data)
@@ -158,7 +157,7 @@ def build_parser() -> Parser:
                         " means local time) or +N[s|m|h|d] from now")
     p.add_argument("--depends-on", action="append", metavar="ID", default=[],
                    help="run only after this job completed (repeat for several; a unique"
-                        " prefix of a recent job will do); cancelled if it does not")
+                        " prefix will do); cancelled if it does not")
     p.add_argument("--callback-url", metavar="URL",
                    help="POST a signed CloudEvent here when the job ends (the host must be"
                         " in the server's JOBS_CALLBACK_ALLOWED_HOSTS)")
@@ -172,13 +171,13 @@ def build_parser() -> Parser:
     p = command("wait", "follow a job until it ends, with live progress (GET"
                 " /jobs/{id}/events); exit 0 if it completed, 1 if it was dead-lettered or"
                 " cancelled")
-    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a recent one")
+    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of it")
     p.add_argument("--wait-timeout", type=positive_float, metavar="S",
                    help="give up (exit 1) after S seconds")
     p.set_defaults(handler=cmd_wait)
 
     p = command("status", "show one job (GET /jobs/{id})")
-    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a recent one")
+    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of it")
     p.set_defaults(handler=cmd_status)
 
     p = command("list", "list jobs, newest first (GET /jobs)")
@@ -206,16 +205,16 @@ def build_parser() -> Parser:
     p.set_defaults(handler=cmd_retry)
 
     p = command("dependents", "list the jobs that depend on a job (GET /jobs/{id}/dependents)")
-    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a recent one")
+    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of it")
     p.add_argument("--full-ids", action="store_true", help="show whole job ids")
     p.set_defaults(handler=cmd_dependents)
 
     p = command("callbacks", "show a job's callback deliveries (GET /jobs/{id}/callbacks)")
-    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a recent one")
+    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of it")
     p.set_defaults(handler=cmd_callbacks)
 
     p = command("cancel", "cancel a job (POST /jobs/{id}/cancel)")
-    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of a recent one")
+    p.add_argument("job_id", metavar="ID", help="job id, or a unique prefix of it")
     p.set_defaults(handler=cmd_cancel)
 
     p = command("watch", "live counts per status and recent jobs (GET /stats)")
@@ -1038,8 +1037,9 @@ _PREFIX = re.compile(r"^[0-9a-f-]{4,35}$")
 
 
 def resolve_id(client: Client, raw: str, status: str | None = None) -> str:
-    """A full job id from `raw`: itself when it is a UUID, else the one recent job whose id
-    starts with it. Anything else goes to the API as given (which says what is wrong)."""
+    """A full job id from `raw`: itself when it is a UUID, else the one job whose id starts
+    with it (the API looks it up by its primary key). Anything else goes to the API as
+    given (which says what is wrong)."""
     text = raw.strip()
     try:
         return str(uuid.UUID(text))
@@ -1048,26 +1048,16 @@ def resolve_id(client: Client, raw: str, status: str | None = None) -> str:
     prefix = text.lower()
     if not _PREFIX.match(prefix):
         return text
-    found: list[str] = []
-    cursor: str | None = None
-    scanned = 0
-    for _ in range(RESOLVE_PAGES):
-        doc = client.jobs(status=status, limit=PAGE_MAX, cursor=cursor).json
-        items = doc.get("items") or []
-        scanned += len(items)
-        found += [str(j["job_id"]) for j in items
-                  if str(j.get("job_id", "")).startswith(prefix)]
-        cursor = doc.get("next_cursor")
-        if not cursor:
-            break
-    matches = sorted(set(found))
+    reply = client.jobs(status=status, limit=4, id_prefix=prefix)  # a 400 says what is wrong
+    matches = sorted({str(j["job_id"]) for j in (reply.json.get("items") or [])})
     kind = f"{status.lower().replace('_', '-')} " if status else ""
     if not matches:
-        raise CliError(f"no {kind}job id starts with {text!r} among the latest {scanned}"
-                       f" {kind}jobs; give the full id")
+        raise CliError(f"no {kind}job id starts with {text!r}")
     if len(matches) > 1:
-        shown = ", ".join(m[:13] for m in matches[:3]) + (", ..." if len(matches) > 3 else "")
-        raise UsageError(f"{text!r} matches {len(matches)} jobs ({shown}); give more of the id")
+        more = bool(reply.json.get("next_cursor"))
+        shown = ", ".join(m[:13] for m in matches[:3]) + (", ..." if more else "")
+        count = f"{len(matches)}{'+' if more else ''}"
+        raise UsageError(f"{text!r} matches {count} jobs ({shown}); give more of the id")
     return matches[0]
 
 

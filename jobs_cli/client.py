@@ -213,9 +213,11 @@ class Client:
         return self.request("GET", f"/jobs/{_seg(job_id)}")
 
     def jobs(self, *, status: str | None = None, job_type: str | None = None,
-             limit: int | None = None, cursor: str | None = None) -> Reply:
+             limit: int | None = None, cursor: str | None = None,
+             id_prefix: str | None = None) -> Reply:
         return self.request("GET", "/jobs", params={"status": status, "job_type": job_type,
-                                                    "limit": limit, "cursor": cursor})
+                                                    "limit": limit, "cursor": cursor,
+                                                    "id_prefix": id_prefix})
 
     def dead_letters(self, *, limit: int | None = None, cursor: str | None = None) -> Reply:
         return self.request("GET", "/dead-letters", params={"limit": limit, "cursor": cursor})

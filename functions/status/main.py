@@ -33,6 +33,7 @@ def get_many(request: flask.Request, principal: Principal) -> JobPage:
     return api.list_jobs(
         status=query_list(request, "status"),
         job_type=query_list(request, "job_type"),
+        id_prefix=query_text(request, "id_prefix"),
         cursor=query_text(request, "cursor"),
         limit=query_int(request, "limit", 50, 1, 200),
     )

@@ -119,6 +119,23 @@ def test_list_filters_by_status_and_type_and_pages_with_a_cursor(api):
     assert api.request("GET", "/jobs?cursor=garbage").status == 400
 
 
+def test_list_finds_jobs_by_a_prefix_of_their_id_whatever_their_age(api):
+    job_id = api.submit("NOOP", {}).json["job_id"]
+    for prefix in (job_id[:4], job_id[:9], job_id[:13].upper(), job_id):
+        page = api.request("GET", f"/jobs?id_prefix={prefix}&limit=200").json
+        assert job_id in {j["job_id"] for j in page["items"]}, prefix
+        assert all(j["job_id"].startswith(prefix.lower()) for j in page["items"]), prefix
+    status = api.wait_status(job_id)["status"]
+    both = api.request("GET", f"/jobs?id_prefix={job_id[:8]}&status={status}").json
+    assert job_id in {j["job_id"] for j in both["items"]}
+    other = "RETRYING" if status != "RETRYING" else "QUEUED"
+    assert api.request("GET", f"/jobs?id_prefix={job_id}&status={other}").json["items"] == []
+    for bad in ("xyz", "3f1c-9a", "-", "3f1c9a2e 5b"):
+        refused = api.request("GET", f"/jobs?id_prefix={bad}")
+        assert refused.status == 400 and "not the start of a job id" in refused.json["detail"]
+    assert api.request("GET", f"/jobs?id_prefix={job_id}0").status == 400
+
+
 def test_an_older_cache_write_never_overwrites_a_newer_one(stack):
     cache = StatusCache(stack.env["REDIS_URL"])
     job_id = str(uuid.uuid4())
