@@ -799,15 +799,19 @@ def cmd_retry(args: argparse.Namespace, client: Client, out: Out) -> int:
     reply = client.retry(resolve_id(client, args.job_id, status="DEAD_LETTER"),
                          with_dependents=args.with_dependents)
     job = reply.json
+    # How many came back is not in the answer, and counting them afterwards would race
+    # with the job itself: say where to look.
+    waiting = (f"; the jobs its failure cancelled wait for it again (jobs dependents"
+               f" {str(job.get('job_id'))[:8]})") if args.with_dependents else ""
     if args.wait:
         if not args.json:
-            out.print(f"job {job.get('job_id')} is back in the queue")
+            out.print(f"job {job.get('job_id')} is back in the queue{waiting}")
         return wait_and_report(client, out, reply, args)
     if args.json:
         out.raw(reply)
     else:
         out.print(f"job {job.get('job_id')} is back in the queue: {job.get('status')},"
-                  f" retries {render.retries_cell(job)} (HTTP {reply.status})")
+                  f" retries {render.retries_cell(job)} (HTTP {reply.status}){waiting}")
     return EXIT_OK
 
 

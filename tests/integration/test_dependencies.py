@@ -193,5 +193,6 @@ def test_the_cli_submits_a_dependent_job_lists_dependents_and_replays_them(
     before = api.job(child_id)["version"]
     again = jobs("retry", parent_id, "--with-dependents")
     assert again.returncode == 0, again.stderr
+    assert "the jobs its failure cancelled wait for it again" in again.stdout
     # waits again (one version), then is cancelled again when the parent fails again
     wait_for(lambda: api.job(child_id)["version"] >= before + 2, 20, "the child to wait again")
