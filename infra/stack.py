@@ -11,7 +11,9 @@ sweeper's ticker and the gateway. Ctrl-C stops everything it started.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,24 +249,44 @@ class Stack:
         # have no TLS). Tansu cannot serve TLS: Kafka stays plaintext.
         tls = services.Tls.make(self.data_dir / "tls") if self.local_tls else None
         suffix = "-tls" if tls else ""  # another server version: a cluster of its own
-        if not env.get("DATABASE_URL"):
-            self.services["postgresql"] = services.start_postgres(
-                self.data_dir / f"postgres{suffix}", tls=tls)
-            env["DATABASE_URL"] = self.services["postgresql"].url
-        if not env.get("REDIS_URL"):
-            self.services["redis"] = services.start_redis(self.data_dir / f"redis{suffix}",
-                                                          tls=tls)
-            env["REDIS_URL"] = self.services["redis"].url
-        if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
-            self.services["kafka"] = services.start_kafka(self.data_dir / "kafka")
-            env["KAFKA_BOOTSTRAP_SERVERS"] = self.services["kafka"].url
-        if not env.get("SMTP_URL"):
-            self.services["smtp"] = services.start_smtp_sink(self.data_dir / "mail")
-            env["SMTP_URL"] = self.services["smtp"].url
         env.setdefault("JOBS_ARTIFACT_DIR", str(self.data_dir / "artifacts"))
         env.setdefault("JOBS_DATA_DIR", str(self.data_dir))
         if not env.get("JOBS_CALLBACK_SECRET"):  # kept across restarts: receivers keep it
             env["JOBS_CALLBACK_SECRET"] = self._callback_secret()
+        # The servers start side by side, and beside them the child process that finds the
+        # job topics by importing the handler modules (it needs no server): a second or two
+        # each, most of it waiting.
+        starts: dict[str, Callable[[], services.ServerProcess]] = {}
+        if not env.get("DATABASE_URL"):
+            starts["postgresql"] = lambda: services.start_postgres(
+                self.data_dir / f"postgres{suffix}", tls=tls)
+        if not env.get("REDIS_URL"):
+            starts["redis"] = lambda: services.start_redis(self.data_dir / f"redis{suffix}",
+                                                           tls=tls)
+        if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
+            starts["kafka"] = lambda: services.start_kafka(self.data_dir / "kafka")
+        if not env.get("SMTP_URL"):
+            starts["smtp"] = lambda: services.start_smtp_sink(self.data_dir / "mail")
+        with concurrent.futures.ThreadPoolExecutor(len(starts) + 1) as pool:
+            finding = pool.submit(job_topics, dict(env)) if self._queue_topics is None else None
+            servers = {name: pool.submit(start) for name, start in starts.items()}
+        failed: BaseException | None = None
+        for name, server in servers.items():  # all have ended: stop() finds every server
+            try:
+                self.services[name] = server.result()
+            except BaseException as exc:
+                failed = failed or exc
+        if finding is not None:
+            try:
+                self._queue_topics = finding.result()
+            except BaseException as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+        for name, variable in (("postgresql", "DATABASE_URL"), ("redis", "REDIS_URL"),
+                               ("kafka", "KAFKA_BOOTSTRAP_SERVERS"), ("smtp", "SMTP_URL")):
+            if name in self.services:
+                env[variable] = self.services[name].url
         # Every process's counters go here; the gateway's /metrics adds them up.
         metrics_dir = self.data_dir / "metrics"
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -552,29 +575,50 @@ class Stack:
     def stop(self) -> None:
         self._stop.set()
         bridges = [name for name in self.children if name.startswith("bridge-")]
-        order = ["gateway", *bridges] + [
-            name + replica for name in ("submit", "status", "process", "dlq", "sweeper")
-            for replica in self.replica_suffixes]
-        for name in order:
-            if name in self.children:
-                self.children[name].stopping = True
-        for name in order:
-            if name in self.children:
-                self.children[name].stop()
-        for name in ("smtp", "kafka", "redis", "postgresql"):
-            if name in self.services:
-                try:
-                    self.services[name].stop()
-                except Exception as exc:
-                    log.error("could not stop %s: %s", name, exc)
+        functions = [name + replica for name in ("submit", "status", "process", "dlq", "sweeper")
+                     for replica in self.replica_suffixes]
+        # The gateway first (no new request), the bridges (no new delivery), the functions.
+        order = [["gateway"], bridges, functions]
+        for group in order:
+            for name in group:
+                if name in self.children:
+                    self.children[name].stopping = True
+        # Each group side by side (every one waits for its processes to end their work),
+        # the groups one after the other, then the servers, side by side.
+        for group in order:
+            _side_by_side([self.children[name].stop for name in group if name in self.children])
+
+        def stop_server(name: str) -> None:
+            try:
+                self.services[name].stop()
+            except Exception as exc:
+                log.error("could not stop %s: %s", name, exc)
+
+        _side_by_side([functools.partial(stop_server, name)
+                       for name in ("smtp", "kafka", "redis", "postgresql")
+                       if name in self.services])
         with contextlib.suppress(OSError):
             self._pidfile.unlink()
+
+
+def _side_by_side(calls: list[Callable[[], None]]) -> None:
+    """Run the calls in threads of their own and return once every one has; the first
+    exception is raised then."""
+    if len(calls) <= 1:
+        for call in calls:
+            call()
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        done = [pool.submit(call) for call in calls]
+    for future in done:
+        future.result()
 
 
 def job_topics(env: dict[str, str]) -> dict[str, str]:
     """`common.clients.job_topics` as the functions will see it: in a process of their
     environment that imports their handler modules (this one may have registered others,
-    a test process certainly has)."""
+    a test process certainly has). The servers' URLs may not be in `env` yet: the topics
+    come from the settings and the handler modules only."""
     run = subprocess.run(
         [sys.executable, "-c", "import json; from common import clients;"
          " print(json.dumps(clients.job_topics()))"],

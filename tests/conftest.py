@@ -64,7 +64,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         JOBS_BACKOFF_BASE_SECONDS="0.2",
         JOBS_BACKOFF_MAX_SECONDS="1",
         JOBS_REQUEUE_AFTER_SECONDS="10",
-        JOBS_GATEWAY_READ_TIMEOUT_SECONDS="3",  # tests/integration/test_front.py
+        JOBS_GATEWAY_READ_TIMEOUT_SECONDS="3",  # tests/integration/test_events.py
         JOBS_EVENTS_HEARTBEAT_SECONDS="1",  # tests/integration/test_events.py
         JOBS_METRICS_TOKEN="scrape-" + secrets.token_urlsafe(16),
         # tests/integration/test_callbacks.py: receivers on this machine, quick retries

@@ -1,7 +1,9 @@
 """The gateway's connections on the real stack: size limits, read timeouts, protocol errors.
 
 Raw sockets send what no HTTP client library would; replies are read with the standard
-library's `http.client`, one after another from the same buffered stream.
+library's `http.client`, one after another from the same buffered stream. The read
+timeouts are waited for several times over, so their tests talk to a second gateway
+process of this module's own, with a 1 s read timeout, in front of the same functions.
 """
 
 from __future__ import annotations
@@ -10,17 +12,25 @@ import http.client
 import io
 import json
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import pytest
 
-from tests.support.client import in_thread
+from infra import services
+from tests.support.client import in_thread, wait_for
 
 pytestmark = pytest.mark.integration
 
-READ_TIMEOUT = 3.0  # JOBS_GATEWAY_READ_TIMEOUT_SECONDS of the test stack (tests/conftest.py)
+READ_TIMEOUT = 1.0  # JOBS_GATEWAY_READ_TIMEOUT_SECONDS of the module's own gateway
+SLACK = 5.0  # how late a busy machine may be to act on a timeout
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Unclosable(io.BufferedReader):
@@ -54,17 +64,62 @@ class Connection:
         self.sock.close()
 
 
-@pytest.fixture
-def connect(stack: Any):
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def timed_gateway(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The stack's gateway program (`python -m infra.gateway`, as the stack runs it, with
+    one worker) in front of the stack's functions, with a 1 s read timeout."""
+    port = services.free_port()
+    env = {**stack.env, "JOBS_GATEWAY_READ_TIMEOUT_SECONDS": f"{READ_TIMEOUT:g}"}
+    log = tmp_path_factory.mktemp("timed-gateway") / "gateway.log"
+    with log.open("wb") as out:
+        gateway = services.spawn(
+            [sys.executable, "-m", "infra.gateway", "--port", str(port),
+             "--submit", stack.function_url("submit"), "--status", stack.function_url("status"),
+             "--workers", "1"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: gateway.poll() is not None or healthy(url), 60, "the gateway to start")
+        assert gateway.poll() is None, log.read_text()[-3000:]
+        yield url
+    finally:
+        gateway.terminate()
+        try:
+            gateway.wait(15)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait()
+
+
+def connector(base_url: str) -> Iterator[Any]:
     opened: list[Connection] = []
 
     def open_one() -> Connection:
-        opened.append(Connection(stack.gateway_url))
+        opened.append(Connection(base_url))
         return opened[-1]
 
     yield open_one
     for conn in opened:
         conn.close()
+
+
+@pytest.fixture
+def connect(stack: Any) -> Iterator[Any]:
+    """Raw connections to the stack's gateway."""
+    yield from connector(stack.gateway_url)
+
+
+@pytest.fixture
+def connect_timed(timed_gateway: str) -> Iterator[Any]:
+    """Raw connections to the module's gateway with the 1 s read timeout."""
+    yield from connector(timed_gateway)
 
 
 def problem_of(reply: tuple[int, dict[str, str], bytes], status: int) -> dict[str, Any]:
@@ -139,8 +194,8 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection(connect, sta
     assert [conn.reply()[0] for _ in range(3)] == [200, 400, 200]
 
 
-def test_a_silent_connection_is_closed_and_trickled_headers_get_a_408(connect):
-    silent, trickle = connect(), connect()
+def test_a_silent_connection_is_closed_and_trickled_headers_get_a_408(connect_timed):
+    silent, trickle = connect_timed(), connect_timed()
 
     def trickle_headers() -> tuple[float, tuple[int, dict[str, str], bytes]]:
         start = time.monotonic()
@@ -155,14 +210,14 @@ def test_a_silent_connection_is_closed_and_trickled_headers_get_a_408(connect):
     slow = in_thread(trickle_headers)
     start = time.monotonic()
     assert silent.closed_by_server()  # nothing was asked, so nothing is answered
-    assert READ_TIMEOUT - 0.5 < time.monotonic() - start < READ_TIMEOUT * 3
+    assert READ_TIMEOUT - 0.5 < time.monotonic() - start < READ_TIMEOUT + SLACK
     elapsed, reply = slow.result(timeout=60)
     assert f"{READ_TIMEOUT:g} s" in problem_of(reply, 408)["detail"]
-    assert elapsed < READ_TIMEOUT * 3  # headers trickled for 35 s were cut off at the timeout
+    assert elapsed < READ_TIMEOUT + SLACK  # headers trickled for 35 s were cut off at the timeout
 
 
-def test_a_connection_kept_alive_between_requests_still_works(connect, stack):
-    conn = connect()
+def test_a_connection_kept_alive_between_requests_still_works(connect_timed, stack):
+    conn = connect_timed()
     conn.send(request("GET", "/healthz", stack.admin_token))
     assert conn.reply()[0] == 200
     time.sleep(READ_TIMEOUT + 1)  # idle after a reply: the keep-alive timeout (30 s) applies
@@ -170,16 +225,16 @@ def test_a_connection_kept_alive_between_requests_still_works(connect, stack):
     assert conn.reply()[0] == 200
 
 
-def test_a_body_trickled_forever_is_cut_off_at_its_total_deadline(connect, stack):
-    conn = connect()
+def test_a_body_trickled_forever_is_cut_off_at_its_total_deadline(connect_timed, stack):
+    conn = connect_timed()
     conn.send(b"POST /jobs HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer "
               + stack.admin_token.encode()
               + b"\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
     start = time.monotonic()
-    with pytest.raises(OSError):  # one byte every second: never idle for the 3 s timeout
-        for _ in range(120):
+    with pytest.raises(OSError):  # a byte every quarter timeout: never idle for the timeout
+        for _ in range(480):
             conn.send(b" ")
-            time.sleep(1)  # a slow client, on purpose
+            time.sleep(READ_TIMEOUT / 4)  # a slow client, on purpose
     elapsed = time.monotonic() - start
-    # The whole body had 4 x 3 s; the server then closed (reset or broken pipe here).
-    assert READ_TIMEOUT * 4 - 1 < elapsed < READ_TIMEOUT * 4 + 10, elapsed
+    # The whole body had 4 x 1 s; the server then closed (reset or broken pipe here).
+    assert READ_TIMEOUT * 4 - 1 < elapsed < READ_TIMEOUT * 4 + 2 * SLACK, elapsed

@@ -4,11 +4,11 @@ The PyPI builds of PostgreSQL and Valkey have no TLS, so these tests use the dis
 servers (Debian's postgresql and redis-server, on this project's machines), started on
 ports and folders of their own. Kafka stays plaintext: Tansu 0.6.0 cannot serve TLS (see
 tests/integration/test_kafka_security.py for how its clients' settings are checked).
+The stack is the one test_topics runs on too (tests/integration/conftest.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +19,20 @@ import trustme
 from common.cache import StatusCache
 from common.db import Database, connect_kwargs
 from common.errors import ServiceUnavailable
-from infra import services
 from infra.stack import Stack
 from tests.support.client import Api
-from tests.support.stacks import own_stack
+from tests.support.stacks import tls_servers_missing
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    try:
-        services.system_postgres_bindir(), services.system_redis_server()
-    except RuntimeError as exc:
-        pytest.skip(f"no TLS-capable servers on this machine: {exc}")
-    with own_stack(tmp_path_factory.mktemp("tls-stack"), {"JOBS_LOCAL_TLS": "1"},
-                   process_workers=1) as stack:
-        yield stack
+def tls_stack(request: pytest.FixtureRequest) -> Stack:
+    if missing := tls_servers_missing():
+        pytest.skip(f"no TLS-capable servers on this machine: {missing}")
+    stack: Stack = request.getfixturevalue("tls_lanes_stack")
+    assert stack.local_tls
+    return stack
 
 
 def test_the_tls_stack_runs_jobs_with_every_connection_encrypted(tls_stack: Stack):

@@ -1,6 +1,7 @@
-"""Per-type topics on a real stack of their own: a type with `topic=` gets its topic, its
-bridge and consumer group, every publisher of its messages uses that topic, and a flood of
-slow jobs there does not hold up a fast type on the job queue."""
+"""Per-type topics on a real stack of their own (shared with test_tls, whose TLS servers
+change nothing here: tests/integration/conftest.py): a type with `topic=` gets its topic,
+its bridge and consumer group, every publisher of its messages uses that topic, and a
+flood of slow jobs there does not hold up a fast type on the job queue."""
 
 from __future__ import annotations
 
@@ -8,30 +9,23 @@ import collections
 import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from common.db import Database
 from infra.stack import Stack
-from tests.conftest import TEST_HANDLERS
 from tests.support.client import Api, wait_for
-from tests.support.stacks import own_stack
+from tests.support.stacks import LANES_IN_FLIGHT
 from tests.support.topic_handlers import LANE
 
 pytestmark = pytest.mark.integration
-TOPIC_HANDLERS = str(Path(__file__).resolve().parents[1] / "support" / "topic_handlers.py")
-IN_FLIGHT = 8  # records each bridge delivers at once: a flood of more fills its window
+IN_FLIGHT = LANES_IN_FLIGHT  # records each bridge delivers at once: a flood of more fills it
 
 
 @pytest.fixture(scope="module")
-def lanes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    env = {"JOBS_HANDLER_MODULES": f"{TEST_HANDLERS},{TOPIC_HANDLERS}",
-           "JOBS_BACKOFF_BASE_SECONDS": "0.2", "JOBS_BACKOFF_MAX_SECONDS": "1"}
-    with own_stack(tmp_path_factory.mktemp("topics"), env, sweep_interval=0.5,
-                   process_workers=1, bridge_in_flight=IN_FLIGHT, batch_size=4) as stack:
-        yield stack
+def lanes(tls_lanes_stack: Stack) -> Stack:
+    return tls_lanes_stack
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,9 @@ from infra import services
 from infra.stack import Stack
 from tests.conftest import SERVICE_VARS, TEST_HANDLERS
 
+TOPIC_HANDLERS = str(Path(__file__).resolve().parent / "topic_handlers.py")
+LANES_IN_FLIGHT = 8  # records each bridge delivers at once: a flood of more fills its window
+
 # Short leases, requeue times and backoff, so recovery happens within a test's patience.
 FAULT_ENV = {"JOBS_LEASE_SECONDS": "3", "JOBS_REQUEUE_AFTER_SECONDS": "4",
              "JOBS_BACKOFF_BASE_SECONDS": "0.1", "JOBS_BACKOFF_MAX_SECONDS": "0.5"}
@@ -30,3 +33,13 @@ def own_stack(folder: Path, env: dict[str, str] | None = None, **options: Any
         yield stack
     finally:
         stack.stop()
+
+
+def tls_servers_missing() -> str | None:
+    """Why this machine cannot run a TLS stack (the distribution's PostgreSQL and Redis:
+    the PyPI builds have no TLS), or None if it can."""
+    try:
+        services.system_postgres_bindir(), services.system_redis_server()
+    except RuntimeError as exc:
+        return str(exc)
+    return None

@@ -1,5 +1,6 @@
 """Job types with a Kafka topic of their own, loaded (JOBS_HANDLER_MODULES) only by the
-stack of tests/integration/test_topics.py: every other stack keeps its one job queue."""
+stack of tests/integration/test_topics.py (and test_tls: tests/integration/conftest.py):
+every other stack keeps its one job queue."""
 
 from __future__ import annotations
 
