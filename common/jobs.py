@@ -126,20 +126,45 @@ def create_jobs(
         statuses=graph.statuses if graph else none,
         parents=[",".join(p) or None for p in graph.parents] if graph else none,
         dependents=graph.has_dependents if graph else none)
+    def write(c: Connection) -> list[tuple[dict[str, Any], bool]]:
+        return _with_existing(c, submissions, ids, rows_as_dicts(c, c.run(statement, **params)))
+
+    keyed_batch = len(submissions) > 1 and any(k for _, _, k, _, _ in submissions)
+    if conn is not None:  # the caller's transaction: a 409 rolls all of it back
+        return write(conn)
+    if keyed_batch:
+        # A batch under an idempotency key is one transaction with its 409: items whose
+        # keys are new must not stay behind when another item's key says "reused".
+        if writer is not None:
+            return writer.call(write)
+        with db.transaction() as c:
+            return write(c)
     # One statement: atomic on its own, whether in autocommit or in a group commit.
-    if writer is not None and conn is None:
+    if writer is not None:
         inserted = writer.run(statement, **params)
     else:
-        with _borrowed(db, conn) as c:
+        with db.connection() as c:
             inserted = rows_as_dicts(c, c.run(statement, **params))
+    if len(inserted) == len(ids):  # every one new: nothing to look up
+        by_id = {str(row["job_id"]): row for row in inserted}
+        return [(by_id[i], True) for i in ids]
+    with db.connection() as c:
+        return _with_existing(c, submissions, ids, inserted)
+
+
+def _with_existing(c: Connection, submissions: list[tuple[JobSubmission, dict[str, Any],
+                                                          str | None, int, str | None]],
+                   ids: list[str], inserted: list[dict[str, Any]]
+                   ) -> list[tuple[dict[str, Any], bool]]:
+    """(row, created) per item: the inserted row, else the job its key named before (the
+    same request: created=False; another one: ApiError 409)."""
     by_id = {str(row["job_id"]): row for row in inserted}
     missing = [k for (_, _, k, _, _), i in zip(submissions, ids, strict=True) if i not in by_id]
     existing = {}
     if missing:
-        with _borrowed(db, conn) as c:
-            existing = {row["idempotency_key"]: row for row in rows_as_dicts(c, c.run(
-                "SELECT * FROM jobs WHERE idempotency_key = ANY(CAST(:keys AS text[]))",
-                keys=missing))}
+        existing = {row["idempotency_key"]: row for row in rows_as_dicts(c, c.run(
+            "SELECT * FROM jobs WHERE idempotency_key = ANY(CAST(:keys AS text[]))",
+            keys=missing))}
     out: list[tuple[dict[str, Any], bool]] = []
     for (_, _, key, _, fingerprint), job_id in zip(submissions, ids, strict=True):
         if job_id in by_id:

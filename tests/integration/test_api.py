@@ -268,6 +268,29 @@ def test_a_single_key_can_never_name_an_item_of_a_batch(api):
     assert batch.json["jobs"][0]["job_id"] != single.json["job_id"]
 
 
+def test_a_batch_refused_for_a_reused_key_leaves_no_job_behind(api, database_url):
+    key = f"k-{uuid.uuid4()}"
+    first = api.request("POST", "/jobs/batch", headers={"Idempotency-Key": key},
+                        json_body={"jobs": [{"job_type": "ECHO", "payload": {"message": "a"}}]})
+    assert first.status == 202, first.body
+    # Another batch under the key: item 0's key exists (409), items 1-4 have new keys.
+    other = api.request("POST", "/jobs/batch", headers={"Idempotency-Key": key},
+                        json_body={"jobs": [{"job_type": "ECHO", "payload": {"message": m}}
+                                            for m in "bcdef"]})
+    assert other.status == 409, other.body
+    db = Database(database_url)
+    try:
+        [[count]] = db.run("SELECT count(*) FROM jobs WHERE idempotency_key LIKE :k",
+                           k=f"batch\t{key}\t%")
+    finally:
+        db.close()
+    assert count == 1  # the first batch's job only: the refused one is one transaction
+    again = api.request("POST", "/jobs/batch", headers={"Idempotency-Key": key},
+                        json_body={"jobs": [{"job_type": "ECHO", "payload": {"message": "a"}}]})
+    assert again.status == 202 and again.json["jobs"][0]["job_id"] == first.json["jobs"][0][
+        "job_id"]
+
+
 @pytest.mark.parametrize("byte_range", ["bytes=99999999-", "bytes=5-2", "bytes=abc"])
 def test_a_range_the_artifact_cannot_satisfy_is_a_problem_never_a_500(api, byte_range):
     job = api.wait_status(api.submit("REPORT_GENERATION", {
