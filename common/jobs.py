@@ -10,7 +10,6 @@ import re
 import threading
 import time
 import uuid
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -177,11 +176,6 @@ def _with_existing(c: Connection, submissions: list[tuple[JobSubmission, dict[st
                            f" (job {old['job_id']})")
         out.append((old, False))
     return out
-
-
-def _borrowed(db: Database, conn: Connection | None) -> AbstractContextManager[Connection]:
-    """`conn` if the caller holds one (its transaction), else one from the pool."""
-    return nullcontext(conn) if conn is not None else db.connection()
 
 
 class PublishMarks:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from common.db import Database
 from tests.conftest import SERVICE_VARS
-from tests.support.client import Api, wait_for
+from tests.support.client import Api, healthy, wait_for
 from tests.support.invariants import check_invariants, jobs_by_id
 from tests.support.stacks import FAULT_ENV, own_stack
 
@@ -270,14 +269,6 @@ def end(procs: list[psutil.Process]) -> None:
     for proc in alive(procs):
         with contextlib.suppress(psutil.Error):
             proc.kill()
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def test_a_gateway_killed_with_sigkill_takes_its_workers_along_and_comes_back_on_its_port(

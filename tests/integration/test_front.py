@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from urllib.parse import urlparse
 import pytest
 
 from infra import services
-from tests.support.client import in_thread, wait_for
+from tests.support.client import healthy, in_thread, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -62,14 +61,6 @@ class Connection:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")

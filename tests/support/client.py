@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -97,3 +98,12 @@ def in_thread(call: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.f
 
     threading.Thread(target=run, daemon=True).start()
     return future
+
+
+def healthy(url: str) -> bool:
+    """Whether the gateway at `url` answers /healthz with 200 now."""
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
