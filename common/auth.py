@@ -186,6 +186,19 @@ def revoke_token(db: Database, token_id: str) -> bool:
                              id=token_id))
 
 
+_STALE = ("last_used_at IS NULL OR last_used_at"
+          f" < now() - interval '{TOUCH_AFTER_SECONDS} seconds'")
+_LOOKUP = ("SELECT name, scopes, secret_hash, coalesce(expires_at <= now(), false) AS expired,"
+           f" {_STALE} AS stale FROM api_tokens WHERE id = CAST(:id AS uuid)")
+
+
+def rehearse(db: Database) -> None:
+    """Run the token lookup once for no token, so that a new process's first request does
+    not pay for its server session's first read of `api_tokens` (see clients.warm_up)."""
+    with db.connection() as conn:
+        conn.run(_LOOKUP, id=str(uuid.UUID(int=0)))
+
+
 def verify_token(db: Database, token: str) -> Principal:
     """The principal of a valid, unexpired token; unauthorized() otherwise.
 
@@ -196,12 +209,8 @@ def verify_token(db: Database, token: str) -> Principal:
         raise unauthorized("the token is malformed (expected jobs_<id>_<secret>)",
                            invalid_token=True)
     token_id, secret = parsed
-    stale = ("last_used_at IS NULL OR last_used_at"
-             f" < now() - interval '{TOUCH_AFTER_SECONDS} seconds'")
     with db.connection() as conn:
-        rows = rows_as_dicts(conn, conn.run(
-            "SELECT name, scopes, secret_hash, coalesce(expires_at <= now(), false) AS expired,"
-            f" {stale} AS stale FROM api_tokens WHERE id = CAST(:id AS uuid)", id=token_id))
+        rows = rows_as_dicts(conn, conn.run(_LOOKUP, id=token_id))
         row = rows[0] if rows else None
         stored = bytes(row["secret_hash"]) if row else _NO_HASH
         if not hmac.compare_digest(_digest(secret), stored) or row is None:
@@ -211,7 +220,7 @@ def verify_token(db: Database, token: str) -> Principal:
             raise unauthorized("the token has expired", invalid_token=True)
         if row["stale"]:
             conn.run(f"UPDATE api_tokens SET last_used_at = now()"
-                     f" WHERE id = CAST(:id AS uuid) AND ({stale})", id=token_id)
+                     f" WHERE id = CAST(:id AS uuid) AND ({_STALE})", id=token_id)
     return Principal(token_id, row["name"], frozenset(row["scopes"]))
 
 

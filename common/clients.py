@@ -6,6 +6,7 @@ import gc
 import logging
 import threading
 
+from common import auth, jobs
 from common.auth import Authenticator
 from common.cache import StatusCache, get_cache
 from common.db import Database, GroupCommitter, connect_kwargs, get_database, migrate
@@ -123,17 +124,20 @@ def processor() -> Processor:
     return _processor
 
 
-def warm_up_after_fork(*, publish: bool = True, process: bool = False) -> None:
+def warm_up_after_fork(*, publish: bool = True, process: bool = False,
+                       submit: bool = False) -> None:
     """Build this process's clients in the background in each worker process a server
     forks (`os.register_at_fork`), so that a worker's first request does not pay for its
-    connections and the broker's metadata. Trouble is only logged: requests build what
-    they need anyway."""
+    connections, its database session's first statements (rehearsed: the token lookup,
+    and with `submit` an insert rolled back) and the broker's metadata. Trouble is only
+    logged: requests build what they need anyway."""
     def warm() -> None:
         try:
             handlers()
             db = database()
-            with db.connection() as conn:
-                conn.run("SELECT 1")
+            auth.rehearse(db)
+            if submit:
+                jobs.rehearse_submit(db)
             cache().ping()
             if publish:
                 publisher().warm(get_settings().queue_topic)

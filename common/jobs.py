@@ -80,6 +80,24 @@ class Graph:
     has_dependents: list[bool]
 
 
+class _Rehearsal(Exception):
+    """Rolls back a rehearsed statement."""
+
+
+def rehearse_submit(db: Database) -> str:
+    """Insert one job and roll it back, so that a new process's first submit does not pay
+    for its server session's first insert (reading the table's catalog entries, compiling
+    its triggers): about 10 ms, measured in-process. Nothing is left behind; returns the
+    id the job had."""
+    try:
+        with db.transaction() as conn:
+            [(row, _)] = create_jobs(db, [(JobSubmission(job_type="NOOP"), {}, None, 0, None)],
+                                     conn=conn)
+            raise _Rehearsal(str(row["job_id"]))
+    except _Rehearsal as done:
+        return str(done)
+
+
 def create_jobs(
     db: Database,
     submissions: list[tuple[JobSubmission, dict[str, Any], str | None, int, str | None]],

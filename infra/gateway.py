@@ -170,7 +170,8 @@ class Gateway:
             timeout=aiohttp.ClientTimeout(total=60, sock_connect=2), auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
         tasks = [asyncio.create_task(self.events.announcements.run()),
-                 asyncio.create_task(self.count_memory_hits())]
+                 asyncio.create_task(self.count_memory_hits()),
+                 asyncio.create_task(self.warm_up())]
         try:
             yield
         finally:
@@ -180,6 +181,14 @@ class Gateway:
                     await task
             self._flush_hits()
             await self._http.close()
+
+    async def warm_up(self) -> None:
+        """Open this worker's database session and rehearse the token lookup now, so that
+        its first request is as fast as the tenth. Trouble is only logged."""
+        try:
+            await run_in_threadpool(auth.rehearse, clients.database())
+        except Exception as exc:
+            log.info("warm-up incomplete (%s); the first request finishes it", exc)
 
     async def count_memory_hits(self) -> None:
         """Add answers from memory to the shared lookup counter once a second: counting

@@ -15,7 +15,7 @@ from common.models import BatchAccepted, JobSubmission
 
 configure_logging("submit")
 clients.needs("database_url", "redis_url", "kafka_bootstrap_servers")
-clients.warm_up_after_fork()
+clients.warm_up_after_fork(submit=True)
 
 
 def _enqueue_header(enqueued: bool) -> dict[str, str]:

@@ -128,6 +128,15 @@ def hold(writer: GroupCommitter) -> tuple[threading.Event, concurrent.futures.Fu
     return release, blocker
 
 
+def test_a_submit_rehearsal_runs_the_insert_and_leaves_nothing_behind(tables):
+    """What a new `submit` worker does before its first request (clients.warm_up)."""
+    job_id = jobs.rehearse_submit(tables)
+    uuid.UUID(job_id)  # the insert ran and returned its row
+    assert tables.run("SELECT count(*) FROM jobs") == [[0]]
+    with tables.connection() as conn:
+        assert all(n == 0 for _, _, n in jobs.counts(conn)), jobs.counts(conn)
+
+
 def test_concurrent_statements_share_one_commit_and_each_caller_gets_its_own_rows(db, probe_table):
     writer = GroupCommitter(db)
     insert = "INSERT INTO group_probe (n) VALUES (:n) RETURNING n, txid_current() AS tx"
