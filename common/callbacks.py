@@ -37,7 +37,7 @@ from cloudevents.http import CloudEvent
 from common import jobs
 from common.db import Connection, Database, rows_as_dicts
 from common.errors import ApiError
-from common.settings import Settings
+from common.settings import Settings, normal_host
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def check_url(url: str, settings: Settings) -> str:
         raise refuse("must be an http:// or https:// URL with a host")
     if parts.username is not None or parts.password is not None:
         raise refuse("must not carry credentials (user:password@)")
-    host = parts.hostname.lower()
+    host = normal_host(parts.hostname)
     if host in METADATA_HOSTS:
         raise refuse(f"{host} is a cloud metadata host")
     try:

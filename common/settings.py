@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -10,6 +11,38 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_DATA_DIR = Path(os.environ.get("JOBS_DATA_DIR", Path.cwd() / ".data"))
+
+
+def normal_host(host: str) -> str:
+    """A host as compared with JOBS_CALLBACK_ALLOWED_HOSTS: an IP address in its one
+    canonical text (`0:0::1` and `::1` are the same host), a name in lower case."""
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host.lower()
+
+
+def _allowed_host(entry: str) -> str:
+    """One JOBS_CALLBACK_ALLOWED_HOSTS entry, normalised: `host`, `host:port`, an IPv6
+    address bare or in brackets, `[addr]:port` with a port."""
+    entry = entry.strip()
+    host, port = entry, ""
+    if entry.startswith("["):
+        host, closed, rest = entry[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            host = ""
+        port = rest[1:]
+    elif entry.count(":") == 1:
+        host, port = entry.split(":")
+    if not host or "/" in host or "@" in host or " " in host \
+            or (port and not (port.isdigit() and 0 < int(port) < 65536)) \
+            or (entry.startswith("[") and ":" not in host):
+        raise ValueError("JOBS_CALLBACK_ALLOWED_HOSTS lists hosts (host, host:port or"
+                         f" [IPv6]:port, comma-separated), not URLs: {entry!r}")
+    host = normal_host(host)
+    if not port:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Settings(BaseModel):
@@ -181,13 +214,8 @@ class Settings(BaseModel):
     @classmethod
     def _host_list(cls, value: Any) -> Any:
         if isinstance(value, str):
-            hosts = tuple(h.strip().lower() for h in value.split(",") if h.strip())
-            bad = [h for h in hosts if "/" in h or "@" in h or " " in h]
-            if bad:
-                raise ValueError("JOBS_CALLBACK_ALLOWED_HOSTS lists hosts (host or host:port,"
-                                 f" comma-separated), not URLs: {bad[0]!r}")
-            return hosts
-        return value
+            value = [h for h in value.split(",") if h.strip()]
+        return tuple(_allowed_host(str(h)) for h in value)
 
 
 ENV = {

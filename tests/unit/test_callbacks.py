@@ -43,6 +43,22 @@ def test_ipv6_hosts_are_listed_bare_or_bracketed_with_a_port():
     assert "host [fd00::5]:9998 is not in" in err.value.detail
 
 
+def test_an_ipv6_host_matches_however_either_side_spells_it():
+    s = settings(JOBS_CALLBACK_ALLOWED_HOSTS="[0:0::1], [FD00:0:0::5]:9999")
+    assert s.callback_allowed_hosts == ("::1", "[fd00::5]:9999")
+    assert callbacks.check_url("http://[0::1]:8080/hook", s)
+    assert callbacks.check_url("http://[fd00::0005]:9999/hook", s)
+    with pytest.raises(ApiError, match="not in"):
+        callbacks.check_url("http://[fd00::5]:80/hook", s)
+
+
+@pytest.mark.parametrize("entry", ["[::1", "[::1]x", "[hooks.example.com]:80", "host:port",
+                                   "127.0.0.1:0", "127.0.0.1:70000", "a b", "user@host"])
+def test_a_malformed_allowed_host_is_refused_at_start(entry):
+    with pytest.raises(ValueError, match="JOBS_CALLBACK_ALLOWED_HOSTS"):
+        load_settings({"JOBS_CALLBACK_ALLOWED_HOSTS": f"ok.example.com,{entry}"})
+
+
 def test_port_zero_is_refused_not_taken_for_the_default():
     s = settings(JOBS_CALLBACK_ALLOWED_HOSTS="127.0.0.1")
     with pytest.raises(ApiError) as err:
