@@ -341,7 +341,7 @@ def deliveries(conn: Connection, job_id: str) -> list[dict[str, Any]]:
     for c in callbacks:
         out.append({
             "callback_id": str(c["callback_id"]), "event_type": c["event_type"],
-            "url": c["url"], "state": c["state"],
+            "url": jobs.shown_url(c["url"]), "state": c["state"],
             "attempts": [{k: t[k] for k in ("attempt", "started_at", "duration_ms",
                                             "status_code", "error")}
                          for t in tries if t["callback_id"] == c["callback_id"]],

@@ -9,6 +9,7 @@ import logging
 import re
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -54,7 +55,7 @@ def document(row: dict[str, Any]) -> dict[str, Any]:
         "submitted_by": row.get("submitted_by"),
         "depends_on": [str(p) for p in row.get("depends_on") or ()],
         "cancelled_by": _str(row.get("cancelled_by")),
-        "callback_url": row.get("callback_url"),
+        "callback_url": shown_url(row.get("callback_url")),
         "created_at": _iso(row["created_at"]),
         "updated_at": _iso(row["updated_at"]),
         "version": row["version"],
@@ -63,6 +64,16 @@ def document(row: dict[str, Any]) -> dict[str, Any]:
 
 def _str(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def shown_url(url: str | None) -> str | None:
+    """A callback URL as any reader of the job sees it: its origin, then `/…` for a path
+    or query, which may hold a secret (webhook URLs often do); only the sender uses it all."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    return origin + ("/…" if url[len(origin):] not in ("", "/") else "/")
 
 
 def _iso(value: datetime | None) -> str | None:

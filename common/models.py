@@ -146,7 +146,10 @@ class JobDocument(BaseModel):
                                    description="Parents: jobs that had to complete first")
     cancelled_by: UUID | None = Field(
         None, description="The parent whose failure cancelled this job")
-    callback_url: str | None = Field(None, description="Where the job's end is POSTed")
+    callback_url: str | None = Field(
+        None, description="Where the job's end is POSTed: its origin only, then `/…` for a"
+        " path or query (which may hold a secret; only the sender uses the whole URL)",
+        examples=["https://hooks.example.com/…"])
     created_at: datetime
     updated_at: datetime
     version: int = Field(description="Increases on every change; orders cache writes")
@@ -298,7 +301,8 @@ class CallbackDelivery(BaseModel):
 
     callback_id: UUID = Field(description="Also the CloudEvent's `id`")
     event_type: str = Field(examples=["jobs.job.completed"])
-    url: str
+    url: str = Field(description="Its origin, then `/…` for a path or query (as the job's"
+                     " `callback_url`)", examples=["https://hooks.example.com/…"])
     state: Literal["PENDING", "DELIVERED", "FAILED"]
     attempts: list[CallbackAttempt]
     next_attempt_at: datetime | None = Field(None, description="While PENDING")

@@ -59,7 +59,8 @@ def receiver() -> Iterator[Receiver]:
 
 def test_a_completed_job_is_posted_as_a_signed_cloudevent(api, receiver):
     job = api.submit("ECHO", {"message": "hi"}, callback_url=f"{receiver.url}/hook?x=1").json
-    assert job["callback_url"] == f"{receiver.url}/hook?x=1"
+    # Readers see the origin only: a webhook URL's path or query is often its secret.
+    assert job["callback_url"] == f"{receiver.url}/…"
     (got,) = wait_for(lambda: receiver.for_job(job["job_id"]), 20, "the callback")
     assert got["path"] == "/hook?x=1"
     assert got["headers"]["Content-Type"].startswith("application/cloudevents+json")
@@ -74,7 +75,7 @@ def test_a_completed_job_is_posted_as_a_signed_cloudevent(api, receiver):
         "GET", f"/jobs/{job['job_id']}/callbacks").json["items"])
         and items[0]["state"] == "DELIVERED" and items, 10, "the delivery to be recorded")
     (delivery,) = deliveries
-    assert delivery["callback_id"] == event["id"]
+    assert delivery["callback_id"] == event["id"] and delivery["url"] == f"{receiver.url}/…"
     assert [(a["attempt"], a["status_code"]) for a in delivery["attempts"]] == [(1, 204)]
 
 

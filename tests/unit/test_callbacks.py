@@ -7,13 +7,23 @@ import time
 
 import pytest
 
-from common import callbacks
+from common import callbacks, jobs
 from common.errors import ApiError
 from common.settings import load_settings
 
 
 def settings(**env: str):
     return load_settings({"JOBS_CALLBACK_SECRET": "s3cret-of-16-chars-or-more", **env})
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://hooks.slack.com/services/T0/B0/secret", "https://hooks.slack.com/…"),
+    ("http://127.0.0.1:9999/hook?token=abc", "http://127.0.0.1:9999/…"),
+    ("http://[::1]:8080?x=1", "http://[::1]:8080/…"),
+    ("https://hooks.example.com/", "https://hooks.example.com/"),
+    ("https://hooks.example.com", "https://hooks.example.com/"), (None, None)])
+def test_readers_see_a_callback_urls_origin_never_its_path_or_query(url, shown):
+    assert jobs.shown_url(url) == shown
 
 
 def test_no_secret_means_no_callbacks():
