@@ -13,6 +13,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from common.models import shown_url
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "jobs:status:"
@@ -121,7 +123,10 @@ class StatusCache:
             return None
         if raw is None:
             return None
-        return json.loads(raw)  # type: ignore[arg-type]
+        doc: dict[str, Any] = json.loads(raw)  # type: ignore[arg-type]
+        if doc.get("callback_url"):  # cached before URLs were shown by origin only
+            doc["callback_url"] = shown_url(doc["callback_url"])
+        return doc
 
     def put(self, documents: Iterable[dict[str, Any]],
             announce: Iterable[dict[str, Any]] = ()) -> bool:

@@ -37,6 +37,7 @@ from cloudevents.http import CloudEvent
 from common import jobs
 from common.db import Connection, Database, rows_as_dicts
 from common.errors import ApiError
+from common.models import shown_url
 from common.settings import Settings, normal_host
 
 log = logging.getLogger(__name__)
@@ -303,8 +304,8 @@ def _deliver(db: Database, settings: Settings, callback: dict[str, Any],
         return
     level = logging.INFO if error is None else logging.WARNING
     log.log(level, "callback %s of job %s to %s: %s (try %d, %s)", callback["event_type"],
-            callback["job_id"], callback["url"], error or f"delivered ({status})", attempt,
-            state)
+            callback["job_id"], shown_url(callback["url"]), error or f"delivered ({status})",
+            attempt, state)
 
 
 def _network_error(exc: BaseException) -> str:
@@ -341,7 +342,7 @@ def deliveries(conn: Connection, job_id: str) -> list[dict[str, Any]]:
     for c in callbacks:
         out.append({
             "callback_id": str(c["callback_id"]), "event_type": c["event_type"],
-            "url": jobs.shown_url(c["url"]), "state": c["state"],
+            "url": shown_url(c["url"]), "state": c["state"],
             "attempts": [{k: t[k] for k in ("attempt", "started_at", "duration_ms",
                                             "status_code", "error")}
                          for t in tries if t["callback_id"] == c["callback_id"]],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from collections.abc import Callable
 
 from common import auth, jobs
 from common.auth import Authenticator
@@ -128,23 +129,27 @@ def warm_up_after_fork(*, publish: bool = True, process: bool = False,
                        submit: bool = False) -> None:
     """Build this process's clients in the background in each worker process a server
     forks (`os.register_at_fork`), so that a worker's first request does not pay for its
-    connections, its database session's first statements (rehearsed: the token lookup,
-    and with `submit` an insert rolled back) and the broker's metadata. Trouble is only
-    logged: requests build what they need anyway."""
+    connections, its database session's first statements (rehearsed: the token lookup
+    where requests carry tokens, and with `submit` an insert rolled back) and the
+    broker's metadata. Trouble is only logged, step by step: requests build what they
+    need anyway."""
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("handlers", handlers), ("database", database), ("cache", lambda: cache().ping())]
+    if not process:  # `process` is called by the trigger, without a token
+        steps.append(("token lookup", lambda: auth.rehearse(database())))
+    if submit:
+        steps.append(("insert", lambda: jobs.rehearse_submit(database())))
+    if publish:
+        steps.append(("broker", lambda: publisher().warm(get_settings().queue_topic)))
+    if process:
+        steps.append(("processor", processor))
+
     def warm() -> None:
-        try:
-            handlers()
-            db = database()
-            auth.rehearse(db)
-            if submit:
-                jobs.rehearse_submit(db)
-            cache().ping()
-            if publish:
-                publisher().warm(get_settings().queue_topic)
-            if process:
-                processor()
-        except Exception as exc:
-            log.info("warm-up incomplete (%s); the first request finishes it", exc)
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:
+                log.info("warm-up: %s not ready (%s); the first request finishes it", name, exc)
         # What exists now lives as long as the process: keep it out of the collector's
         # full passes, which otherwise walk it all and stall requests now and then.
         gc.freeze()

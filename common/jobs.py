@@ -9,7 +9,6 @@ import logging
 import re
 import threading
 import time
-import urllib.parse
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +19,7 @@ from common.cache import StatusCache, is_final
 from common.db import Connection, Database, GroupCommitter, rows_as_dicts
 from common.errors import ApiError
 from common.lifecycle import transition_many_sql, transition_sql
-from common.models import JobDocument, JobStatus, JobSubmission
+from common.models import JobDocument, JobStatus, JobSubmission, shown_url
 from common.ratelimits import RateLimit
 
 S = JobStatus
@@ -64,16 +63,6 @@ def document(row: dict[str, Any]) -> dict[str, Any]:
 
 def _str(value: Any) -> str | None:
     return None if value is None else str(value)
-
-
-def shown_url(url: str | None) -> str | None:
-    """A callback URL as any reader of the job sees it: its origin, then `/…` for a path
-    or query, which may hold a secret (webhook URLs often do); only the sender uses it all."""
-    if not url:
-        return url
-    parts = urllib.parse.urlsplit(url)
-    origin = f"{parts.scheme}://{parts.netloc}"
-    return origin + ("/…" if url[len(origin):] not in ("", "/") else "/")
 
 
 def _iso(value: datetime | None) -> str | None:

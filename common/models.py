@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import urllib.parse
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -122,6 +123,16 @@ class AttemptRecord(BaseModel):
     outcome: str | None = Field(
         None, description="COMPLETED, FAILED, CANCELLED, or null while running")
     error: str | None = None
+
+
+def shown_url(url: str | None) -> str | None:
+    """A callback URL as any reader of the job sees it: its origin, then `/…` for a path
+    or query, which may hold a secret (webhook URLs often do); only the sender uses it all."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    return origin + ("/…" if url[len(origin):] not in ("", "/") else "/")
 
 
 class JobDocument(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,27 +23,39 @@ def normal_host(host: str) -> str:
         return host.lower()
 
 
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
 def _allowed_host(entry: str) -> str:
     """One JOBS_CALLBACK_ALLOWED_HOSTS entry, normalised: `host`, `host:port`, an IPv6
-    address bare or in brackets, `[addr]:port` with a port."""
+    address bare or in brackets, `[addr]:port` with a port. Anything else (a URL, a
+    wildcard, a zone id, a port out of range) is an error rather than an entry that
+    silently never matches."""
     entry = entry.strip()
-    host, port = entry, ""
-    if entry.startswith("["):
+    host, port, bracketed = entry, "", entry.startswith("[")
+    if bracketed:
         host, closed, rest = entry[1:].partition("]")
         if not closed or (rest and not rest.startswith(":")):
             host = ""
         port = rest[1:]
     elif entry.count(":") == 1:
         host, port = entry.split(":")
-    if not host or "/" in host or "@" in host or " " in host \
-            or (port and not (port.isdigit() and 0 < int(port) < 65536)) \
-            or (entry.startswith("[") and ":" not in host):
-        raise ValueError("JOBS_CALLBACK_ALLOWED_HOSTS lists hosts (host, host:port or"
-                         f" [IPv6]:port, comma-separated), not URLs: {entry!r}")
-    host = normal_host(host)
+    host = host.lower()
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    good_host = (ip is not None and "%" not in host and (ip.version == 6 or not bracketed)) \
+        or (ip is None and not bracketed and _HOST_NAME.fullmatch(host) is not None)
+    good_port = not port or (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
+    if not (good_host and good_port):
+        raise ValueError("JOBS_CALLBACK_ALLOWED_HOSTS lists hosts (host, host:port, an IPv6"
+                         " address, or [IPv6]:port; comma-separated), not URLs, wildcards or"
+                         f" zone ids: {entry!r}")
+    host = ip.compressed if ip is not None else host
     if not port:
         return host
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
 
 
 class Settings(BaseModel):

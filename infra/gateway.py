@@ -186,7 +186,7 @@ class Gateway:
         """Open this worker's database session and rehearse the token lookup now, so that
         its first request is as fast as the tenth. Trouble is only logged."""
         try:
-            await run_in_threadpool(auth.rehearse, clients.database())
+            await run_in_threadpool(lambda: auth.rehearse(clients.database()))
         except Exception as exc:
             log.info("warm-up incomplete (%s); the first request finishes it", exc)
 
