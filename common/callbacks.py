@@ -193,7 +193,8 @@ def post(url: str, headers: dict[str, str], body: bytes, timeout: float) -> int:
                                           retries=False)
     with pool:
         default_port = 443 if parts.scheme == "https" else 80
-        host_header = host if port == default_port else f"{host}:{port}"
+        named = f"[{host}]" if ":" in host else host  # an IPv6 address in brackets (RFC 9110)
+        host_header = named if port == default_port else f"{named}:{port}"
         # Only the status matters: the body is never read (a receiver cannot make us hold
         # a large or endless answer), and the whole exchange has one time limit.
         response = pool.urlopen("POST", path, body=body, redirect=False,

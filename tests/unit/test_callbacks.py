@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import socket
+import threading
 import time
 
 import pytest
@@ -132,3 +134,34 @@ def test_a_failed_try_never_names_the_address_the_host_resolved_to():
     exc = urllib3.exceptions.MaxRetryError(
         None, "/", urllib3.exceptions.NewConnectionError(None, "10.1.2.3:443 refused"))
     assert callbacks._network_error(exc) == "could not connect"
+
+
+@pytest.mark.parametrize("family, host", [(socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")])
+def test_the_host_header_names_the_urls_host_an_ipv6_one_in_brackets(family, host):
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            seen.append(self.headers["Host"])
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Server(http.server.HTTPServer):
+        address_family = family
+
+    try:
+        server = Server((host, 0), Handler)
+    except OSError as exc:  # a machine without IPv6 loopback
+        pytest.skip(f"cannot listen on {host}: {exc}")
+    port = server.server_address[1]
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    try:
+        named = f"[{host}]" if ":" in host else host
+        assert callbacks.post(f"http://{named}:{port}/hook?k=1", {}, b"{}", 5) == 204
+    finally:
+        server.server_close()
+    assert seen == [f"{named}:{port}"]
