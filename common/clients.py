@@ -7,6 +7,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from pydantic import ValidationError
+
 from common import auth, jobs
 from common.auth import Authenticator
 from common.cache import StatusCache, get_cache
@@ -15,7 +17,14 @@ from common.handlers import load_handlers
 from common.jobs import PublishMarks
 from common.processing import Processor
 from common.queue import Publisher, get_publisher, queue_topics
-from common.settings import MissingSetting, Settings, get_settings, kafka_client_config, require
+from common.settings import (
+    MissingSetting,
+    Settings,
+    describe_error,
+    get_settings,
+    kafka_client_config,
+    require,
+)
 
 log = logging.getLogger(__name__)
 _ready: set[str] = set()
@@ -33,6 +42,8 @@ def needs(*fields: str) -> None:
         require(get_settings(), *fields)
         if "database_url" in fields:
             connect_kwargs(get_settings().database_url)  # a bad parameter stops us here
+    except ValidationError as exc:
+        raise SystemExit(f"cannot start:\n{describe_error(exc)}") from None
     except (MissingSetting, ValueError, OSError) as exc:
         raise SystemExit(f"cannot start: {exc}") from None
 

@@ -9,7 +9,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_DATA_DIR = Path(os.environ.get("JOBS_DATA_DIR", Path.cwd() / ".data"))
 
@@ -33,10 +40,13 @@ def _allowed_host(entry: str) -> str:
     silently never matches."""
     entry = entry.strip()
     host, port, bracketed = entry, "", entry.startswith("[")
-    if bracketed:
+    why = ""
+    if "/" in entry or "@" in entry:
+        why = "a host, not a URL"
+    elif bracketed:
         host, closed, rest = entry[1:].partition("]")
         if not closed or (rest and not rest.startswith(":")):
-            host = ""
+            why = "an IPv6 address in brackets is written [addr] or [addr]:port"
         port = rest[1:]
     elif entry.count(":") == 1:
         host, port = entry.split(":")
@@ -45,17 +55,38 @@ def _allowed_host(entry: str) -> str:
         ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
     except ValueError:
         ip = None
-    good_host = (ip is not None and "%" not in host and (ip.version == 6 or not bracketed)) \
-        or (ip is None and not bracketed and _HOST_NAME.fullmatch(host) is not None)
-    good_port = not port or (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
-    if not (good_host and good_port):
-        raise ValueError("JOBS_CALLBACK_ALLOWED_HOSTS lists hosts (host, host:port, an IPv6"
-                         " address, or [IPv6]:port; comma-separated), not URLs, wildcards or"
-                         f" zone ids: {entry!r}")
+    if why:
+        pass
+    elif "%" in host:
+        why = "a zone id (%eth0) never matches a URL's host"
+    elif ip is not None and ip.is_link_local:
+        why = "a link-local address is never called back"
+    elif ip is None and (bracketed or ":" in host):
+        why = "not an IPv6 address"
+    elif ip is None and _HOST_NAME.fullmatch(host) is None:
+        why = "not a host name (letters, digits, '-', '_' and dots; no wildcards)"
+    elif ip is not None and ip.version == 4 and bracketed:
+        why = "only IPv6 addresses go in brackets"
+    elif port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        why = "a port is a number from 1 to 65535"
+    if why:
+        raise ValueError(f"JOBS_CALLBACK_ALLOWED_HOSTS entry {entry!r}: {why}")
     host = ip.compressed if ip is not None else host
     if not port:
         return host
     return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
+
+
+def describe_error(exc: ValidationError) -> str:
+    """Settings errors one per line, each naming its environment variable (never echoing
+    a value: pydantic's messages do not, and ours name only what is safe to show)."""
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        message = str(error["msg"]).removeprefix("Value error, ")
+        name = ENV.get(field, field)
+        lines.append(message if name and name in message else f"{name}: {message}")
+    return "\n".join(lines)
 
 
 class Settings(BaseModel):

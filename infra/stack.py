@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from pydantic import ValidationError
 
 from common.auth import bootstrap_admin_token
 from common.db import Database, migrate
-from common.settings import Settings, kafka_client_config, load_settings
+from common.settings import Settings, describe_error, kafka_client_config, load_settings
 from infra import services
 
 log = logging.getLogger("stack")
@@ -660,6 +661,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not port_is_free(args.port):
         sys.exit(f"port {args.port} is taken; stop what runs there or pass --port N")
+    try:  # a bad setting stops us here, before any server starts
+        load_settings()
+    except ValidationError as exc:
+        sys.exit(f"cannot start:\n{describe_error(exc)}")
     stack = Stack(args.data_dir, gateway_port=args.port, echo=not args.quiet)
     stopping = threading.Event()
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import email
 import email.policy
 import logging
+import os
 import smtplib
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -34,6 +37,7 @@ from infra.services import (
     start_redis,
     start_smtp_sink,
 )
+from tests.conftest import SERVICE_VARS
 
 pytestmark = pytest.mark.integration
 
@@ -326,3 +330,17 @@ def test_a_publisher_under_load_confirms_sends_again_after_each_of_three_broker_
         for thread in threads:
             thread.join(10)
         publisher.close()
+
+
+def test_the_stack_refuses_a_bad_setting_before_it_starts_any_server(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
+    env["JOBS_CALLBACK_ALLOWED_HOSTS"] = "hooks.example.com,host:99999"
+    run = subprocess.run(
+        [sys.executable, "-m", "infra.stack", "--data-dir", str(tmp_path / "data"),
+         "--port", str(free_port()), "--quiet"],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+        timeout=60)
+    assert run.returncode != 0
+    assert run.stderr.strip() == ("cannot start:\nJOBS_CALLBACK_ALLOWED_HOSTS entry"
+                                  " 'host:99999': a port is a number from 1 to 65535")
+    assert not (tmp_path / "data").exists()  # no server was started, nothing written
