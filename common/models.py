@@ -57,6 +57,10 @@ RUN_AT_AHEAD = timedelta(days=36525)
 _NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
 
 
+def _json_kind(value: Any) -> str:
+    return {bool: "boolean", list: "array", dict: "object"}.get(type(value), "value")
+
+
 class JobSubmission(BaseModel):
     """Body of `POST /jobs`."""
 
@@ -74,8 +78,8 @@ class JobSubmission(BaseModel):
         description="Retries after the first attempt (default 3)",
     )
     run_at: AwareDatetime | None = Field(
-        default=None, description="Do not start before this time (ISO 8601 with a UTC offset;"
-        " from 1970 to 100 years ahead)"
+        default=None, description="Do not start before this time (an RFC 3339 date-time"
+        " with a UTC offset; from 1970 to 100 years ahead)"
     )
     depends_on: list[UUID | Annotated[StrictInt, Field(ge=0)]] | None = Field(
         default=None, max_length=MAX_PARENTS,
@@ -94,8 +98,10 @@ class JobSubmission(BaseModel):
         # milliseconds would be a guess.
         if value is not None and not isinstance(value, datetime) and (
                 not isinstance(value, str) or _NUMBER.fullmatch(value)):
-            raise ValueError("must be an ISO 8601 string with a UTC offset"
-                             " (2030-01-01T09:00:00Z), not a number")
+            what = "a number" if isinstance(value, int | float | str) \
+                and not isinstance(value, bool) else f"a JSON {_json_kind(value)}"
+            raise ValueError("must be an RFC 3339 date-time string with a UTC offset"
+                             f" (2030-01-01T09:00:00Z), not {what}")
         return value
 
     @field_validator("run_at")

@@ -110,7 +110,15 @@ def test_a_run_at_outside_1970_to_a_century_ahead_is_refused(run_at):
 @pytest.mark.parametrize("run_at", [5, 1893456000, 1893456000.5, True, "1893456000",
                                     " 1893456000000 ", "1.8e9", "-5"])
 def test_a_run_at_that_is_a_number_is_refused_not_read_as_unix_time(run_at):
-    with pytest.raises(ValidationError, match="ISO 8601 string"):
+    with pytest.raises(ValidationError, match="RFC 3339 date-time string"):
+        JobSubmission.model_validate({"job_type": "X", "run_at": run_at})
+
+
+@pytest.mark.parametrize(("run_at", "kind"), [
+    (5, "a number"), ("1893456000", "a number"), (True, "a JSON boolean"), ([], "a JSON array"),
+    ({"a": 1}, "a JSON object")])
+def test_a_run_at_that_is_not_a_string_says_what_it_was(run_at, kind):
+    with pytest.raises(ValidationError, match=f"not {kind}"):
         JobSubmission.model_validate({"job_type": "X", "run_at": run_at})
 
 
