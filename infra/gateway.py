@@ -235,6 +235,10 @@ class Gateway:
     async def forward(self, request: Request, op: Operation) -> Response:
         """Send the request on to the function that answers `op`; stream files back."""
         await self.authorize(request, op)
+        for name in ONCE_ONLY:
+            if len(request.headers.getlist(name)) > 1:  # a server would join them with ","
+                raise ApiError(400, f"Bad {name.title()}", f"{name.title()} was sent more"
+                               " than once; send it once")
         job_id = request.path_params.get("job_id") if op.operation_id == "getJob" else None
         if job_id is not None:
             doc = self.memory.get(job_id)
@@ -373,6 +377,9 @@ class Gateway:
         return Response(self._openapi, media_type="application/json")
 
 
+# Headers whose repeats the functions' server would join into one value ("k1,k2"): an
+# Idempotency-Key sent twice must not become a third key.
+ONCE_ONLY = ("idempotency-key", "authorization")
 READER_SECONDS = 0.5  # well inside the token cache's own 2 s
 JOB_PATH = re.compile(r"/jobs/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 

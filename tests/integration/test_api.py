@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import json
+import urllib.parse
 import uuid
 
 import pytest
@@ -75,6 +77,29 @@ def test_the_same_idempotency_key_and_body_give_the_same_job(api):
                         json_body={"job_type": "ECHO", "payload": {"message": "twice"}},
                         headers={"Idempotency-Key": key})
     assert other.status == 409 and other.content_type == "application/problem+json"
+
+
+def test_an_idempotency_key_sent_twice_is_a_400_not_a_third_key(api):
+    """A server joins repeated headers with commas: k1 and k2 would become "k1,k2"."""
+    parsed = urllib.parse.urlsplit(api.base)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/jobs")
+        for name, value in [("Authorization", f"Bearer {api.token}"),
+                            ("Content-Type", "application/json"),
+                            ("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")]:
+            conn.putheader(name, value)
+        body = json.dumps({"job_type": "ECHO", "payload": {"message": "twice"}}).encode()
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        reply = conn.getresponse()
+        answer = json.loads(reply.read())
+    finally:
+        conn.close()
+    assert reply.status == 400, answer
+    assert answer["title"] == "Bad Idempotency-Key" and "more than once" in answer["detail"]
+    joined = api.request("GET", "/jobs?limit=5").json["items"]
+    assert all(job["payload"] != {"message": "twice"} for job in joined)
 
 
 def test_twenty_concurrent_identical_requests_with_one_key_make_one_job(api, database_url):
