@@ -124,7 +124,8 @@ API: tuple[Operation, ...] = (
               {200: Answer("A page of jobs", JobPage)},
               {400: "Bad filter, limit or cursor"}, params=(*_LIST_FILTERS, _CURSOR, _LIMIT)),
     Operation("getJob", "GET", "/jobs/{job_id}", STATUS, Scope.READ,
-              "A job's state (from memory or the Redis cache; PostgreSQL on a miss)",
+              "A job's state (a finished job from memory or the Redis cache, any other from"
+              " PostgreSQL)",
               {200: Answer("The job", JobDocument)}, _NOT_A_JOB),
     Operation("streamJobEvents", "GET", "/jobs/{job_id}/events", GATEWAY, Scope.READ,
               "A job's documents as server-sent events, live, until it ends",

@@ -126,7 +126,7 @@ def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
                         help="seconds to wait for each HTTP answer (default 10)")
     parser.add_argument("--token", default=default(None), metavar="TOKEN",
                         help="API bearer token (default: $JOBS_TOKEN, else the admin-token"
-                             " file `make run` wrote in .data)")
+                             " file `make run` wrote in .data, or in $JOBS_DATA_DIR)")
 
 
 def build_parser() -> Parser:
@@ -440,7 +440,7 @@ def _unauthorized_hint(source: str, environ: Mapping[str, str] | None = None) ->
         return f"(the token from {source} was refused; pass another with --token or JOBS_TOKEN)"
     path = token_file(os.environ if environ is None else environ)
     return (f"(pass --token, set JOBS_TOKEN, or run from the folder where `make run` wrote"
-            f" {path})")
+            f" {path}, or set JOBS_DATA_DIR to the data folder it used)")
 
 
 # --- running ----------------------------------------------------------------------------
@@ -1038,6 +1038,7 @@ def _fit_frame(stats: dict[str, Any], url: str, recent: int, tty: bool, ascii_on
 # --- ids --------------------------------------------------------------------------------
 
 _PREFIX = re.compile(r"^[0-9a-f-]{4,35}$")
+_SHORT = re.compile(r"^[0-9a-f-]{1,3}$")
 
 
 def resolve_id(client: Client, raw: str, status: str | None = None) -> str:
@@ -1050,13 +1051,16 @@ def resolve_id(client: Client, raw: str, status: str | None = None) -> str:
     except ValueError:
         pass
     prefix = text.lower()
+    if _SHORT.match(prefix):
+        raise UsageError(f"{text!r} is too short: give at least 4 characters of the job id")
     if not _PREFIX.match(prefix):
         return text
     reply = client.jobs(status=status, limit=4, id_prefix=prefix)  # a 400 says what is wrong
     matches = sorted({str(j["job_id"]) for j in (reply.json.get("items") or [])})
-    kind = f"{status.lower().replace('_', '-')} " if status else ""
+    if not matches and status:  # the one job of another state: the API says why not
+        return resolve_id(client, raw)
     if not matches:
-        raise CliError(f"no {kind}job id starts with {text!r}")
+        raise CliError(f"no job id starts with {text!r}")
     if len(matches) > 1:
         more = bool(reply.json.get("next_cursor"))
         shown = ", ".join(m[:13] for m in matches[:3]) + (", ..." if more else "")

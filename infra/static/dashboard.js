@@ -496,7 +496,7 @@
             required placeholder="jobs_…" aria-describedby="f-token-hint"
             data-testid="sign-in-token">
           <span class="hint" id="f-token-hint">An admin makes tokens with <code>POST /tokens</code>;
-            <code>make run</code> writes an admin token to <code>.data/admin-token</code>.</span></div>
+            <code>make run</code> writes an admin token to <code>.data/admin-token</code> (or <code>$JOBS_DATA_DIR/admin-token</code>).</span></div>
         <div class="notice" role="alert" data-testid="sign-in-error"></div>
         <div class="actions"><button type="submit" class="primary"
           data-testid="sign-in-button">Sign in</button></div>

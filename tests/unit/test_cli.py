@@ -641,6 +641,25 @@ def test_an_ambiguous_short_id_is_a_usage_error_and_an_unknown_one_is_not_found(
     assert "no job id starts with 'beef'" in one_line_error(unknown)
 
 
+def test_a_prefix_under_four_characters_says_so_without_asking_the_api(fake):
+    result = jobs(fake, "status", "abc")
+    assert result.code == 2
+    assert "'abc' is too short: give at least 4 characters" in one_line_error(result)
+    assert not fake.requests
+
+
+def test_retry_by_prefix_of_a_job_that_is_not_dead_lettered_shows_the_apis_reason(fake):
+    fake.on("GET", "/jobs", (200, {"items": [], "next_cursor": None}),
+            (200, {"items": [job("CANCELLED", job_id=JOB_ID)], "next_cursor": None}))
+    fake.on("POST", f"/jobs/{JOB_ID}/retry", problem(
+        409, "Conflict", f"job {JOB_ID} is CANCELLED; only DEAD_LETTER jobs can be replayed"))
+    result = jobs(fake, "retry", "3f1c9a2e")
+    assert result.code == 1, result
+    assert "only DEAD_LETTER jobs can be replayed" in one_line_error(result)
+    first, second = fake.sent("GET", "/jobs")
+    assert first["query"]["status"] == ["DEAD_LETTER"] and "status" not in second["query"]
+
+
 def test_list_passes_filters_and_shows_a_table(fake):
     fake.on("GET", "/jobs", (200, {"items": [job("COMPLETED", attempts=1)],
                                    "next_cursor": None}))
@@ -961,7 +980,8 @@ def test_a_401_without_a_token_says_how_to_pass_one(fake):
     assert result.code == 1
     assert one_line_error(result) == (
         "jobs: 401 Unauthorized: send Authorization: Bearer <token> (pass --token, set"
-        " JOBS_TOKEN, or run from the folder where `make run` wrote .data/admin-token)")
+        " JOBS_TOKEN, or run from the folder where `make run` wrote .data/admin-token, or set"
+        " JOBS_DATA_DIR to the data folder it used)")
 
 
 def test_a_401_with_a_token_says_which_token_was_refused(fake, monkeypatch):
