@@ -66,6 +66,11 @@ DELETE FROM jobs WHERE job_id IN (
       AND updated_at < now() - make_interval(secs => CAST(:shorter AS float8))
       AND updated_at < now() - make_interval(secs => CASE WHEN status = 'DEAD_LETTER'
                           THEN CAST(:dead AS float8) ELSE CAST(:finished AS float8) END)
+      -- a parent stays while a child waits for its other parents: the child reads its
+      -- result (ctx.parent_results) when it runs
+      AND NOT (has_dependents AND EXISTS (
+          SELECT 1 FROM job_dependencies d JOIN jobs c ON c.job_id = d.child_id
+          WHERE d.parent_id = jobs.job_id AND c.status = 'WAITING'))
     ORDER BY updated_at
     LIMIT :limit
     FOR UPDATE SKIP LOCKED)

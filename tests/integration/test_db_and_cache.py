@@ -757,6 +757,35 @@ def test_retention_deletes_old_final_jobs_with_their_traces_and_keeps_the_rest(
     assert forget_old_jobs(db, cache, forever) == 0
 
 
+def test_retention_keeps_an_old_parent_while_a_child_waits_for_its_other_parents(
+        tables, redis_server, tmp_path):
+    db = tables
+    settings = Settings(database_url="x", artifact_dir=tmp_path, retain_finished_days=7)
+    cache = StatusCache(redis_server.url)
+    old_parent, old_alone = completed(db), completed(db)
+    other_parent, child = new_job(db), new_job(db)
+    db.run("UPDATE jobs SET status = 'WAITING', depends_on = CAST(:parents AS uuid[])"
+           " WHERE job_id = CAST(:child AS uuid)", child=str(child["job_id"]),
+           parents=[str(old_parent["job_id"]), str(other_parent["job_id"])])
+    db.run("UPDATE jobs SET has_dependents = true WHERE job_id = ANY(CAST(:ids AS uuid[]))",
+           ids=[str(old_parent["job_id"]), str(other_parent["job_id"])])
+    db.run("INSERT INTO job_dependencies (parent_id, child_id) SELECT p, CAST(:c AS uuid)"
+           " FROM unnest(CAST(:ps AS uuid[])) AS p", c=str(child["job_id"]),
+           ps=[str(old_parent["job_id"]), str(other_parent["job_id"])])
+    db.run("UPDATE jobs SET updated_at = now() - interval '30 days'"
+           " WHERE job_id = ANY(CAST(:ids AS uuid[]))",
+           ids=[str(old_parent["job_id"]), str(old_alone["job_id"])])
+
+    assert forget_old_jobs(db, cache, settings) == 1  # the old job nobody waits for
+    left = {r[0] for r in db.run("SELECT job_id::text FROM jobs")}
+    assert str(old_parent["job_id"]) in left and str(old_alone["job_id"]) not in left
+    # Once the child has run (no longer WAITING), the parent goes like any other.
+    db.run("UPDATE jobs SET status = 'CANCELLED' WHERE job_id = CAST(:id AS uuid)",
+           id=str(child["job_id"]))
+    assert forget_old_jobs(db, cache, settings) == 1
+    assert str(old_parent["job_id"]) not in {r[0] for r in db.run("SELECT job_id::text FROM jobs")}
+
+
 def test_listings_by_status_and_type_page_exactly_like_one_plain_query(tables):
     db = tables
     for job_type, status, n in (("A", "COMPLETED", 7), ("B", "COMPLETED", 5), ("A", "QUEUED", 4),
