@@ -485,6 +485,8 @@ ROWS = [
     ("w6", "submits_per_s", "W6 one client, single submits: /s", "higher"),
     ("w6", "p50_ms", "W6 single submit: p50 ms", "lower"),
     ("w6", "p99_ms", "W6 single submit: p99 ms", "lower"),
+    ("warmup", "first_submit_ms", "first submit once ready: ms", "lower"),
+    ("warmup", "next_submits_p50_ms", "the 9 after it: p50 ms", "lower"),
 ]
 
 
@@ -492,7 +494,7 @@ def cell(result: dict[str, Any] | None, workload: str, field: str) -> tuple[floa
     """(value, text) of one figure: 'timeout', 'error', 'skipped' or '-' when none."""
     if not result:
         return None, "-"
-    w = result.get("workloads", {}).get(workload)
+    w = result.get("warmup") if workload == "warmup" else result.get("workloads", {}).get(workload)
     if w is None:
         return None, "failed" if result.get("failure") or result.get("warmup", {}).get(
             "error") else "-"
