@@ -39,7 +39,7 @@ from common.api import check_type_scope, max_retries_for
 from common.auth import Principal, Scope
 from common.db import Connection, Database, is_transient, rows_as_dicts
 from common.errors import ApiError, ServiceUnavailable
-from common.handlers import validate_payload
+from common.handlers import get_job_type, validate_payload
 from common.models import JobSubmission
 from common.queue import Publisher, job_event, job_topic
 from common.settings import Settings
@@ -340,6 +340,16 @@ def _owner_refuses(row: dict[str, Any]) -> str | None:
     return None
 
 
+def _unhandled(row: dict[str, Any]) -> str | None:
+    """Why a schedule's job could not run here, or None: its type is registered by none of
+    this deployment's handler modules (removed, or JOBS_HANDLER_MODULES left out on a
+    restart). Its ticks would only make jobs that are dead-lettered at once."""
+    if get_job_type(row["job_type"]) is None:
+        return (f"its job type {row['job_type']!r} is not registered here (is its module in"
+                " JOBS_HANDLER_MODULES?); resume it once it is")
+    return None
+
+
 def fire_due(db: Database, publisher: Publisher, settings: Settings,
              limit: int = 100) -> list[str]:
     """Make the job of every due tick, once, and move each schedule to its next tick.
@@ -353,7 +363,7 @@ def fire_due(db: Database, publisher: Publisher, settings: Settings,
     fired: list[str] = []
     with db.transaction() as conn:
         for row in rows_as_dicts(conn, conn.run(_DUE, limit=limit)):
-            refusal = _owner_refuses(row)
+            refusal = _owner_refuses(row) or _unhandled(row)
             if refusal:
                 log.warning("schedule %s paused: %s", row["name"], refusal)
                 _stop(conn, row["name"], refusal)

@@ -127,6 +127,7 @@ def test_two_sweepers_racing_make_exactly_one_job_per_tick(api, db, function_env
 
     name = unique("raced")
     doc = create(api, name, job_type="NOOP", every_seconds=3600)
+    clients.handlers()  # as the sweeper function does: fire_due checks the job type
     settings, publisher = clients.settings(), clients.publisher()
     sweepers = [Database(function_env["DATABASE_URL"]) for _ in range(2)]
     start = threading.Barrier(2)  # both sweepers ask at the same moment, every round
@@ -169,6 +170,22 @@ def test_two_sweepers_racing_make_exactly_one_job_per_tick(api, db, function_env
     finally:
         for sweeper in sweepers:
             sweeper.close()
+        api.request("DELETE", f"/schedules/{name}")
+
+
+def test_a_schedule_whose_job_type_is_no_longer_registered_pauses_saying_why(api, db):
+    """A restart without the type's handler module: its ticks would only make jobs that
+    are dead-lettered at once ("no handler for job type"), one per tick."""
+    name = unique("orphan-type")
+    create(api, name, job_type="NOOP", every_seconds=3600)
+    db.run("UPDATE schedules SET job_type = 'GONE_TYPE', next_run_at = now() - interval '1 s'"
+           " WHERE name = :name", name=name)
+    try:
+        paused = wait_for(lambda: (doc := api.request("GET", f"/schedules/{name}").json)[
+            "paused"] and doc, 30, "the stack's sweeper to pause it")
+        assert "'GONE_TYPE' is not registered here" in paused["paused_reason"]
+        assert made_by(db, name) == []
+    finally:
         api.request("DELETE", f"/schedules/{name}")
 
 
