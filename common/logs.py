@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,14 +43,30 @@ class JsonFormatter(logging.Formatter):
 _configured = False
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(environ: Mapping[str, str] | None = None) -> str:
+    """JOBS_LOG_LEVEL (INFO by default), checked: ValueError naming the choices."""
+    environ = os.environ if environ is None else environ
+    level = environ.get("JOBS_LOG_LEVEL", "").strip().upper() or "INFO"
+    if level not in LEVELS:
+        raise ValueError(f"JOBS_LOG_LEVEL must be one of {', '.join(LEVELS)}, not {level!r}")
+    return level
+
+
 def configure_logging(component: str) -> None:
     """JSON lines on stderr at JOBS_LOG_LEVEL (INFO); idempotent."""
     global _configured
     if _configured:
         return
+    try:
+        level = log_level()
+    except ValueError as exc:
+        raise SystemExit(f"cannot start: {exc}") from None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(component))
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(os.environ.get("JOBS_LOG_LEVEL", "INFO").upper())
+    root.setLevel(level)
     _configured = True

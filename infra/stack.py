@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from common.auth import bootstrap_admin_token
 from common.db import Database, migrate
+from common.logs import log_level
 from common.settings import Settings, describe_error, kafka_client_config, load_settings
 from infra import services
 
@@ -632,6 +633,23 @@ def job_topics(env: dict[str, str]) -> dict[str, str]:
     return topics
 
 
+def _port_from_environment() -> int:
+    text = os.environ.get("PORT", "").strip() or "8080"
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"PORT must be a port number from 1 to 65535, not {text!r}")
+    return int(text)
+
+
+def missing_handler_files(modules: str) -> None:
+    """ValueError naming a JOBS_HANDLER_MODULES file that does not exist (modules given by
+    dotted name are imported, and checked, by the processes that use them)."""
+    for spec in (m.strip() for m in modules.split(",")):
+        path = ROOT / Path(spec).expanduser()  # the processes run in ROOT
+        if (spec.endswith(".py") or "/" in spec) and not path.is_file():
+            raise ValueError(f"JOBS_HANDLER_MODULES: no such file {spec!r}"
+                             f" (relative paths start at {ROOT})")
+
+
 def port_is_free(port: int) -> bool:
     import socket
 
@@ -655,17 +673,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
         "JOBS_DATA_DIR", ROOT / ".data")))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8080)))
+    parser.add_argument("--port", type=int, default=None,
+                        help="the gateway's port (default: $PORT, else 8080)")
     parser.add_argument("--quiet", action="store_true", help="do not echo process logs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if not port_is_free(args.port):
-        sys.exit(f"port {args.port} is taken; stop what runs there or pass --port N")
-    try:  # a bad setting stops us here, before any server starts
+    # A bad setting stops us here, in one line, before any server starts.
+    try:
+        port = args.port if args.port is not None else _port_from_environment()
+        log_level()
+        missing_handler_files(os.environ.get("JOBS_HANDLER_MODULES", ""))
         load_settings()
+        stack = Stack(args.data_dir, gateway_port=port, echo=not args.quiet)
     except ValidationError as exc:
         sys.exit(f"cannot start:\n{describe_error(exc)}")
-    stack = Stack(args.data_dir, gateway_port=args.port, echo=not args.quiet)
+    except ValueError as exc:
+        sys.exit(f"cannot start: {exc}")
+    if not port_is_free(port):
+        sys.exit(f"port {port} is taken; stop what runs there or pass --port N")
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
