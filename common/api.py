@@ -75,7 +75,8 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
     """
     clients.handlers()
     settings = clients.settings()
-    payloads = [validate_payload(sub.job_type, sub.payload) for sub in submissions]
+    payloads = _validated_payloads(submissions) if batch else \
+        [validate_payload(sub.job_type, sub.payload) for sub in submissions]
     dependencies.check_references(submissions, batch)
     for sub in submissions:
         if sub.callback_url is not None:
@@ -133,6 +134,32 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
         clients.publish_marks().add([(str(row["job_id"]), row["attempts"])
                                      for row in new_rows])
     return [JobDocument.model_validate(doc) for doc in docs], refusal is None
+
+
+def _validated_payloads(submissions: list[JobSubmission]) -> list[dict[str, Any]]:
+    """Each batch item's payload checked against its type; one 422 naming every bad item
+    (`errors[].loc` starts with `jobs`, the item's index, then `job_type` or `payload`)."""
+    payloads: list[dict[str, Any]] = []
+    bad: list[tuple[int, ApiError]] = []
+    for i, sub in enumerate(submissions):
+        try:
+            payloads.append(validate_payload(sub.job_type, sub.payload))
+        except ApiError as exc:
+            bad.append((i, exc))
+    if not bad:
+        return payloads
+    errors: list[dict[str, Any]] = []
+    for i, exc in bad:
+        if exc.errors:
+            errors += [{**e, "loc": ["jobs", i, "payload", *e["loc"]]} for e in exc.errors]
+        else:
+            errors.append({"loc": ["jobs", i, "job_type"], "msg": exc.detail,
+                           "type": "unknown_job_type"})
+    if len(bad) == 1:
+        i, exc = bad[0]
+        raise ApiError(422, exc.title, f"item {i}: {exc.detail}", errors=errors)
+    raise ApiError(422, "Invalid batch", f"{len(bad)} of {len(submissions)} items are invalid: "
+                   + "; ".join(f"item {i}: {exc.detail}" for i, exc in bad), errors=errors)
 
 
 def check_type_scope(principal: Principal, job_type: str, payload: dict[str, Any],

@@ -280,6 +280,22 @@ def test_an_extreme_run_at_is_a_422_and_stores_nothing(api, database_url, run_at
     assert api.request("GET", "/jobs?status=QUEUED&limit=200").status == 200
 
 
+def test_a_batch_with_bad_items_names_each_of_them_and_makes_nothing(api):
+    marker = f"bad-batch-{uuid.uuid4()}"
+    reply = api.request("POST", "/jobs/batch", json_body={"jobs": [
+        {"job_type": "ECHO", "payload": {"message": marker}},
+        {"job_type": "ECHO", "payload": {"message": {"not": "a string"}}},
+        {"job_type": "NOPE", "payload": {}}]})
+    assert reply.status == 422, reply.body
+    assert reply.json["detail"].startswith("2 of 3 items are invalid: item 1: payload does not"
+                                           " match the ECHO payload model"), reply.json
+    assert "item 2: job_type 'NOPE' is not registered" in reply.json["detail"]
+    assert [e["loc"] for e in reply.json["errors"]] == [["jobs", 1, "payload", "message"],
+                                                        ["jobs", 2, "job_type"]]
+    recent = api.request("GET", "/jobs?limit=20").json["items"]
+    assert all(job["payload"].get("message") != marker for job in recent)
+
+
 def test_a_single_key_can_never_name_an_item_of_a_batch(api):
     key = f"k-{uuid.uuid4()}"
     single = api.request("POST", "/jobs", json_body={"job_type": "ECHO",
