@@ -189,8 +189,11 @@ def _with_existing(c: Connection, submissions: list[tuple[JobSubmission, dict[st
             continue
         old = existing[key]
         if old["request_hash"] != fingerprint:
+            # A batch item's key is "batch<TAB><client key><TAB><index>": show the client's.
+            batch_key = key.split("\t")[1] if key.startswith("batch\t") else None
+            shown = f"{batch_key!r} (a batch's key)" if batch_key is not None else repr(key)
             raise ApiError(409, "Idempotency key reused",
-                           f"Idempotency-Key {key!r} was already used for a different request"
+                           f"Idempotency-Key {shown} was already used for a different request"
                            f" (job {old['job_id']})")
         out.append((old, False))
     return out

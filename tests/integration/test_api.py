@@ -319,6 +319,8 @@ def test_a_batch_refused_for_a_reused_key_leaves_no_job_behind(api, database_url
                         json_body={"jobs": [{"job_type": "ECHO", "payload": {"message": m}}
                                             for m in "bcdef"]})
     assert other.status == 409, other.body
+    assert f"Idempotency-Key {key!r} (a batch's key) was already used" in other.json["detail"]
+    assert "\t" not in other.json["detail"]  # the internal per-item form is not shown
     db = Database(database_url)
     try:
         [[count]] = db.run("SELECT count(*) FROM jobs WHERE idempotency_key LIKE :k",
