@@ -144,22 +144,22 @@ def _validated_payloads(submissions: list[JobSubmission]) -> list[dict[str, Any]
     for i, sub in enumerate(submissions):
         try:
             payloads.append(validate_payload(sub.job_type, sub.payload))
-        except ApiError as exc:
-            bad.append((i, exc))
+        except ApiError as refusal:
+            bad.append((i, refusal))
     if not bad:
         return payloads
     errors: list[dict[str, Any]] = []
-    for i, exc in bad:
-        if exc.errors:
-            errors += [{**e, "loc": ["jobs", i, "payload", *e["loc"]]} for e in exc.errors]
+    for i, item in bad:
+        if item.errors:
+            errors += [{**e, "loc": ["jobs", i, "payload", *e["loc"]]} for e in item.errors]
         else:
-            errors.append({"loc": ["jobs", i, "job_type"], "msg": exc.detail,
+            errors.append({"loc": ["jobs", i, "job_type"], "msg": item.detail,
                            "type": "unknown_job_type"})
     if len(bad) == 1:
-        i, exc = bad[0]
-        raise ApiError(422, exc.title, f"item {i}: {exc.detail}", errors=errors)
+        i, item = bad[0]
+        raise ApiError(422, item.title, f"item {i}: {item.detail}", errors=errors)
     raise ApiError(422, "Invalid batch", f"{len(bad)} of {len(submissions)} items are invalid: "
-                   + "; ".join(f"item {i}: {exc.detail}" for i, exc in bad), errors=errors)
+                   + "; ".join(f"item {i}: {item.detail}" for i, item in bad), errors=errors)
 
 
 def check_type_scope(principal: Principal, job_type: str, payload: dict[str, Any],

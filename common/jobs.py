@@ -190,7 +190,7 @@ def _with_existing(c: Connection, submissions: list[tuple[JobSubmission, dict[st
         old = existing[key]
         if old["request_hash"] != fingerprint:
             # A batch item's key is "batch<TAB><client key><TAB><index>": show the client's.
-            batch_key = key.split("\t")[1] if key.startswith("batch\t") else None
+            batch_key = key.split("\t")[1] if key and key.startswith("batch\t") else None
             shown = f"{batch_key!r} (a batch's key)" if batch_key is not None else repr(key)
             raise ApiError(409, "Idempotency key reused",
                            f"Idempotency-Key {shown} was already used for a different request"
