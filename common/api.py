@@ -88,9 +88,7 @@ def submit(submissions: list[JobSubmission], idempotency_key: str | None = None,
     # a key there is nothing to compare it with.
     prints: list[str | None]
     if batch:
-        # A tab cannot be in a client's key (check_idempotency_key): no single submit's key
-        # can ever name an item of a batch.
-        keys = [f"batch\t{idempotency_key}\t{i}" if idempotency_key else None
+        keys = [jobs.batch_item_key(idempotency_key, i) if idempotency_key else None
                 for i in range(len(submissions))]
         whole = jobs.request_fingerprint(*submissions) if idempotency_key else None
         prints = [f"{whole}:{i}" if whole else None for i in range(len(submissions))]

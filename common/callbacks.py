@@ -38,7 +38,7 @@ from common import jobs
 from common.db import Connection, Database, rows_as_dicts
 from common.errors import ApiError
 from common.models import shown_url
-from common.settings import Settings, normal_host
+from common.settings import Settings, bracketed, normal_host
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def check_url(url: str, settings: Settings) -> str:
         raise refuse(why)
     allowed = settings.callback_allowed_hosts
     # An IPv6 address is listed in brackets with a port ([::1]:9999), bare without one.
-    with_port = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    with_port = f"{bracketed(host)}:{port}"
     if host not in allowed and with_port not in allowed:
         # The list itself is not shown: it names hosts of the operator's network.
         hint = "" if allowed else " (empty: no callback is accepted until hosts are listed)"
@@ -123,10 +123,13 @@ def check_url(url: str, settings: Settings) -> str:
     return url
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def _port(parts: urllib.parse.SplitResult) -> int:
     """The URL's port, else its scheme's (a port 0 stays 0: it is refused, not defaulted)."""
     port = parts.port
-    return port if port is not None else 443 if parts.scheme == "https" else 80
+    return port if port is not None else DEFAULT_PORTS.get(parts.scheme, 80)
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -192,9 +195,8 @@ def post(url: str, headers: dict[str, str], body: bytes, timeout: float) -> int:
         pool = urllib3.HTTPConnectionPool(address, port, timeout=_limit(timeout),
                                           retries=False)
     with pool:
-        default_port = 443 if parts.scheme == "https" else 80
-        named = f"[{host}]" if ":" in host else host  # an IPv6 address in brackets (RFC 9110)
-        host_header = named if port == default_port else f"{named}:{port}"
+        named = bracketed(host)
+        host_header = named if port == DEFAULT_PORTS.get(parts.scheme) else f"{named}:{port}"
         # Only the status matters: the body is never read (a receiver cannot make us hold
         # a large or endless answer), and the whole exchange has one time limit.
         response = pool.urlopen("POST", path, body=body, redirect=False,

@@ -171,13 +171,22 @@ def job_handler(
     return register
 
 
+def handler_file(spec: str, base: Path | None = None) -> Path | None:
+    """The file a JOBS_HANDLER_MODULES entry names (a path ending in .py or holding a "/",
+    relative to `base`, else the working directory); None for a dotted module name."""
+    spec = spec.strip()
+    if not (spec.endswith(".py") or "/" in spec):
+        return None
+    return ((base or Path.cwd()) / Path(spec).expanduser()).resolve()
+
+
 def import_handler_module(spec: str) -> None:
     """Import a dotted module path or a path to a .py file, once."""
     spec = spec.strip()
     if not spec or spec in _loaded:
         return
-    if spec.endswith(".py") or "/" in spec:
-        path = Path(spec).expanduser().resolve()
+    path = handler_file(spec)
+    if path is not None:
         if not path.is_file():
             raise ImportError(f"JOBS_HANDLER_MODULES: no such file {path}")
         name = f"jobs_user_handlers_{abs(hash(str(path)))}"

@@ -80,8 +80,17 @@ class Graph:
     has_dependents: list[bool]
 
 
-class _Rehearsal(Exception):
-    """Rolls back a rehearsed statement."""
+def batch_item_key(key: str, index: int) -> str:
+    """The key a batch's item is stored under: a tab cannot be in a client's key
+    (api.check_idempotency_key), so no single submit's key can ever name a batch's item."""
+    return f"batch\t{key}\t{index}"
+
+
+def batch_client_key(stored: str | None) -> str | None:
+    """The client's key of a batch item's stored key; None for any other key."""
+    if stored is None or not stored.startswith("batch\t"):
+        return None
+    return stored.split("\t")[1]
 
 
 def rehearse_submit(db: Database) -> str:
@@ -89,13 +98,13 @@ def rehearse_submit(db: Database) -> str:
     for its server session's first insert (reading the table's catalog entries, compiling
     its triggers): about 10 ms, measured in-process. Nothing is left behind; returns the
     id the job had."""
-    try:
-        with db.transaction() as conn:
+    with db.connection(begin=True) as conn:
+        try:
             [(row, _)] = create_jobs(db, [(JobSubmission(job_type="NOOP"), {}, None, 0, None)],
                                      conn=conn)
-            raise _Rehearsal(str(row["job_id"]))
-    except _Rehearsal as done:
-        return str(done)
+        finally:
+            conn.run("ROLLBACK")
+    return str(row["job_id"])
 
 
 def create_jobs(
@@ -189,9 +198,8 @@ def _with_existing(c: Connection, submissions: list[tuple[JobSubmission, dict[st
             continue
         old = existing[key]
         if old["request_hash"] != fingerprint:
-            # A batch item's key is "batch<TAB><client key><TAB><index>": show the client's.
-            batch_key = key.split("\t")[1] if key and key.startswith("batch\t") else None
-            shown = f"{batch_key!r} (a batch's key)" if batch_key is not None else repr(key)
+            client_key = batch_client_key(key)
+            shown = f"{client_key!r} (a batch's key)" if client_key is not None else repr(key)
             raise ApiError(409, "Idempotency key reused",
                            f"Idempotency-Key {shown} was already used for a different request"
                            f" (job {old['job_id']})")

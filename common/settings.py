@@ -30,6 +30,12 @@ def normal_host(host: str) -> str:
         return host.lower()
 
 
+def bracketed(host: str) -> str:
+    """A host as it is written before a port or in a Host header: an IPv6 address in
+    brackets (RFC 3986), anything else as it is."""
+    return f"[{host}]" if ":" in host else host
+
+
 _HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
 
 
@@ -39,11 +45,11 @@ def _allowed_host(entry: str) -> str:
     wildcard, a zone id, a port out of range) is an error rather than an entry that
     silently never matches."""
     entry = entry.strip()
-    host, port, bracketed = entry, "", entry.startswith("[")
+    host, port, in_brackets = entry, "", entry.startswith("[")
     why = ""
     if "/" in entry or "@" in entry:
         why = "a host, not a URL"
-    elif bracketed:
+    elif in_brackets:
         host, closed, rest = entry[1:].partition("]")
         if not closed or (rest and not rest.startswith(":")):
             why = "an IPv6 address in brackets is written [addr] or [addr]:port"
@@ -55,26 +61,29 @@ def _allowed_host(entry: str) -> str:
         ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
     except ValueError:
         ip = None
-    if why:
-        pass
-    elif "%" in host:
-        why = "a zone id (%eth0) never matches a URL's host"
-    elif ip is not None and ip.is_link_local:
-        why = "a link-local address is never called back"
-    elif ip is None and (bracketed or ":" in host):
-        why = "not an IPv6 address"
-    elif ip is None and _HOST_NAME.fullmatch(host) is None:
-        why = "not a host name (letters, digits, '-', '_' and dots; no wildcards)"
-    elif ip is not None and ip.version == 4 and bracketed:
-        why = "only IPv6 addresses go in brackets"
-    elif port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-        why = "a port is a number from 1 to 65535"
+    why = why or _entry_problem(host, port, in_brackets, ip)
     if why:
         raise ValueError(f"JOBS_CALLBACK_ALLOWED_HOSTS entry {entry!r}: {why}")
     host = ip.compressed if ip is not None else host
-    if not port:
-        return host
-    return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
+    return f"{bracketed(host)}:{int(port)}" if port else host
+
+
+def _entry_problem(host: str, port: str, in_brackets: bool,
+                   ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> str:
+    """What is wrong with an allow-list entry's parsed host and port, or ""."""
+    if "%" in host:
+        return "a zone id (%eth0) never matches a URL's host"
+    if ip is not None and ip.is_link_local:
+        return "a link-local address is never called back"
+    if ip is None and (in_brackets or ":" in host):
+        return "not an IPv6 address"
+    if ip is None and _HOST_NAME.fullmatch(host) is None:
+        return "not a host name (letters, digits, '-', '_' and dots; no wildcards)"
+    if ip is not None and ip.version == 4 and in_brackets:
+        return "only IPv6 addresses go in brackets"
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        return "a port is a number from 1 to 65535"
+    return ""
 
 
 def describe_error(exc: ValidationError) -> str:

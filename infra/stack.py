@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from common.auth import bootstrap_admin_token
 from common.db import Database, migrate
+from common.handlers import handler_file
 from common.logs import log_level
 from common.settings import Settings, describe_error, kafka_client_config, load_settings
 from infra import services
@@ -643,10 +644,10 @@ def _port_from_environment() -> int:
 def missing_handler_files(modules: str) -> None:
     """ValueError naming a JOBS_HANDLER_MODULES file that does not exist (modules given by
     dotted name are imported, and checked, by the processes that use them)."""
-    for spec in (m.strip() for m in modules.split(",")):
-        path = ROOT / Path(spec).expanduser()  # the processes run in ROOT
-        if (spec.endswith(".py") or "/" in spec) and not path.is_file():
-            raise ValueError(f"JOBS_HANDLER_MODULES: no such file {spec!r}"
+    for spec in modules.split(","):
+        path = handler_file(spec, base=ROOT)  # the processes run in ROOT
+        if path is not None and not path.is_file():
+            raise ValueError(f"JOBS_HANDLER_MODULES: no such file {spec.strip()!r}"
                              f" (relative paths start at {ROOT})")
 
 
